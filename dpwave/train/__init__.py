@@ -1,0 +1,1 @@
+"""Training: state, steps, per-stage loops, checkpointing, metrics and distributed setup."""
