@@ -1,0 +1,106 @@
+"""``image_folder``: any folder of images (class subfolders or flat with captions) as a TFDS dataset."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from dpwave.data.builders import folder_scan
+from dpwave.data.builders.base import DpwaveBuilder, ResolutionConfig, to_pil
+from dpwave.data.errors import DataError
+from dpwave.data.images import prepare_image, read_image_file
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(ResolutionConfig):
+    """Resolution, channels and what the scan found (it decides the features)."""
+
+    channels: int = 3
+    class_names: tuple[str, ...] = ()
+    captioned: bool = False
+    fingerprint: str = ""
+
+
+def image_folder_config(root: str, resolution: int, channels: int = 3) -> ImageFolderConfig:
+    """Scans ``root`` and names a config after the folder, the size and the content fingerprint.
+
+    A changed folder gets a new name, so it is rebuilt rather than read stale.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels!r}: image_folder stores 1 or 3 channels")
+    scan = folder_scan.scan_folder(root)
+    slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(os.path.abspath(root)).lower()).strip("_")
+    return ImageFolderConfig(
+        name=f"{slug or 'root'}_{resolution}px_{channels}ch_{scan.fingerprint}",
+        description=f"{os.path.abspath(root)} at {resolution}x{resolution}x{channels}",
+        resolution=resolution, channels=channels, class_names=scan.class_names,
+        captioned=scan.captioned, fingerprint=scan.fingerprint)
+
+
+class ImageFolder(DpwaveBuilder, skip_registration=True):
+    """A folder of images: splits from ``train/``/``test/`` (else one ``train`` split).
+
+    Features: ``image`` (R x R x C, center-cropped and resized), ``id`` (path relative to the root),
+    plus ``label`` (class subfolders) or ``captions`` (flat folder with ``captions.jsonl``).
+    Build it with ``config=image_folder_config(root, resolution, channels)`` and ``root`` as the
+    manual dir. Examples are stored sorted by path.
+    """
+
+    name = "image_folder"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    LAYOUT = folder_scan.LAYOUT
+    SOURCE = folder_scan.SOURCE
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point the manual dir at the folder:\n{LAYOUT}"
+
+    @classmethod
+    def config_for(cls, resolution: int | None, channels: int | None, manual_dir: str | None
+                   ) -> ImageFolderConfig:
+        """Scans ``manual_dir`` (the folder) into a config; both it and ``resolution`` are required."""
+        if manual_dir is None or resolution is None:
+            raise DataError(f"image_folder needs manual_dir (the folder) and resolution; got "
+                            f"manual_dir={manual_dir!r}, resolution={resolution!r}")
+        return image_folder_config(manual_dir, resolution, channels or 3)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        if not isinstance(config, ImageFolderConfig):
+            raise ValueError("image_folder needs config=image_folder_config(root, resolution, channels)")
+        r, c = config.resolution, config.channels
+        features: dict[str, Any] = {"image": tfds.features.Image(shape=(r, r, c)),
+                                    "id": tfds.features.Text()}
+        if config.class_names:
+            features["label"] = tfds.features.ClassLabel(names=list(config.class_names))
+        if config.captioned:
+            features["captions"] = tfds.features.Sequence(tfds.features.Text())
+        return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                     features=tfds.features.FeaturesDict(features),
+                                     disable_shuffling=True)
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+        root = self.manual_root(dl_manager)
+        scan = folder_scan.scan_folder(root)
+        if scan.fingerprint != self.builder_config.fingerprint:
+            raise self.layout_error(root, "the folder changed after its config was made; rebuild the "
+                                    "config with image_folder_config()")
+        return {split: self._generate_examples(root, entries) for split, entries in scan.splits.items()}
+
+    def _generate_examples(self, root: str, entries: list[folder_scan.Entry]
+                           ) -> Iterator[tuple[str, dict[str, Any]]]:
+        config = self.builder_config
+        for entry in entries:
+            pixels = read_image_file(os.path.join(root, entry.relpath), entry.relpath)
+            example: dict[str, Any] = {
+                "image": to_pil(prepare_image(pixels, entry.relpath, config.resolution,
+                                              config.channels)),
+                "id": entry.relpath,
+            }
+            if config.class_names:
+                example["label"] = entry.label
+            if config.captioned:
+                example["captions"] = list(entry.captions)
+            yield entry.relpath, example

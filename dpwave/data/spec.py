@@ -1,0 +1,81 @@
+"""``DatasetSpec``: what to load, from where, and under which privacy tag."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+PRIVACY_TAGS = ("public", "private")
+Privacy = Literal["public", "private"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset split plus its privacy tag.
+
+    Attributes:
+      name: a dpwave builder (``mnist5k``, ``mm_celeba_hq``, ``coco_captions``, ``image_folder``) or any
+        TFDS name, optionally with a config (``celeb_a``, ``cifar10``, ``mnist``, ``foo/config``).
+      split: a TFDS split expression (``train``, ``private``, ``train[:90%]``, ``public+heldout``).
+      privacy: ``"public"`` or ``"private"``. Required: only the DP trainer may read private data.
+      data_dir: where prepared datasets live (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      manual_dir: the raw release to build from (``mm_celeba_hq``, ``coco_captions``, ``image_folder``).
+      resolution: square output size; selects the build config of the caption/folder builders and
+        center-crops + resizes at read time otherwise. ``None`` keeps the stored size.
+      channels: 1 or 3 to convert at read time; ``None`` keeps the stored channels.
+      in_memory: decode the whole split once into numpy arrays (fast ``get_batch`` for small sets).
+    """
+
+    name: str
+    split: str
+    privacy: Privacy
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    resolution: int | None = None
+    channels: int | None = None
+    in_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.privacy not in PRIVACY_TAGS:
+            raise ValueError(
+                f"privacy={self.privacy!r} for dataset {self.name!r}: set privacy to 'public' or "
+                "'private' (it is required; tag anything you may not train on without DP 'private')")
+        for field in ("name", "split"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{field}={value!r} must be a non-empty string")
+        if self.resolution is not None and (
+            isinstance(self.resolution, bool) or not isinstance(self.resolution, int)
+            or self.resolution < 1):
+            raise ValueError(f"resolution={self.resolution!r} must be a positive int or None")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels={self.channels!r} must be 1, 3 or None (keep the stored channels)")
+        if not isinstance(self.in_memory, bool):
+            raise ValueError(f"in_memory={self.in_memory!r} must be True or False")
+
+    @property
+    def label(self) -> str:
+        """``name/split``, for messages."""
+        return f"{self.name}/{self.split}"
+
+    @classmethod
+    def from_config(cls, config: Any) -> DatasetSpec:
+        """Builds a spec from an ``ml_collections.ConfigDict`` or a mapping; unknown keys are errors."""
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        if not isinstance(config, Mapping):
+            raise ValueError(f"dataset config must be a ConfigDict or a mapping, got {type(config).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown dataset config keys {unknown}; valid keys are {sorted(fields)}")
+        missing = [n for n, f in fields.items()
+                   if f.default is dataclasses.MISSING and config.get(n) is None]
+        if missing:
+            raise ValueError(f"dataset config is missing required keys {missing} (privacy is 'public' or "
+                             "'private')")
+        return cls(**dict(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict; ``from_config(spec.to_dict()) == spec``."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,97 @@
+"""image_folder: class subfolders, flat folders with captions, and the build-time refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpwave.data import DataError, DatasetLayoutError, DatasetSpec, InvalidExampleError, load
+from dpwave.data.builders import image_folder_config
+
+
+def small_png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(path)
+
+
+def folder(split, root, data_dir, resolution=8, channels=None, privacy="public"):
+    return load(DatasetSpec("image_folder", split, privacy, data_dir=data_dir,
+                            manual_dir=os.fspath(root), resolution=resolution, channels=channels))
+
+
+def test_class_subfolders_with_split_folders(class_folder, data_dir):
+    train = folder("train", class_folder, data_dir)
+    test = folder("test", class_folder, data_dir)
+    batch = train.get_batch(np.arange(len(train)))
+    assert batch["image"].shape == (5, 8, 8, 3)
+    assert list(batch["id"]) == ["train/cat/cat0.jpg", "train/cat/cat1.png", "train/cat/cat2.jpg",
+                                 "train/dog/dog0.jpg", "train/dog/dog1.png"]
+    np.testing.assert_array_equal(batch["label"], [0, 0, 0, 1, 1])  # sorted class names: cat, dog
+    assert [test[i]["label"] for i in range(len(test))] == [0, 1]
+    assert "caption" not in test[0]
+
+
+def test_flat_folder_with_captions_single_train_split_and_gray(caption_folder, data_dir):
+    source = folder("train", caption_folder, data_dir, resolution=4, channels=1)
+    assert len(source) == 3
+    assert source[1]["captions"] == ["second", "second again"]
+    assert source[1]["caption"] == "second"
+    assert source[0]["image"].shape == (4, 4, 1)
+    assert "label" not in source[0]
+    with pytest.raises(ValueError, match="Unknown split 'test'"):
+        folder("test", caption_folder, data_dir, resolution=4, channels=1)
+
+
+def test_changed_folder_gets_a_new_config(caption_folder):
+    before = image_folder_config(os.fspath(caption_folder), 8)
+    assert before.name == f"captioned_8px_3ch_{before.fingerprint}"
+    assert image_folder_config(os.fspath(caption_folder), 8).name == before.name
+    with open(caption_folder / "captions.jsonl", "a") as f:
+        f.write(json.dumps({"file": "a.png", "caption": "more"}) + "\n")
+    assert image_folder_config(os.fspath(caption_folder), 8).name != before.name
+
+
+def test_nan_pixels_are_refused_at_build_time_naming_the_image(class_folder, data_dir):
+    bad = np.full((6, 6), 0.5, np.float32)
+    bad[1, 2] = np.nan
+    Image.fromarray(bad).save(class_folder / "train" / "dog" / "dog9.tif")
+    with pytest.raises(InvalidExampleError, match=r"'train/dog/dog9.tif': 1 pixel values are NaN"):
+        folder("train", class_folder, data_dir)
+    assert not any(name.endswith("1.0.0") for _, dirs, _ in os.walk(data_dir) for name in dirs)
+
+
+@pytest.mark.parametrize("break_tree, match", [
+    (lambda root: small_png(root / "stray.png"), r"\['stray.png'\] sit beside the split folders"),
+    (lambda root: small_png(root / "train" / "cat" / "kitten" / "x.png"),
+     r"class folder train/cat/ contains folders \['kitten'\]"),
+    (lambda root: small_png(root / "test" / "loose.png"), "mixes class subfolders"),
+])
+def test_malformed_class_folders(class_folder, data_dir, break_tree, match):
+    break_tree(class_folder)
+    with pytest.raises(DatasetLayoutError, match=match) as info:
+        folder("train", class_folder, data_dir)
+    assert "captions.jsonl" in str(info.value)  # the message shows the expected layout
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"file": "a.png"}'], r"captions.jsonl:1 is not a"),
+    (["not json"], r"captions.jsonl:1 is not a"),
+    (['{"file": "zzz.png", "caption": "x"}'], r"captions 'zzz.png', which is not an image"),
+    (['{"file": "a.png", "caption": "x"}'], r"2 images in .* have no caption.*\['b.png', 'c.jpg'\]"),
+])
+def test_malformed_captions(caption_folder, data_dir, lines, match):
+    (caption_folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetLayoutError, match=match):
+        folder("train", caption_folder, data_dir)
+
+
+def test_empty_and_missing_folders(tmp_path, data_dir):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="split 'train' .* has no images"):
+        folder("train", tmp_path / "empty", data_dir)
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        folder("train", tmp_path / "absent", data_dir)
+    with pytest.raises(DataError, match="needs manual_dir .* and resolution"):
+        load(DatasetSpec("image_folder", "train", "public", data_dir=data_dir,
+                         manual_dir=os.fspath(tmp_path)))
