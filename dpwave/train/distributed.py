@@ -136,9 +136,12 @@ def maybe_initialize_distributed(*, initialization_timeout: int = 300) -> Proces
 
 def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
+    # Auto axis types: the jitted steps are written for the whole batch and partitioned by XLA (or
+    # by `shard_map` where per-device code is needed), not with sharding-in-types.
+    auto = (jax.sharding.AxisType.Auto,)
     if devices is None:
-        return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=list(devices))
+        return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), auto)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), auto, devices=list(devices))
 
 
 def _check_data_mesh(mesh: Mesh) -> None:

@@ -1,0 +1,154 @@
+"""The only stage that reads private data: DP finetuning of the AR model.
+
+Private images are mapped example by example to tokens with the frozen public tokenizer; batches are
+drawn by the Poisson sampler the accountant assumes (pure function of (seed, step)); each step sums
+clipped per-example gradients across devices and the DP optimizer adds the noise once, normalized by
+the expected batch size. The privacy ledger and the sampler state live in every checkpoint; a rerun
+restores them, refuses changed DP hyperparameters (unless `dp.compose_on_resume`), and the budget
+guard refuses any step that would push epsilon past the target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from dpwave import data, privacy
+from dpwave.models import transformer as transformer_lib
+from dpwave.train import builders, distributed, loop, steps
+from dpwave.train.public_stages import (STREAMS, encode_examples, init_pretrain, init_transformer, load_tokenizer,
+                                        local_slice, restore_params, stage_key)
+
+
+def calibrated_noise(config: ml_collections.ConfigDict, dataset_size: int) -> float:
+    """sigma: given by config, 0 for the non-private reference (target epsilon inf), else calibrated so
+    that `dp.steps` steps give epsilon <= target."""
+    dp = config.dp
+    if dp.noise_multiplier is not None:
+        return float(dp.noise_multiplier)
+    if math.isinf(dp.target_epsilon):
+        return 0.0
+    return privacy.calibrate_noise(dp.target_epsilon, dp.delta, dp.expected_batch_size / dataset_size, dp.steps,
+                                   accountant=dp.accountant)
+
+
+def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: data.PoissonSampler) -> privacy.DpParams:
+    dp = config.dp
+    return privacy.DpParams(
+        noise_multiplier=calibrated_noise(config, dataset_size), sampling_prob=sampler.sampling_prob,
+        delta=dp.delta, accountant=dp.accountant,
+        target_epsilon=None if math.isinf(dp.target_epsilon) else dp.target_epsilon,
+        dataset_size=dataset_size, max_batch_size=sampler.truncated_max_batch_size,
+        allow_large_delta=dp.allow_large_delta)
+
+
+def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float,
+                 expected_batch_size: float) -> optax.GradientTransformation:
+    dp = config.dp
+    return privacy.dp_optimizer(ml_collections.ConfigDict(dict(
+        name=dp.optimizer, learning_rate=dp.learning_rate, l2_clip=dp.l2_clip, noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size, seed=config.seed, weight_decay=dp.weight_decay)))
+
+
+def init_dp_state(params, trainable, optimizer: optax.GradientTransformation) -> steps.TrainState:
+    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]))
+
+
+def final_transformer_params(config: ml_collections.ConfigDict, dp_dir: str):
+    """The DP-finetuned AR parameters, restored against a template of the DP stage's state (the
+    template's noise settings do not change its structure)."""
+    _, params = init_transformer(config)
+    template = init_dp_state(params, transformer_lib.trainable_mask(params, config.dp.trainable),
+                             dp_optimizer(config, 0.0, 1.0))
+    return restore_params(dp_dir, template).params
+
+
+class DpFinetune:
+    """Builds the DP stage's `loop.Task` and keeps its ledger, sampler and guard."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, tokenizer_dir: str, pretrain_dir: str):
+        self.config = config
+        dp = config.dp
+        source = builders.load(config, "private")
+        if source.privacy != "private":
+            raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged private, got {source.privacy}")
+        self.examples = encode_examples(config, load_tokenizer(config, tokenizer_dir), source)
+        n = len(source)
+        bucket = (dp.microbatch_size or 1) * jax.device_count()
+        self.sampler = data.PoissonSampler(n, dp.expected_batch_size / n, seed=config.seed * 100 + STREAMS["dp_finetune"],
+                                           bucket_multiple=bucket)
+        self.params = dp_params(config, n, self.sampler)
+        self.ledger = privacy.PrivacyLedger(self.params)
+        self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
+
+        graphdef, params = init_transformer(config)
+        params = restore_params(pretrain_dir, init_pretrain(config)[1]).params
+        trainable = transformer_lib.trainable_mask(params, dp.trainable)
+        self.optimizer = dp_optimizer(config, self.params.noise_multiplier, self.sampler.expected_batch_size)
+        self.state = distributed.replicate(init_dp_state(params, trainable, self.optimizer), mesh)
+
+        def example_loss(params, example, key):
+            return transformer_lib.per_example_loss(graphdef, params, example, key)
+
+        self.step_fn = steps.dp_step(example_loss, self.optimizer, mesh, l2_clip=dp.l2_clip,
+                                     microbatch_size=dp.microbatch_size or None, trainable=trainable)
+        self.mesh = mesh
+        self.key = stage_key(config, "dp_finetune")
+        self.last_epsilon = 0.0
+
+    def step(self, state, i):
+        indices, mask = self.sampler.batch(i)
+        batch = {k: v[local_slice(indices)] for k, v in self.examples.items()}
+        batch = distributed.shard_batch(batch, self.mesh)
+        state, metrics = self.step_fn(state, batch, distributed.shard_batch(local_slice(mask), self.mesh),
+                                      jax.random.fold_in(self.key, i))
+        self.ledger.record_steps(1)
+        if not self.config.dp.log_private_metrics:
+            metrics = {}
+        return state, metrics
+
+    def before_step(self, i: int) -> None:
+        if self.ledger.steps != i:
+            raise RuntimeError(f"privacy ledger holds {self.ledger.steps} steps but the run is at step {i}")
+        if self.guard is not None and not self.guard.can_step(1):
+            raise loop.StopStage(f"privacy budget: one more step would exceed epsilon "
+                                 f"{self.params.target_epsilon} (now {self.ledger.epsilon():.4g})")
+
+    def after_step(self, i: int) -> dict:
+        if i % self.config.log_every_steps and i != self.config.dp.steps:
+            return {}
+        self.last_epsilon = self.ledger.epsilon()
+        return {"epsilon": self.last_epsilon}
+
+    def meta(self) -> dict:
+        return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.state_dict()}
+
+    def on_restore(self, meta: dict) -> None:
+        saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
+        differences = saved.check_compatible(self.params, compose=self.config.dp.compose_on_resume)
+        if differences:
+            logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
+        if not differences and meta["sampler"] != self.sampler.state_dict():
+            raise privacy.LedgerMismatchError(
+                f"the Poisson sampler differs from the checkpoint's: {meta['sampler']} (checkpoint) vs "
+                f"{self.sampler.state_dict()} (config); use a new workdir")
+        self.ledger = saved
+        self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
+
+    def summary(self) -> dict:
+        report = privacy.privacy_report(self.ledger)
+        return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
+                "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
+                "steps": self.ledger.steps, "privacy": report, "statement": privacy.privacy_statement(self.ledger),
+                "ledger": self.ledger.to_dict()}
+
+    def task(self) -> loop.Task:
+        return loop.Task("dp_finetune", self.state, self.step, self.config.dp.steps, params_of=lambda s: s.params,
+                         meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
+                         after_step=self.after_step, summary_extra=self.summary)
+

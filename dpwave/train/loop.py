@@ -1,0 +1,129 @@
+"""The resumable step loop every training stage runs: restore, step, log, checkpoint, preempt.
+
+A stage provides a `Task`: its initial state (a pytree), a pure `step(state, step_index) -> (state,
+metrics)` whose randomness and data are functions of (seed, step_index) only, and JSON `meta`
+(sampler state, privacy ledger, config fingerprint) saved beside the state. Because of that, a run
+killed at any step and rerun restores the newest checkpoint and continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+from absl import logging
+
+from dpwave.train import hashing
+from dpwave.train.checkpoint import Checkpointer, PreemptionGuard
+from dpwave.train.metrics import MetricWriter, Progress
+
+SUMMARY = "summary.json"
+
+
+class StopStage(Exception):
+    """Raised by `Task.before_step` to end a stage early and cleanly (e.g. the privacy budget)."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage trains. `params_of(state)` picks the parameters hashed in the summary."""
+
+    name: str
+    init_state: Any
+    step: Callable[[Any, int], tuple[Any, Mapping[str, Any]]]
+    total_steps: int
+    params_of: Callable[[Any], Any]
+    meta: Callable[[], dict] = dict
+    on_restore: Callable[[dict], None] = lambda meta: None
+    before_step: Callable[[int], None] = lambda step: None
+    after_step: Callable[[int], Mapping[str, Any]] = lambda step: {}
+    summary_extra: Callable[[], dict] = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    state: Any
+    step: int
+    finished: bool  # False when preempted: the caller exits 0 and a rerun resumes
+    summary: dict | None
+
+
+def read_summary(stage_dir: str) -> dict | None:
+    path = os.path.join(stage_dir, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
+        postfix: Callable[[], Mapping[str, Any]] = dict) -> LoopResult:
+    """Runs `task` in `stage_dir` from its newest checkpoint to `task.total_steps`.
+
+    Writes `summary.json` (final step, wall time, params_sha256, plus `task.summary_extra()`) when the
+    stage finishes or is stopped by `StopStage`; on SIGTERM it saves and returns `finished=False`.
+    """
+    is_process0 = jax.process_index() == 0
+    ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=max_to_keep,
+                        save_interval_steps=max(1, checkpoint_every))
+    state, step, wall_before = task.init_state, 0, 0.0
+    restored = ckpt.restore_latest(task.init_state)
+    if restored is not None:
+        step, state, meta = restored
+        wall_before = float(meta.get("wall_time_s", 0.0))
+        task.on_restore(meta)
+        logging.info("[%s] resumed from step %d", task.name, step)
+    t0 = time.time()
+    stopped_early = False
+    with MetricWriter(stage_dir, is_process0=is_process0, stage=task.name) as writer, \
+            PreemptionGuard(ckpt) as guard, \
+            Progress(task.total_steps, step, task.name, disable=not is_process0) as bar:
+        while step < task.total_steps:
+            try:
+                task.before_step(step)
+            except StopStage as stop:
+                logging.warning("[%s] stopping at step %d: %s", task.name, step, stop)
+                stopped_early = True
+                break
+            state, metrics = task.step(state, step)
+            step += 1
+            extra = task.after_step(step)
+            if step % log_every == 0 or step == task.total_steps:
+                writer.write_scalars(step, {**jax.device_get(metrics), **extra})
+            bar.update()
+            bar.set_postfix(**postfix())
+            preempted = guard.should_stop(step)
+            if step % checkpoint_every == 0 or preempted:
+                ckpt.save(step, state, meta=_meta(task, wall_before + time.time() - t0), force=preempted)
+            if preempted:
+                ckpt.close()
+                logging.warning("[%s] preempted: saved step %d; rerun the same command to resume.",
+                                task.name, step)
+                return LoopResult(state, step, False, None)
+    wall = wall_before + time.time() - t0
+    ckpt.save(step, state, meta=_meta(task, wall), final=True)
+    ckpt.close()
+    summary = {"stage": task.name, "final_step": step, "wall_time_s": round(wall, 3),
+               "params_sha256": hashing.params_sha256(task.params_of(state)),
+               "stopped_early": stopped_early, **task.summary_extra()}
+    write_json_atomic(os.path.join(stage_dir, SUMMARY), summary)
+    return LoopResult(state, step, True, summary)
+
+
+def _meta(task: Task, wall_time: float) -> dict:
+    return {"stage": task.name, "wall_time_s": wall_time, **task.meta()}
+

@@ -1,0 +1,1 @@
+"""Sampling and evaluation stages (filled in below)."""

