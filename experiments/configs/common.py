@@ -84,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
         num_samples=1000, batch_size=250, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0,
         prompts="labels"))  # labels: balanced class labels; heldout: captions of the held-out split
 
-    c.eval = ml_collections.ConfigDict(dict(classifier_steps=600, inception_weights="", num_real=1000))
+    # The FD-cls feature classifier is trained with a fixed seed, so every run is scored by the same one.
+    c.eval = ml_collections.ConfigDict(dict(feature_epochs=10, downstream_epochs=10, inception_weights="",
+                                            num_real=1000))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=2))
     c.log_every_steps = 50

@@ -141,7 +141,7 @@ def paper_config(args: ml_collections.ConfigDict, *, datasets: dict[str, dict], 
         c.refiner.model.update(widths=(8, 8, 8), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=2, batch_size=4)
         c.sample.update(num_samples=4, batch_size=4)
-        c.eval.update(classifier_steps=2, num_real=4)
+        c.eval.update(feature_epochs=1, downstream_epochs=1, num_real=4)
         c.checkpoint.update(every_steps=1, max_to_keep=1)
         c.log_every_steps = 1
     else:

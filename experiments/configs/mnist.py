@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.dp.update(steps=150, expected_batch_size=256, microbatch_size=16, learning_rate=5e-4)
         c.refiner.update(steps=800, batch_size=64)
         c.sample.update(num_samples=1000, batch_size=250)
-        c.eval.update(classifier_steps=800, num_real=1000)
+        c.eval.update(feature_epochs=10, downstream_epochs=10, num_real=1000)
         c.checkpoint.update(every_steps=100)
     elif args.variant == "tiny":
         c.tokenizer.model.update(codebook_size=64, width=16, depth=1)
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
         c.sample.update(num_samples=100, batch_size=50)
-        c.eval.update(classifier_steps=30, num_real=200)
+        c.eval.update(feature_epochs=2, downstream_epochs=2, num_real=200)
         c.checkpoint.update(every_steps=10)
         c.log_every_steps = 10
     else:

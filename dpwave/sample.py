@@ -1,0 +1,337 @@
+"""The generation pipeline: AR tokens -> tokenizer -> images, for the three methods of the paper.
+
+* ``"dpwave"``: the AR model samples the COARSE tokens; the tokenizer decodes the coarse band; the
+  public refiner predicts the detail bands (levels L..1); ``wavelets.reconstruct`` gives the images.
+  The refiner only adds detail bands: the coarse band of the images is the decoded DP coarse band,
+  so refining is post-processing of the DP output.
+* ``"full_dp"`` (baseline): the AR model samples every scale's tokens; the tokenizer decodes them all.
+* ``"bicubic"`` (ablation): coarse tokens -> coarse band -> bicubic upsampling, no refiner.
+
+A `Generator` holds the models as (graphdef, state) pairs and the sampling settings; `generate` runs
+one batch as one jitted function, deterministic from its key (the AR model draws with
+``fold_in(key, 0)``, the refiner with ``fold_in(key, 1)``). Images are float in [-1, 1], NHWC (the
+tokenizer's convention); the refiner works on [0, 1] images, and `refine_coarse` converts exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageDraw, ImageFont
+
+from dpwave import wavelets
+from dpwave.data import to_uint8
+from dpwave.models import transformer as transformer_lib
+from dpwave.models.refiner import Refiner, refine
+from dpwave.models.text import TEXT_PAD
+from dpwave.models.tokenizer import SpectralTokenizer
+from dpwave.train.metrics import image_grid, save_png
+
+METHODS = ("dpwave", "full_dp", "bicubic")
+IMAGE_KEYS = ("images", "coarse_images", "unrefined")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["state"],
+                   meta_fields=["graphdef", "config"])
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One model as a pytree: its state is data, its graphdef and (hashable) config are static."""
+
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    config: Any
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> Part:
+        graphdef, state = nnx.split(model)
+        return cls(graphdef, state, model.config)
+
+    def module(self) -> Any:
+        """The NNX module again (inside a jitted function: over traced state)."""
+        return nnx.merge(self.graphdef, self.state)
+
+
+def _setting_error(name: str, value: Any, need: str) -> ValueError:
+    return ValueError(f"Generator.{name}={value!r}: {need}")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokenizer", "transformer", "refiner"],
+                   meta_fields=["method", "temperature", "top_k", "top_p", "guidance_scale"])
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """The model pieces of one method plus its sampling settings; a pytree (settings are static).
+
+    Build it with `make_generator`. ``top_k`` None (or 0 in configs) and ``top_p`` None (or 1.0)
+    disable those filters; ``guidance_scale`` s is classifier-free guidance ``cond + s (cond - uncond)``.
+    """
+
+    method: str
+    tokenizer: Part
+    transformer: Part
+    refiner: Part | None
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", None)
+        if self.top_p == 1.0:
+            object.__setattr__(self, "top_p", None)
+        if self.method not in METHODS:
+            raise _setting_error("method", self.method, f"use one of {METHODS}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise _setting_error("temperature", self.temperature, "must be a number > 0")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise _setting_error("top_k", self.top_k, "must be an int >= 1, or None/0 to disable")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p < 1):
+            raise _setting_error("top_p", self.top_p, "must be in (0, 1), or None/1.0 to disable")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
+            raise _setting_error("guidance_scale", self.guidance_scale, "must be a finite number")
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the AR model samples per image: the coarse scale's, or every scale's for full_dp."""
+        tok = self.tokenizer.config
+        return tok.scale_boundaries[-1] if self.method == "full_dp" else tok.tokens_per_scale[0]
+
+    @property
+    def conditioning(self) -> str:
+        """``"class"``, ``"text"`` or ``"none"`` (the AR model's)."""
+        return self.transformer.config.conditioning
+
+
+def _check_models(method: str, tok: Any, ar: Any, ref: Any | None) -> None:
+    """Raises ValueError unless the three configs fit together for `method`."""
+    if method == "full_dp":
+        vocab, seq = tok.vocab_size, tok.scale_boundaries[-1]
+        if ar.scale_boundaries not in (None, tok.scale_boundaries):
+            raise ValueError(f"transformer scale_boundaries={ar.scale_boundaries} differ from the tokenizer's "
+                             f"{tok.scale_boundaries}; build the full_dp transformer from this tokenizer")
+    else:
+        vocab, seq = tok.codebook_size, tok.tokens_per_scale[0]
+    if (ar.vocab_size, ar.seq_len) != (vocab, seq):
+        raise ValueError(f"method {method!r} needs a transformer with vocab_size={vocab}, seq_len={seq} for this "
+                         f"tokenizer, got vocab_size={ar.vocab_size}, seq_len={ar.seq_len}; build it with "
+                         "dpwave.train.builders.transformer_config")
+    if method != "dpwave":
+        if ref is not None:
+            raise ValueError(f"method {method!r} uses no refiner; pass refiner=None (or method='dpwave')")
+        return
+    if ref is None:
+        raise ValueError("method 'dpwave' needs a refiner; pass refiner=, or use method='bicubic'")
+    mine = ((ref.image_size, ref.image_size), ref.channels, ref.levels, ref.wavelet, ref.mode)
+    theirs = (tok.image_size, tok.channels, tok.levels, tok.wavelet, tok.mode)
+    if mine != theirs:
+        raise ValueError(f"refiner (image size, channels, levels, wavelet, mode) = {mine} differ from the "
+                         f"tokenizer's {theirs}; train them on the same wavelet setup")
+    if ref.num_classes is not None and (ar.conditioning != "class" or ar.num_classes != ref.num_classes):
+        raise ValueError(f"the refiner is conditioned on {ref.num_classes} classes but the transformer's "
+                         f"condition is {ar.conditioning!r} (num_classes={ar.num_classes}); use an "
+                         "unconditional refiner or matching labels")
+
+
+def make_generator(method: str, tokenizer: SpectralTokenizer, transformer: transformer_lib.ARTransformer,
+                   refiner: Refiner | None = None, *, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, guidance_scale: float = 0.0) -> Generator:
+    """A `Generator` from NNX modules (split here), after checking that they fit together."""
+    _check_models(method, tokenizer.config, transformer.config, None if refiner is None else refiner.config)
+    if guidance_scale and transformer.config.conditioning == "none":
+        raise ValueError(f"guidance_scale={guidance_scale} needs a conditional transformer; use 0")
+    generator = Generator(method, Part.of(tokenizer), Part.of(transformer),
+                          None if refiner is None else Part.of(refiner), temperature=temperature, top_k=top_k,
+                          top_p=top_p, guidance_scale=guidance_scale)
+    if generator.top_k is not None and generator.top_k > transformer.config.vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({transformer.config.vocab_size}); lower it")
+    return generator
+
+
+def refine_coarse(refiner: Refiner, coarse: jax.Array, key: jax.Array,
+                  label: jax.Array | None = None) -> wavelets.Pyramid:
+    """Detail bands for a coarse band of [-1, 1] images (band units): a pyramid in [-1, 1] units.
+
+    The refiner works on [0, 1] images; by linearity the [0, 1] band is ``(coarse + c1) / 2`` and the
+    [-1, 1] details are ``2 d - d1``, with (c1, d1) the pyramid of a constant image of ones. The
+    returned pyramid keeps ``coarse`` itself, so its reconstruction has exactly this coarse band.
+    """
+    cfg = refiner.config
+    coarse = jnp.asarray(coarse, jnp.float32)
+    ones = wavelets.decompose(jnp.ones((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32),
+                              cfg.levels, cfg.wavelet, cfg.mode)
+    unit = refine(refiner, (coarse + ones.coarse) / 2.0, key, label)
+    details = jax.tree.map(lambda d, d1: 2.0 * d - d1, unit.details, ones.details)
+    return dataclasses.replace(unit, coarse=coarse, details=details)
+
+
+def _display(band: jax.Array, tok: Any, method: str) -> jax.Array:
+    return wavelets.upsample_coarse(band, tok.levels, tok.image_size, tok.wavelet, method=method)
+
+
+def _generate(generator: Generator, cond: jax.Array | None, key: jax.Array,
+              num_samples: int | None) -> dict[str, jax.Array]:
+    g = generator
+    tokenizer = g.tokenizer.module()
+    tok = g.tokenizer.config
+    tokens = transformer_lib.sample((g.transformer.graphdef, g.transformer.state), cond,
+                                    jax.random.fold_in(key, 0), num_tokens=g.num_tokens,
+                                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                    guidance_scale=g.guidance_scale, batch_size=num_samples)
+    coarse = tokenizer.decode_coarse(tokens)
+    out = {"tokens": tokens, "coarse": coarse, "coarse_images": _display(coarse, tok, "nearest")}
+    if g.method == "full_dp":
+        out["images"] = tokenizer.decode(tokens)
+    elif g.method == "bicubic":
+        out["images"] = _display(coarse, tok, "bicubic")
+    else:
+        refiner = g.refiner.module()
+        label = cond if g.refiner.config.num_classes is not None else None
+        out["images"] = wavelets.reconstruct(refine_coarse(refiner, coarse, jax.random.fold_in(key, 1), label))
+        out["unrefined"] = _display(coarse, tok, "bicubic")
+    for name in IMAGE_KEYS:
+        if name in out:
+            out[name] = jnp.clip(out[name], -1.0, 1.0)
+    return out
+
+
+_generate_jit = jax.jit(_generate, static_argnames="num_samples")
+
+
+def _check_cond(generator: Generator, cond: Any, num_samples: int | None) -> tuple[Any, int | None]:
+    """Validates `cond` against the AR model's conditioning; returns (cond, static batch size or None)."""
+    kind, cfg = generator.conditioning, generator.transformer.config
+    if kind == "none":
+        if cond is not None:
+            raise ValueError("this transformer is unconditional: pass cond=None and num_samples=N")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"an unconditional generator needs num_samples >= 1, got {num_samples!r}")
+        return None, num_samples
+    if cond is None:
+        raise ValueError(f"this transformer is {kind}-conditioned: pass cond (labels (N,) or caption bytes)")
+    if num_samples is not None:
+        raise ValueError(f"num_samples={num_samples!r} is only for unconditional generators; the batch is "
+                         "len(cond)")
+    if isinstance(cond, jax.core.Tracer):
+        return cond, None
+    cond = np.asarray(cond)
+    if kind == "class":
+        shape, low, high, what = (None,), 0, cfg.num_classes - 1, "labels"
+    else:
+        shape, low, high, what = (None, cfg.max_text_len), 0, TEXT_PAD, "caption bytes (encode_captions)"
+    if cond.ndim != len(shape) or cond.shape[1:] != shape[1:] or cond.shape[0] < 1 \
+            or not np.issubdtype(cond.dtype, np.integer):
+        want = "(N,)" if kind == "class" else f"(N, {cfg.max_text_len})"
+        raise ValueError(f"cond must be int {what} of shape {want} with N >= 1, got {cond.dtype} {cond.shape}")
+    if cond.min() < low or cond.max() > high:
+        raise ValueError(f"cond {what} span [{cond.min()}, {cond.max()}]; they must lie in [{low}, {high}]")
+    return jnp.asarray(cond, jnp.int32), None
+
+
+def generate(generator: Generator, cond: Any, key: jax.Array, *,
+             num_samples: int | None = None) -> dict[str, jax.Array]:
+    """One jitted batch: ``cond`` labels (N,) or caption bytes (N, L) (None + ``num_samples`` if the
+    model is unconditional).
+
+    Returns float32 NHWC images in [-1, 1]: ``images``, ``coarse_images`` (the coarse band in pixel
+    units, nearest-upsampled), and for dpwave ``unrefined`` (bicubic of the coarse band); plus
+    ``tokens`` (int32, the AR model's output) and ``coarse`` (the decoded coarse band, band units).
+    """
+    cond, num_samples = _check_cond(generator, cond, num_samples)
+    return _generate_jit(generator, cond, key, num_samples)
+
+
+def _pad(x: jax.Array, size: int) -> jax.Array:
+    return jnp.concatenate([x, jnp.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+
+
+def generate_many(generator: Generator, conds: Any, key: jax.Array, batch_size: int, *,
+                  num_samples: int | None = None) -> dict[str, np.ndarray]:
+    """`generate` over all of ``conds`` in batches of ``batch_size`` as uint8 NHWC images.
+
+    Batch b draws with ``fold_in(key, b)``; the last batch is padded (by repeating its last
+    condition) so every batch has the same shape and the function compiles once. The next batch is
+    dispatched before the previous one is copied to the host.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    conds, static_num = _check_cond(generator, conds, num_samples)
+    total = static_num if conds is None else len(conds)
+    parts: dict[str, list[np.ndarray]] = {}
+
+    def collect(out: dict[str, jax.Array], count: int) -> None:
+        for name in IMAGE_KEYS:
+            if name in out:
+                parts.setdefault(name, []).append(to_uint8(jax.device_get(out[name][:count])))
+
+    pending = None
+    for b, start in enumerate(range(0, total, batch_size)):
+        count = min(batch_size, total - start)
+        batch_key = jax.random.fold_in(key, b)
+        if conds is None:
+            out = _generate_jit(generator, None, batch_key, batch_size)
+        else:
+            out = _generate_jit(generator, _pad(conds[start:start + count], batch_size), batch_key, None)
+        if pending is not None:
+            collect(*pending)
+        pending = (out, count)
+    collect(*pending)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def _grid_rows(rows: Mapping[str, np.ndarray], ncol: int) -> tuple[np.ndarray, int, int]:
+    """All rows' first ``ncol`` images (zero-padded to ncol), as one (len(rows) * ncol, H, W, C) array."""
+    arrays = []
+    for label, images in rows.items():
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0 \
+                or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+            raise ValueError(f"row {label!r}: need uint8 images (N, H, W) or (N, H, W, 1|3) with N >= 1, got "
+                             f"{images.dtype} {images.shape}; convert with dpwave.data.to_uint8")
+        arrays.append(images if images.ndim == 4 else images[..., None])
+    sizes = {a.shape[1:3] for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"rows have different image sizes {sorted(sizes)}; resize them to one size first")
+    channels = max(a.shape[-1] for a in arrays)
+    cells = []
+    for a in arrays:
+        a = np.repeat(a[:ncol], channels // a.shape[-1], axis=-1)
+        cells.append(np.concatenate([a, np.zeros((ncol - len(a), *a.shape[1:]), np.uint8)]))
+    h, w = sizes.pop()
+    return np.concatenate(cells), h, channels
+
+
+def sample_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str], ncol: int, *,
+                padding: int = 2) -> Path:
+    """One PNG with one labelled row per entry (e.g. real / coarse / refined / generated).
+
+    Each row shows its first ``ncol`` uint8 images (fewer are padded with black); grayscale rows are
+    shown as RGB when another row is RGB. Labels are drawn left of the rows in PIL's default font.
+    """
+    if not rows:
+        raise ValueError("sample_grid needs at least one row, e.g. {'generated': images}")
+    if isinstance(ncol, bool) or not isinstance(ncol, int) or ncol < 1:
+        raise ValueError(f"ncol (images per row) must be an int >= 1, got {ncol!r}")
+    cells, h, channels = _grid_rows(rows, ncol)
+    grid = image_grid(cells, ncol, padding=padding)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [measure.textbbox((0, 0), str(label), font=font) for label in rows]
+    label_width = max(box[2] for box in boxes) + 2 * padding
+    canvas = Image.new("RGB" if channels == 3 else "L", (label_width + grid.shape[1], grid.shape[0]), 0)
+    canvas.paste(Image.fromarray(grid if channels == 3 else grid[..., 0]), (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, box) in enumerate(zip(rows, boxes)):
+        top = padding + i * (h + padding) + (h - (box[3] - box[1])) // 2 - box[1]
+        draw.text((padding, top), str(label), fill=(255, 255, 255) if channels == 3 else 255, font=font)
+    return save_png(path, np.asarray(canvas))
