@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import numbers
 
-from dpwave.privacy.accounting import PrivacyLedger, check_target_epsilon, privacy_statement
+from dpwave.privacy.accounting import check_target_epsilon
+from dpwave.privacy.ledger import PrivacyLedger
+from dpwave.privacy.statement import privacy_statement
 
 # Beyond this many further steps the budget is treated as unlimited (epsilon of a
 # Gaussian mechanism with sigma > 0 grows without bound, but slowly).

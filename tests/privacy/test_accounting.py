@@ -12,6 +12,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import stats
 
 from dpwave.privacy import accounting as acc
+from dpwave.privacy.ledger import DpParams, LedgerMismatchError, PrivacyLedger
+from dpwave.privacy.statement import privacy_report, privacy_statement
 
 MNIST_Q = 256 / 60_000
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -175,12 +177,12 @@ def test_large_delta_warns_loudly():
 
 @pytest.fixture
 def params():
-    return acc.DpParams(noise_multiplier=1.1, sampling_prob=0.02, delta=1e-5,
-                        target_epsilon=3.0, dataset_size=5000)
+    return DpParams(noise_multiplier=1.1, sampling_prob=0.02, delta=1e-5,
+                    target_epsilon=3.0, dataset_size=5000)
 
 
 def test_record_steps_merges_consecutive_identical_steps(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     assert ledger.epsilon() == 0.0
     for n in (1, 5, 94):
         ledger.record_steps(n)
@@ -192,46 +194,46 @@ def test_record_steps_merges_consecutive_identical_steps(params):
 
 
 def test_ledger_json_round_trip(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(120)
     ledger.check_compatible(dict(noise_multiplier=1.5, sampling_prob=0.01, delta=1e-5,
                                  target_epsilon=3.0, dataset_size=5000), compose=True)
     ledger.record_steps(30)
     text = ledger.to_json()
     assert json.loads(text)["steps"] == 150
-    back = acc.PrivacyLedger.from_json(text)
+    back = PrivacyLedger.from_json(text)
     assert back.events == ledger.events
     assert back.params == ledger.params
     assert back.epsilon() == ledger.epsilon()
     # Also through the dict form a checkpoint's JSON metadata holds.
-    again = acc.PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    again = PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
     assert again.epsilon() == ledger.epsilon()
 
 
 def test_ledger_json_refuses_foreign_classes_and_corruption(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(3)
     data = ledger.to_dict()
     evil = json.loads(json.dumps(data))
     evil["events"][0]["event"]["module_name"] = "os"
     evil["events"][0]["event"]["class_name"] = "system"
     with pytest.raises(ValueError, match="unknown event os.system"):
-        acc.PrivacyLedger.from_dict(evil)
+        PrivacyLedger.from_dict(evil)
     wrong = dict(data, steps=4)
     with pytest.raises(ValueError, match="corrupt"):
-        acc.PrivacyLedger.from_dict(wrong)
+        PrivacyLedger.from_dict(wrong)
     with pytest.raises(ValueError, match="not a privacy ledger"):
-        acc.PrivacyLedger.from_dict(dict(data, format="other"))
+        PrivacyLedger.from_dict(dict(data, format="other"))
 
 
 def test_resume_with_changed_hyperparameters_is_refused_with_the_difference(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(10)
     same = ml_collections.ConfigDict(dict(noise_multiplier=1.1, sampling_prob=0.02, delta=1e-5,
                                           target_epsilon=3.0, dataset_size=5000, lr=0.1))
     assert ledger.check_compatible(same) == ()
     changed = dict(same.to_dict(), noise_multiplier=1.0, delta=1e-6, accountant="rdp")
-    with pytest.raises(acc.LedgerMismatchError) as err:
+    with pytest.raises(LedgerMismatchError) as err:
         ledger.check_compatible(changed)
     message = str(err.value)
     assert "noise_multiplier: 1.1 (ledger) -> 1.0 (new config)" in message
@@ -243,7 +245,7 @@ def test_resume_with_changed_hyperparameters_is_refused_with_the_difference(para
 
 
 def test_compose_mode_is_honest(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(200)
     before = ledger.epsilon()
     diffs = ledger.check_compatible(
@@ -265,54 +267,54 @@ def test_compose_mode_is_honest(params):
 def test_params_from_config_variants():
     cfg = ml_collections.ConfigDict(dict(noise_multiplier=1.0, expected_batch_size=64,
                                          dataset_size=2000, delta=1e-5, seed=3))
-    p = acc.DpParams.from_config(cfg)
+    p = DpParams.from_config(cfg)
     assert p.sampling_prob == 64 / 2000 and p.expected_batch_size == pytest.approx(64)
     assert p.accountant == "pld" and p.pld_discretization == 1e-3
     with pytest.raises(ValueError, match=r"lacks \['delta'\]"):
-        acc.DpParams.from_config(dict(noise_multiplier=1.0, sampling_prob=0.1))
+        DpParams.from_config(dict(noise_multiplier=1.0, sampling_prob=0.1))
     with pytest.raises(ValueError, match="without dataset_size"):
-        acc.DpParams.from_config(dict(noise_multiplier=1.0, expected_batch_size=8, delta=1e-5))
+        DpParams.from_config(dict(noise_multiplier=1.0, expected_batch_size=8, delta=1e-5))
     with pytest.raises(ValueError, match="target_epsilon=-1"):
-        acc.DpParams(1.0, 0.1, 1e-5, target_epsilon=-1)
+        DpParams(1.0, 0.1, 1e-5, target_epsilon=-1)
 
 
 def test_numpy_scalars_are_normalised_for_json():
-    p = acc.DpParams(np.float32(1.5), np.float64(0.01), 1e-5, target_epsilon=np.float64(2.0),
-                     dataset_size=np.int64(5000), max_batch_size=np.int64(97), accountant="rdp")
+    p = DpParams(np.float32(1.5), np.float64(0.01), 1e-5, target_epsilon=np.float64(2.0),
+                 dataset_size=np.int64(5000), max_batch_size=np.int64(97), accountant="rdp")
     assert type(p.noise_multiplier) is float and type(p.max_batch_size) is int
-    ledger = acc.PrivacyLedger(p)
+    ledger = PrivacyLedger(p)
     ledger.record_steps(np.int64(3))
-    assert acc.PrivacyLedger.from_json(ledger.to_json()).steps == 3
+    assert PrivacyLedger.from_json(ledger.to_json()).steps == 3
 
 
 def test_ledger_refuses_corrupt_params(params):
-    data = acc.PrivacyLedger(params).to_dict()
+    data = PrivacyLedger(params).to_dict()
     data["params"]["sigma"] = 1.0
     with pytest.raises(ValueError, match="corrupt privacy ledger params"):
-        acc.PrivacyLedger.from_dict(data)
+        PrivacyLedger.from_dict(data)
 
 
 def test_ledger_records_truncated_steps():
-    p = acc.DpParams(1.0, 0.01, 1e-5, accountant="rdp", dataset_size=5000, max_batch_size=97)
-    ledger = acc.PrivacyLedger(p)
+    p = DpParams(1.0, 0.01, 1e-5, accountant="rdp", dataset_size=5000, max_batch_size=97)
+    ledger = PrivacyLedger(p)
     ledger.record_steps(400)
     assert isinstance(ledger.events[0].event, dp_accounting.TruncatedSubsampledGaussianDpEvent)
     assert ledger.epsilon() == pytest.approx(acc.epsilon(
         1.0, 0.01, 400, 1e-5, "rdp", dataset_size=5000, max_batch_size=97), rel=1e-12)
-    assert acc.PrivacyLedger.from_json(ledger.to_json()).epsilon() == ledger.epsilon()
+    assert PrivacyLedger.from_json(ledger.to_json()).epsilon() == ledger.epsilon()
 
 
 # ----------------------------------------------------------------------------- statement
 
 
 def test_privacy_statement_says_what_is_and_is_not_covered(params):
-    ledger = acc.PrivacyLedger(params)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(250)
-    report = acc.privacy_report(ledger)
+    report = privacy_report(ledger)
     json.dumps(report)  # JSON-ready
     assert report["epsilon"] == ledger.epsilon()
     assert report["expected_batch_size"] == pytest.approx(100)
-    text = acc.privacy_statement(ledger)
+    text = privacy_statement(ledger)
     for needle in [f"{ledger.epsilon():.4g}", "1e-05", "250 DP-SGD steps", "noise_multiplier: 1.1",
                    "sampling_prob q: 0.02", "expected batch size: 100 of N=5000",
                    "add or remove one example", "Poisson", "(seed, step)",
@@ -322,15 +324,15 @@ def test_privacy_statement_says_what_is_and_is_not_covered(params):
 
 
 def test_privacy_statement_lists_truncation_and_history():
-    ledger = acc.PrivacyLedger(acc.DpParams(1.0, 0.01, 1e-5, accountant="rdp",
-                                            dataset_size=5000, max_batch_size=100))
+    ledger = PrivacyLedger(DpParams(1.0, 0.01, 1e-5, accountant="rdp",
+                                    dataset_size=5000, max_batch_size=100))
     ledger.record_steps(10)
     ledger.check_compatible(dict(noise_multiplier=2.0, sampling_prob=0.01, delta=1e-5,
                                  accountant="rdp", dataset_size=5000, max_batch_size=100),
                             compose=True)
     ledger.record_steps(5)
-    text = acc.privacy_statement(ledger, not_covered=["custom caveat"])
+    text = privacy_statement(ledger, not_covered=["custom caveat"])
     assert "batches capped at 100 examples" in text and "total-variation coupling" in text
     assert "composed mechanisms" in text and '"noise_multiplier": 2.0' in text
     assert "custom caveat" in text and "hyperparameter" not in text
-    assert np.isclose(acc.privacy_report(ledger)["history"][0]["steps"], 10)
+    assert np.isclose(privacy_report(ledger)["history"][0]["steps"], 10)

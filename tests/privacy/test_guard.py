@@ -6,6 +6,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from dpwave.privacy import accounting as acc
 from dpwave.privacy.guard import BudgetExhausted, BudgetGuard
+from dpwave.privacy.ledger import DpParams, PrivacyLedger
 
 
 def assert_is_max_steps(n, params, target, start_events=()):
@@ -22,8 +23,8 @@ def assert_is_max_steps(n, params, target, start_events=()):
 def test_guard_stops_exactly_at_the_target(accountant):
     # Target = epsilon after exactly 37 steps: step 37 must be allowed, step 38 refused.
     target = acc.epsilon(2.0, 0.05, 37, 1e-5, accountant)
-    params = acc.DpParams(2.0, 0.05, 1e-5, accountant=accountant, target_epsilon=target)
-    ledger = acc.PrivacyLedger(params)
+    params = DpParams(2.0, 0.05, 1e-5, accountant=accountant, target_epsilon=target)
+    ledger = PrivacyLedger(params)
     guard = BudgetGuard(ledger)
     assert guard.remaining_steps == 37
     taken = 0
@@ -41,16 +42,16 @@ def test_guard_stops_exactly_at_the_target(accountant):
 
 
 def test_guard_matches_brute_force_for_an_arbitrary_target():
-    params = acc.DpParams(1.5, 0.08, 1e-5, accountant="rdp", target_epsilon=2.5)
-    guard = BudgetGuard(acc.PrivacyLedger(params))
+    params = DpParams(1.5, 0.08, 1e-5, accountant="rdp", target_epsilon=2.5)
+    guard = BudgetGuard(PrivacyLedger(params))
     assert_is_max_steps(guard.remaining_steps, params, 2.5)
     assert guard.can_step(guard.remaining_steps)
     assert not guard.can_step(guard.remaining_steps + 1)
 
 
 def test_guard_is_cheap_per_step(monkeypatch):
-    params = acc.DpParams(2.0, 0.01, 1e-5, accountant="rdp", target_epsilon=1.0)
-    ledger = acc.PrivacyLedger(params)
+    params = DpParams(2.0, 0.01, 1e-5, accountant="rdp", target_epsilon=1.0)
+    ledger = PrivacyLedger(params)
     guard = BudgetGuard(ledger)
     remaining = guard.remaining_steps
     assert remaining > 200
@@ -66,11 +67,11 @@ def test_guard_is_cheap_per_step(monkeypatch):
 
 
 def test_guard_recomputes_after_the_mechanism_changes():
-    params = acc.DpParams(1.0, 0.05, 1e-5, accountant="rdp", target_epsilon=3.0)
-    ledger = acc.PrivacyLedger(params)
+    params = DpParams(1.0, 0.05, 1e-5, accountant="rdp", target_epsilon=3.0)
+    ledger = PrivacyLedger(params)
     guard = BudgetGuard(ledger)
     ledger.record_steps(20)
-    new = acc.DpParams(3.0, 0.05, 1e-5, accountant="rdp", target_epsilon=3.0)
+    new = DpParams(3.0, 0.05, 1e-5, accountant="rdp", target_epsilon=3.0)
     ledger.check_compatible(new, compose=True)
     remaining = guard.remaining_steps
     assert remaining > 0
@@ -78,11 +79,11 @@ def test_guard_recomputes_after_the_mechanism_changes():
 
 
 def test_resumed_over_budget_ledger_refuses_the_first_step():
-    params = acc.DpParams(1.0, 0.05, 1e-5, accountant="rdp", target_epsilon=1.0)
-    ledger = acc.PrivacyLedger(params)
+    params = DpParams(1.0, 0.05, 1e-5, accountant="rdp", target_epsilon=1.0)
+    ledger = PrivacyLedger(params)
     ledger.record_steps(500)
     assert ledger.epsilon() > 1.0
-    resumed = acc.PrivacyLedger.from_json(ledger.to_json())
+    resumed = PrivacyLedger.from_json(ledger.to_json())
     guard = BudgetGuard(resumed)
     assert guard.remaining_steps == 0 and not guard.can_step()
     with pytest.raises(BudgetExhausted, match="exhausted after 500 steps"):
@@ -90,14 +91,14 @@ def test_resumed_over_budget_ledger_refuses_the_first_step():
 
 
 def test_explicit_target_overrides_the_ledger():
-    params = acc.DpParams(2.0, 0.05, 1e-5, accountant="rdp", target_epsilon=5.0)
-    guard = BudgetGuard(acc.PrivacyLedger(params), target_epsilon=1.0)
+    params = DpParams(2.0, 0.05, 1e-5, accountant="rdp", target_epsilon=5.0)
+    guard = BudgetGuard(PrivacyLedger(params), target_epsilon=1.0)
     assert guard.target_epsilon == 1.0
     assert_is_max_steps(guard.remaining_steps, params, 1.0)
 
 
 def test_guard_bad_inputs():
-    no_target = acc.PrivacyLedger(acc.DpParams(1.0, 0.1, 1e-5, accountant="rdp"))
+    no_target = PrivacyLedger(DpParams(1.0, 0.1, 1e-5, accountant="rdp"))
     with pytest.raises(ValueError, match="needs a target epsilon"):
         BudgetGuard(no_target)
     with pytest.raises(ValueError, match="target_epsilon=0"):
