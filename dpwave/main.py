@@ -6,6 +6,8 @@
 Rerunning with the same workdir resumes (stage and step); there is no --resume flag.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,6 +16,17 @@ from dpwave.train import distributed, pipeline
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns a bad `--config.*` override into a one-line error, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        name = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and str(e).strip("'\"") in a),
+                    None)
+        hint = f" ({name}: no such config field; see the config file for valid keys)" if name else ""
+        sys.exit(f"dpwave.main: bad flags: {type(e).__name__}: {e}{hint}")
 
 
 def main(argv: list[str]) -> None:
@@ -25,4 +38,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

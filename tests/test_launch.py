@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["common.sh", "local.sh", "slurm.sbatch", "tpu_vm.sh"]
+SCRIPTS = ["common.sh", "local.sh", "slurm.sbatch", "test.sh", "tpu_vm.sh"]
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
 
 

@@ -282,7 +282,7 @@ class Checkpointer:
         self._directory.mkdir(parents=True, exist_ok=True)
         tmp = self._directory / (_FINAL_FILE + ".tmp")
         tmp.write_text(json.dumps({"final_steps": sorted(self._final_steps)}))
-        tmp.rename(self._directory / _FINAL_FILE)
+        tmp.replace(self._directory / _FINAL_FILE)  # rename() refuses an existing file
 
 
 def _checked_meta(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,10 @@ guard refuses any step that would push epsilon past the target.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import secrets
 
 import jax
 import ml_collections
@@ -21,7 +24,7 @@ from jax.sharding import Mesh
 from dpwave import data, privacy
 from dpwave.models import transformer as transformer_lib
 from dpwave.train import builders, distributed, loop, steps
-from dpwave.train.public_stages import (STREAMS, encode_examples, init_pretrain, init_transformer, load_tokenizer,
+from dpwave.train.public_stages import (encode_examples, init_pretrain, init_transformer, load_tokenizer,
                                         local_slice, restore_params, stage_key)
 
 
@@ -47,12 +50,12 @@ def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: dat
         allow_large_delta=dp.allow_large_delta)
 
 
-def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float,
-                 expected_batch_size: float) -> optax.GradientTransformation:
+def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float, expected_batch_size: float,
+                 seed: int) -> optax.GradientTransformation:
     dp = config.dp
     return privacy.dp_optimizer(ml_collections.ConfigDict(dict(
         name=dp.optimizer, learning_rate=dp.learning_rate, l2_clip=dp.l2_clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size, seed=config.seed, weight_decay=dp.weight_decay)))
+        expected_batch_size=expected_batch_size, seed=seed, weight_decay=dp.weight_decay)))
 
 
 def init_dp_state(params, trainable, optimizer: optax.GradientTransformation) -> steps.TrainState:
@@ -64,15 +67,47 @@ def final_transformer_params(config: ml_collections.ConfigDict, dp_dir: str):
     template's noise settings do not change its structure)."""
     _, params = init_transformer(config)
     template = init_dp_state(params, transformer_lib.trainable_mask(params, config.dp.trainable),
-                             dp_optimizer(config, 0.0, 1.0))
+                             dp_optimizer(config, 0.0, 1.0, 0))
     return restore_params(dp_dir, template).params
+
+
+def secret_seed(config: ml_collections.ConfigDict, stage_dir: str) -> tuple[int, str]:
+    """The seed of the Poisson draws and the noise, and how it was chosen.
+
+    Unless `dp.secret_seed` is set (reproducibility mode), it is drawn once from the OS and kept in
+    `<stage_dir>/secret_seed.json` (owner-only), so a resumed run continues the same draws.
+    """
+    if config.dp.secret_seed is not None:
+        return int(config.dp.secret_seed), "set in the config (reproducibility mode: NOT secret)"
+    path = os.path.join(stage_dir, "secret_seed.json")
+    if not os.path.exists(path):
+        if jax.process_count() > 1:
+            raise ValueError("multi-host DP runs need dp.secret_seed shared by every process; draw one with "
+                             "`python -c 'import secrets; print(secrets.randbits(62))'` and keep it private")
+        os.makedirs(stage_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"secret_seed": secrets.randbits(62)}, f)
+        os.replace(tmp, path)
+    with open(path) as f:
+        return int(json.load(f)["secret_seed"]), f"drawn from the OS, kept secret in {path}"
+
+
+def _draws(sampler_state: dict) -> dict:
+    """The sampler settings that decide each step's examples. The padding (`bucket_multiple`, `buckets`)
+    follows the device count, so a checkpoint may resume on another one; a changed truncation size
+    shows up in the ledger's `max_batch_size`."""
+    return {k: v for k, v in sampler_state.items() if k not in ("bucket_multiple", "buckets")}
 
 
 class DpFinetune:
     """Builds the DP stage's `loop.Task` and keeps its ledger, sampler and guard."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, tokenizer_dir: str, pretrain_dir: str):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str,
+                 pretrain_dir: str):
         self.config = config
+        seed, self.seed_origin = secret_seed(config, stage_dir)
         dp = config.dp
         source = builders.load(config, "private")
         if source.privacy != "private":
@@ -80,8 +115,7 @@ class DpFinetune:
         self.examples = encode_examples(config, load_tokenizer(config, tokenizer_dir), source)
         n = len(source)
         bucket = (dp.microbatch_size or 1) * jax.device_count()
-        self.sampler = data.PoissonSampler(n, dp.expected_batch_size / n, seed=config.seed * 100 + STREAMS["dp_finetune"],
-                                           bucket_multiple=bucket)
+        self.sampler = data.PoissonSampler(n, dp.expected_batch_size / n, seed=seed, bucket_multiple=bucket)
         self.params = dp_params(config, n, self.sampler)
         self.ledger = privacy.PrivacyLedger(self.params)
         self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
@@ -89,7 +123,7 @@ class DpFinetune:
         graphdef, params = init_transformer(config)
         params = restore_params(pretrain_dir, init_pretrain(config)[1]).params
         trainable = transformer_lib.trainable_mask(params, dp.trainable)
-        self.optimizer = dp_optimizer(config, self.params.noise_multiplier, self.sampler.expected_batch_size)
+        self.optimizer = dp_optimizer(config, self.params.noise_multiplier, self.sampler.expected_batch_size, seed)
         self.state = distributed.replicate(init_dp_state(params, trainable, self.optimizer), mesh)
 
         def example_loss(params, example, key):
@@ -133,7 +167,7 @@ class DpFinetune:
         differences = saved.check_compatible(self.params, compose=self.config.dp.compose_on_resume)
         if differences:
             logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
-        if not differences and meta["sampler"] != self.sampler.state_dict():
+        if not differences and _draws(meta["sampler"]) != _draws(self.sampler.state_dict()):
             raise privacy.LedgerMismatchError(
                 f"the Poisson sampler differs from the checkpoint's: {meta['sampler']} (checkpoint) vs "
                 f"{self.sampler.state_dict()} (config); use a new workdir")
@@ -144,7 +178,8 @@ class DpFinetune:
         report = privacy.privacy_report(self.ledger)
         return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
                 "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
-                "steps": self.ledger.steps, "privacy": report, "statement": privacy.privacy_statement(self.ledger),
+                "steps": self.ledger.steps, "privacy": {**report, "seed": self.seed_origin},
+                "statement": privacy.privacy_statement(self.ledger) + f"\n  sampling and noise seed: {self.seed_origin}",
                 "ledger": self.ledger.to_dict()}
 
     def task(self) -> loop.Task:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -60,13 +61,26 @@ def read_summary(stage_dir: str) -> dict | None:
         return json.load(f)
 
 
+def _strict_json(value: Any) -> Any:
+    """Non-finite floats (epsilon of a non-private run) as the strings "Infinity"/"NaN": strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str, data: Any) -> None:
+    """Writes strict JSON (see `_strict_json`) via a temporary file and a rename; process 0 only."""
     if jax.process_index() != 0:
         return
+    data = _strict_json(data)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)
 
 

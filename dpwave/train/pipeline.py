@@ -90,6 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
 
 
 def _run_dp(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, dirs: dict[str, str]) -> loop.LoopResult:
-    stage = DpFinetune(config, mesh, tokenizer_dir=dirs["tokenizer"], pretrain_dir=dirs["pretrain"])
+    stage = DpFinetune(config, mesh, stage_dir=dirs["dp_finetune"], tokenizer_dir=dirs["tokenizer"],
+                       pretrain_dir=dirs["pretrain"])
     return public_stages.run_task(config, stage.task(), dirs["dp_finetune"],
                                   postfix=lambda: {"eps": f"{stage.last_epsilon:.3g}"})

@@ -64,7 +64,8 @@ def prompts(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, np.nd
 
 def _real_rows(config: ml_collections.ConfigDict, generator: sample.Generator, key: jax.Array) -> dict[str, np.ndarray]:
     """Real test images, their coarse images and the refiner's output from their coarse band."""
-    real = builders.load(config, "test").get_batch(np.arange(GRID_COLUMNS))
+    test = builders.load(config, "test")
+    real = test.get_batch(np.linspace(0, len(test) - 1, GRID_COLUMNS).astype(int))  # spread over the classes
     x = jnp.asarray(data.to_float(real["image"]))
     levels, wavelet, mode = config.wavelet.levels, config.wavelet.name, config.wavelet.mode
     pyramid = wavelets.decompose(x, levels, wavelet, mode)
@@ -150,11 +151,11 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
     dp = loop.read_summary(dirs["dp_finetune"])
     metrics = {m: report[m] for m in evaluate.METRICS}
     reasons = dict(report["reasons"])
-    epsilon = dp["epsilon"]
-    if not np.isfinite(epsilon):
+    epsilon = dp["epsilon"] if isinstance(dp["epsilon"], float) else None  # "Infinity" for sigma = 0
+    if epsilon is None:
         reasons["epsilon"] = "non-private reference run (no noise): epsilon is infinite"
     metrics.update(
-        epsilon=epsilon if np.isfinite(epsilon) else None, delta=dp["delta"], target_epsilon=config.dp.target_epsilon
+        epsilon=epsilon, delta=dp["delta"], target_epsilon=config.dp.target_epsilon
         if np.isfinite(config.dp.target_epsilon) else None, noise_multiplier=dp["noise_multiplier"],
         dp_steps=dp["steps"], dp_wall_time_s=dp["wall_time_s"], dp_step_flops=dp_step_flops(config),
         method=config.method, seed=config.seed, reasons=reasons, names=report["names"],

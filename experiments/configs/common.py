@@ -74,7 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
         target_epsilon=10.0, delta=1e-5, noise_multiplier=config_dict.placeholder(float),
         l2_clip=1.0, expected_batch_size=128, steps=200, optimizer="adam", learning_rate=1e-3,
         weight_decay=0.0, microbatch_size=16, trainable="all", accountant="pld",
-        compose_on_resume=False, allow_large_delta=False, log_private_metrics=False))
+        compose_on_resume=False, allow_large_delta=False, log_private_metrics=False,
+        # None: the Poisson draws and the noise come from a fresh secret seed (os.urandom) kept in
+        # <workdir>/dp_finetune/secret_seed.json. Set it only to reproduce runs bit for bit (tests):
+        # whoever knows it can undo the noise.
+        secret_seed=config_dict.placeholder(int)))
 
     c.refiner = ml_collections.ConfigDict(dict(
         model=dict(widths=(64, 64), num_blocks=3, objective="flow", sample_steps=10, cond_noise=0.05),
