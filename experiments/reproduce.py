@@ -1,13 +1,18 @@
 """Runs a table's rows (every seed) with `python -m dpwave.main` and writes the table.
 
     python -m experiments.reproduce --table mnist_cpu --workdir DIR [--seeds 0,1] [--rows a,b]
-        [--extra-args manual_dir=/data/raw] [--dry-run]
+        [--extra-args manual_dir=/data/raw] [--dry-run] [--no-reuse]
 
 Each run lives in `DIR/<row>/seed<k>`; a run whose `metrics.json` exists is finished and skipped,
 an unfinished one is rerun and resumes. Runs go one after another; a failed run is reported and the
-others still run. Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`,
-`DIR/<table>.json` and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs
-epsilon per method; epsilon inf at a labelled position one decade right of the largest finite one).
+others still run. Before a run starts, each public stage (tokenizer, pretrain, refiner) it lacks is
+copied from another run of the invocation that finished it from the same inputs (equal
+`inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of a method train them once;
+the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
+
+Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`, `DIR/<table>.json`
+and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs epsilon per method;
+epsilon inf at a labelled position one decade right of the largest finite one).
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import ml_collections
+from absl import flags
 from matplotlib.figure import Figure
+from ml_collections import config_flags
 
 from experiments.configs.tables import TABLES, Row, get_table
 
@@ -42,6 +51,8 @@ METRICS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("dp_step_flops", "DP FLOPs/step", lambda v: f"{v:.3g}"),
 )
 TITLES = {key: title for key, title, _ in METRICS}
+PUBLIC_STAGES = ("tokenizer", "pretrain", "refiner")  # the only stages ever copied between runs
+CONFIG_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, flags.Error)
 PLOTTED = ("fd_cls", "downstream_accuracy")
 Runner = Callable[[list[str]], int]
 
@@ -106,8 +117,83 @@ def run_subprocess(command: list[str]) -> int:
     return subprocess.run(command, cwd=REPO, env=env, check=False).returncode
 
 
-def execute(runs: Sequence[Run], runner: Runner = run_subprocess) -> list[Run]:
-    """Runs the unfinished runs in order; returns those that failed (nonzero exit or no metrics.json)."""
+def load_config(command: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config a `python -m dpwave.main` command resolves, loaded in this process as dpwave.main
+    loads it (config_flags, locked; `--config.*` overrides applied), a relative path from the repository."""
+    argv = ["dpwave.main"]
+    for arg in command:
+        if arg.startswith("--config="):
+            path, sep, variant = arg.removeprefix("--config=").partition(":")
+            argv.append(f"--config={REPO / path}{sep}{variant}")
+        elif arg.startswith("--config."):
+            argv.append(arg)
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def _summary(stage_dir: Path) -> dict:
+    """A stage's summary.json; {} while it is unfinished (or the file is unreadable)."""
+    try:
+        return json.loads((stage_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _same_params(a: Path, b: Path) -> bool:
+    """Both stage directories are finished with the same parameters."""
+    sha = _summary(a).get("params_sha256")
+    return sha is not None and sha == _summary(b).get("params_sha256")
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """copytree into a temporary sibling, then one rename: `target` is either complete or absent."""
+    tmp = target.with_name(f".{target.name}.copying")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted copy
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp)
+    (tmp / "reused_from.json").write_text(json.dumps({"source": str(source)}))
+    os.replace(tmp, target)
+
+
+def reuse_public_stages(run: Run, sources: Sequence[Run]) -> list[tuple[str, Run]]:
+    """Copies into `run.workdir` each public stage it lacks that another run in `sources` finished from
+    the same inputs (equal `inputs_sha256`, and for a stage that consumes others, such as pretrain, the
+    same parameters in those as `run` holds). Returns (stage, source run) per copied stage."""
+    from dpwave.train import pipeline  # JAX and the models: imported only once a run is about to start
+
+    wanted = pipeline.stage_fingerprints(load_config(run.command))
+    copied = []
+    for stage in PUBLIC_STAGES:
+        target = run.workdir / stage
+        if stage not in wanted or target.exists():
+            continue
+        consumed = pipeline.STAGE_INPUTS[stage][1]
+        source = next((s for s in sources if s.workdir != run.workdir
+                       and _summary(s.workdir / stage).get("inputs_sha256") == wanted[stage]
+                       and all(_same_params(s.workdir / c, run.workdir / c) for c in consumed)), None)
+        if source is not None:
+            _copy_atomically(source.workdir / stage, target)
+            copied.append((stage, source))
+    return copied
+
+
+def _reuse(run: Run, sources: Sequence[Run]) -> None:
+    try:
+        copied = reuse_public_stages(run, sources)
+    except CONFIG_ERRORS as e:  # the run itself reports a bad config; it only loses the reuse
+        last = (str(e).strip().splitlines() or [""])[-1]  # config_flags puts the whole traceback in a ValueError
+        print(f"  no stage reuse: cannot load the run's config ({type(e).__name__}: {last})", flush=True)
+        return
+    for stage, source in copied:
+        print(f"  reused {stage} from {source.row.label}/seed{source.seed} (same inputs_sha256)", flush=True)
+
+
+def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = True) -> list[Run]:
+    """Runs the unfinished runs in order, each after copying the public stages it can reuse from the
+    others (unless `reuse` is False); returns those that failed (nonzero exit or no metrics.json)."""
     failed = []
     for i, run in enumerate(runs, 1):
         if run.finished:
@@ -115,6 +201,8 @@ def execute(runs: Sequence[Run], runner: Runner = run_subprocess) -> list[Run]:
             continue
         print(f"[{i}/{len(runs)}] {run.row.label} seed {run.seed}: {shlex.join(run.command)}",
               flush=True)
+        if reuse:
+            _reuse(run, runs)
         code = runner(run.command)
         if code != 0 or not run.finished:
             state = "present" if run.finished else "missing"
@@ -273,6 +361,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     parser.add_argument("--extra-args", default="", help="appended to every row's :arg, e.g. "
                         "manual_dir=/data/raw,data_dir=/data/tfds")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--no-reuse", action="store_true", help="train every run's public stages itself "
+                        "instead of copying finished ones with equal inputs_sha256 from other runs")
     args = parser.parse_args(argv)
     try:
         rows = get_table(args.table)
@@ -286,7 +376,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
         for run in plan(selected, workdir, args.seeds, args.extra_args):
             print(("# finished: " if run.finished else "") + shlex.join(run.command))
         return 0
-    failed = execute(plan(selected, workdir, args.seeds, args.extra_args), runner)
+    failed = execute(plan(selected, workdir, args.seeds, args.extra_args), runner, reuse=not args.no_reuse)
     results = aggregate(rows, plan(rows, workdir, args.seeds, args.extra_args))
     for path in write_outputs(args.table, results, workdir):
         print(f"wrote {path}")

@@ -197,3 +197,91 @@ def test_dry_run_prints_every_command_and_marks_finished_runs(tmp_path):
 def test_cli_errors_name_the_bad_value(tmp_path, args, message):
     result = cli(*args, "--workdir", str(tmp_path), "--dry-run")
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# -- reuse of public stages between runs ------------------------------------------------------------
+def test_load_config_resolves_the_command_like_dpwave_main(tmp_path, monkeypatch):
+    from experiments.configs import mnist
+
+    monkeypatch.chdir(tmp_path)  # the config path is relative to the repository, not the cwd
+    run = reproduce.plan([row("full_dp_eps1")], tmp_path, [2])[0]
+    config = reproduce.load_config(run.command + ["--config.dp.delta=1e-6"])
+    expected = mnist.get_config("tiny,method=full_dp,epsilon=1,seed=2")
+    with expected.unlocked():
+        expected.dp.delta = 1e-6
+    assert config.is_locked and config.to_json_best_effort() == expected.to_json_best_effort()
+
+
+def fake_pipeline(runs, trained: dict):
+    """A runner that 'trains' every stage missing from the run's workdir: writes its summary.json with the
+    inputs_sha256 the pipeline records and params_sha256 naming the run that trained it."""
+    from dpwave.train import pipeline
+
+    def runner(command):
+        run = next(r for r in runs if r.command == command)
+        fps = pipeline.stage_fingerprints(reproduce.load_config(command))
+        trained[run.row.label, run.seed] = [s for s in fps if not (run.workdir / s / "summary.json").exists()]
+        for stage in trained[run.row.label, run.seed]:
+            (run.workdir / stage).mkdir(parents=True, exist_ok=True)
+            (run.workdir / stage / "summary.json").write_text(json.dumps(
+                {"stage": stage, "inputs_sha256": fps[stage], "params_sha256": f"{run.row.label}/{run.seed}"}))
+        write_run(run.workdir.parents[1], run.row.label, run.seed, fake_metrics(run.seed, 1.0, 0.5))
+        return 0
+    return runner
+
+
+def test_execute_copies_only_public_stages_with_equal_inputs(tmp_path, capsys):
+    rows = [row("dpwave_eps1"), row("dpwave_eps10"), row("full_dp_eps10"), row("bicubic_eps1")]
+    runs = reproduce.plan(rows, tmp_path, [0, 1])
+    trained: dict = {}
+    assert reproduce.execute(runs, fake_pipeline(runs, trained)) == []
+    late = ["dp_finetune", "sample", "evaluate"]
+    assert trained == {  # a different seed shares nothing; DP, sample and evaluate always run
+        ("dpwave_eps1", 0): ["tokenizer", "pretrain", "dp_finetune", "refiner", "sample", "evaluate"],
+        ("dpwave_eps1", 1): ["tokenizer", "pretrain", "dp_finetune", "refiner", "sample", "evaluate"],
+        ("dpwave_eps10", 0): late, ("dpwave_eps10", 1): late,
+        ("full_dp_eps10", 0): ["pretrain", *late], ("full_dp_eps10", 1): ["pretrain", *late],  # all scales
+        ("bicubic_eps1", 0): late, ("bicubic_eps1", 1): late}
+    copy = tmp_path / "full_dp_eps10" / "seed1" / "tokenizer"
+    assert json.loads((copy / "summary.json").read_text())["params_sha256"] == "dpwave_eps1/1"
+    assert json.loads((copy / "reused_from.json").read_text()) == {
+        "source": str(tmp_path / "dpwave_eps1" / "seed1" / "tokenizer")}
+    assert not list(tmp_path.rglob(".*.copying"))
+    out = capsys.readouterr().out
+    assert "reused pretrain from dpwave_eps1/seed0" in out and out.count("reused ") == 2 * (3 + 1 + 2)
+
+
+def test_reuse_needs_matching_consumed_stages_and_leaves_existing_dirs_alone(tmp_path):
+    runs = reproduce.plan([row("dpwave_eps1"), row("dpwave_eps10")], tmp_path, [0])
+    fake_pipeline(runs, {})(runs[0].command)
+    target = runs[1].workdir
+    # Its own tokenizer (same inputs, other parameters, e.g. trained on other hardware): the source's
+    # pretrain was trained on another tokenizer and is not copied; an unfinished refiner resumes as is.
+    fps = json.loads((runs[0].workdir / "tokenizer" / "summary.json").read_text())
+    (target / "tokenizer").mkdir(parents=True)
+    (target / "tokenizer" / "summary.json").write_text(json.dumps({**fps, "params_sha256": "other"}))
+    (target / "refiner").mkdir()
+    assert reproduce.reuse_public_stages(runs[1], runs) == []
+    assert sorted(p.name for p in target.iterdir()) == ["refiner", "tokenizer"]
+    assert not list((target / "refiner").iterdir())
+    # With the same tokenizer parameters, pretrain is copied.
+    (target / "tokenizer" / "summary.json").write_text(json.dumps(fps))
+    assert reproduce.reuse_public_stages(runs[1], runs) == [("pretrain", runs[0])]
+
+
+def test_no_reuse_flag_trains_every_stage_in_every_run(tmp_path, capsys):
+    runs = reproduce.plan([row("dpwave_eps1"), row("dpwave_eps10")], tmp_path, [0])
+    trained: dict = {}
+    code = reproduce.main(["--table", "mnist_tiny", "--workdir", str(tmp_path), "--rows", "dpwave_eps1,dpwave_eps10",
+                           "--no-reuse"], runner=fake_pipeline(runs, trained))
+    assert code == 0 and trained[("dpwave_eps10", 0)] == trained[("dpwave_eps1", 0)] == [
+        "tokenizer", "pretrain", "dp_finetune", "refiner", "sample", "evaluate"]
+    assert "reused" not in capsys.readouterr().out
+
+
+def test_a_config_that_cannot_load_only_loses_the_reuse(tmp_path, capsys):
+    run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], "nokey=1")[0]
+    assert reproduce.execute([run], lambda command: 5) == [run]
+    out = capsys.readouterr().out
+    assert "no stage reuse: cannot load the run's config" in out and "unknown config arg 'nokey'" in out
+    assert "Traceback" not in out

@@ -79,7 +79,7 @@ def _real_rows(config: ml_collections.ConfigDict, generator: sample.Generator, k
     return rows
 
 
-def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str, str]) -> None:
+def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str, str], *, inputs_sha256: str) -> None:
     start = time.time()
     generator = build_generator(config, dirs)
     conds, labels, source = prompts(config)
@@ -104,7 +104,7 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str
     loop.write_json_atomic(os.path.join(stage_dir, loop.SUMMARY), {
         "stage": "sample", "num_samples": int(len(out["images"])), "wall_time_s": round(time.time() - start, 3),
         "samples_sha256": hashlib.sha256(out["images"].tobytes()).hexdigest(), "prompts": source,
-        "method": config.method})
+        "method": config.method, "inputs_sha256": inputs_sha256})
 
 
 def dp_step_flops(config: ml_collections.ConfigDict) -> float:
@@ -128,7 +128,8 @@ def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarr
     return source.get_batch(np.arange(n))
 
 
-def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str, str]) -> None:
+def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str, str], *,
+                   inputs_sha256: str) -> None:
     start = time.time()
     with np.load(os.path.join(dirs["sample"], "samples.npz")) as f:
         samples = {k: f[k] for k in f.files}
@@ -165,7 +166,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
     _write_text(os.path.join(workdir, "privacy_statement.txt"), statement)
     _write_text(os.path.join(workdir, "report.md"), report_markdown(config, workdir, metrics, report, statement))
     loop.write_json_atomic(os.path.join(dirs["evaluate"], loop.SUMMARY),
-                           {"stage": "evaluate", "wall_time_s": round(time.time() - start, 3)})
+                           {"stage": "evaluate", "wall_time_s": round(time.time() - start, 3),
+                            "inputs_sha256": inputs_sha256})
 
 
 def _write_text(path: str, text: str) -> None:
