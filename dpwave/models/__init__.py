@@ -1,0 +1,1 @@
+"""Models: spectral tokenizer, AR transformer, wavelet refiner."""
