@@ -519,6 +519,17 @@ def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | No
   return logits
 
 
+def scale_vocab_mask(cfg: TransformerConfig, position: jax.Array | int) -> jax.Array:
+  """Tokens position ``position`` may take: with ``scale_boundaries`` (the all-scales model), only its
+  own scale's ids ``[s*K, (s+1)*K)``, K = vocab_size / scales (the tokenizer's per-scale offsets)."""
+  ids = jnp.arange(cfg.vocab_size)
+  if cfg.scale_boundaries is None:
+    return jnp.ones_like(ids, bool)
+  per_scale = cfg.vocab_size // len(cfg.scale_boundaries)
+  scale = jnp.searchsorted(jnp.asarray(cfg.scale_boundaries), position, side="right")
+  return ids // per_scale == scale
+
+
 def guide(cond_logits: jax.Array, uncond_logits: jax.Array, scale: jax.Array | float) -> jax.Array:
   """Classifier-free guidance ``cond + s * (cond - uncond)``: s = 0 is the conditional model.
 
@@ -543,7 +554,8 @@ def _sample_jit(graphdef, params, cond, key, prefix, temperature, guidance_scale
     if guided:
       logits = guide(logits[:batch], logits[batch:], guidance_scale)
     step_key = jax.random.fold_in(key, t)
-    token = jax.random.categorical(step_key, filter_logits(logits / temperature, top_k, top_p))
+    allowed = jnp.where(scale_vocab_mask(model.config, t), logits / temperature, -jnp.inf)
+    token = jax.random.categorical(step_key, filter_logits(allowed, top_k, top_p))
     return token.astype(jnp.int32), logits
 
   tokens = jnp.zeros((batch, num_tokens), jnp.int32).at[:, :start].set(prefix)

@@ -397,3 +397,13 @@ def test_caption_bytes_round_trip():
     encode_captions("abc", 4)
   with pytest.raises(ValueError, match="max_len"):
     encode_captions(["abc"], 0)
+
+
+def test_all_scales_model_samples_each_position_from_its_own_scale():
+  """The full-DP baseline's tokenizer offsets scale s by s*K: sampling never crosses scales."""
+  cfg = tr.TransformerConfig(vocab_size=3 * 8, seq_len=6, width=16, depth=1, num_heads=2, mlp_dim=16,
+                             scale_boundaries=(2, 4, 6))
+  model = tr.ARTransformer(cfg, rngs=nnx.Rngs(0))
+  tokens = tr.sample(model, None, jax.random.key(1), batch_size=64, temperature=5.0)
+  scale_of_position = np.array([0, 0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(np.asarray(tokens) // 8, np.broadcast_to(scale_of_position, tokens.shape))
