@@ -9,7 +9,6 @@ public: balanced class labels, or captions of the held-out split; never the priv
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 

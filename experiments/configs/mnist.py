@@ -32,10 +32,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # delta well below 1/N for the 2,000 private digits.
     c.dp.delta = 1e-5
     if args.variant == "demo":
-        c.tokenizer.update(steps=800, batch_size=64)
+        c.tokenizer.update(steps=600, batch_size=64)
         c.pretrain.update(steps=800, batch_size=64)
-        c.dp.update(steps=150, expected_batch_size=256, microbatch_size=16, learning_rate=5e-4)
-        c.refiner.update(steps=800, batch_size=64)
+        c.dp.update(steps=150, expected_batch_size=256, microbatch_size=8, learning_rate=5e-4)
+        c.refiner.model.update(widths=(32, 32), num_blocks=2, sample_steps=8)
+        c.refiner.update(steps=600, batch_size=64)
         c.sample.update(num_samples=1000, batch_size=250)
         c.eval.update(feature_epochs=10, downstream_epochs=10, num_real=1000)
         c.checkpoint.update(every_steps=100)
