@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpwave.privacy.clipping import clip_and_sum
@@ -35,8 +36,10 @@ def _check_number(name: str, value: Any, *, positive: bool) -> None:
     raise ValueError(f"{name} must be a finite Python number {need}, got {value!r}.")
 
 
-def _key_parts(key: int | jax.Array) -> tuple[jax.Array, Any]:
+def _key_parts(key: int | jax.Array | np.ndarray) -> tuple[jax.Array, Any]:
   """Raw key data and the PRNG implementation (None: JAX's default) of a seed or key."""
+  if isinstance(key, np.ndarray):
+    key = jnp.asarray(key)
   if isinstance(key, bool) or not isinstance(key, (int, jax.Array)):
     raise ValueError(f"key must be an int seed or a jax PRNG key, got {key!r}.")
   if isinstance(key, int):

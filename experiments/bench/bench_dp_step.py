@@ -1,7 +1,7 @@
 """DP training step vs non-DP step on the DESIGN.md section-7 transformer, side by side.
 
-    python -m experiments.bench.bench_dp_step --out /tmp/bench_dp_step.json   # ~1 h on 2 busy cores
-    python -m experiments.bench.bench_dp_step --quick                         # small model, 3 modes
+    python -m experiments.bench.bench_dp_step --out /tmp/bench_dp_step.json   # 75 min, 2 busy cores
+    python -m experiments.bench.bench_dp_step --quick                         # 7 min, small model
 
 Model: dpwave.models.transformer.ARTransformer, 4 layers, width 256, 4 heads, MLP 1024,
 sequence 64, vocabulary 1024 (3.7M parameters); batch 64; Adam; flat clipping C = 1; noise
