@@ -129,8 +129,10 @@ class DpFinetune:
         def example_loss(params, example, key):
             return transformer_lib.per_example_loss(graphdef, params, example, key)
 
-        self.step_fn = steps.dp_step(example_loss, self.optimizer, mesh, l2_clip=dp.l2_clip,
-                                     microbatch_size=dp.microbatch_size or None, trainable=trainable)
+        # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
+        self.step_fn = steps.fold_step_key(steps.dp_step(example_loss, self.optimizer, mesh, l2_clip=dp.l2_clip,
+                                                         microbatch_size=dp.microbatch_size or None,
+                                                         trainable=trainable, use_ghost_norms=dp.use_ghost_norms))
         self.mesh = mesh
         self.key = stage_key(config, "dp_finetune")
         self.last_epsilon = 0.0
@@ -140,7 +142,7 @@ class DpFinetune:
         batch = {k: v[local_slice(indices)] for k, v in self.examples.items()}
         batch = distributed.shard_batch(batch, self.mesh)
         state, metrics = self.step_fn(state, batch, distributed.shard_batch(local_slice(mask), self.mesh),
-                                      jax.random.fold_in(self.key, i))
+                                      self.key, i)
         self.ledger.record_steps(1)
         if not self.config.dp.log_private_metrics:
             metrics = {}

@@ -62,6 +62,22 @@ def public_step(loss_fn: BatchLoss, optimizer: optax.GradientTransformation, mes
     return step
 
 
+def fold_step_key(step_fn: Callable) -> Callable:
+    """`step_fn(*args, rng)` as one jitted `fn(*args, key, index)` with `rng = fold_in(key, index)`.
+
+    Folding on the host would be a second, eager dispatch per step which, on CPU, waits for the running
+    step, so the loop could not prepare the next batch meanwhile (bench_loop, tiny DP step: 25.8 ms with
+    the eager fold_in, 19.4 ms folded inside, 16.2 ms for pre-drawn batches and keys).
+    """
+
+    @jax.jit
+    def fn(*args):
+        *inputs, key, index = args
+        return step_fn(*inputs, jax.random.fold_in(key, index))
+
+    return fn
+
+
 def example_keys(rng: jax.Array, size: int) -> jax.Array:
     """Raw key data (size, 2) of per-example keys `fold_in(rng, i)` for the global batch."""
     return jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(rng, i)))(jnp.arange(size))

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
         l2_clip=1.0, expected_batch_size=128, steps=200, optimizer="adam", learning_rate=1e-3,
         weight_decay=0.0, microbatch_size=16, trainable="all", accountant="pld",
         compose_on_resume=False, allow_large_delta=False, log_private_metrics=False,
+        # Exact per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost):
+        # 1.25x the non-DP step with microbatch 32 vs 1.97-2.88x for vmap (experiments/bench/bench_dp_step.py).
+        use_ghost_norms=False,
         # None: the Poisson draws and the noise come from a fresh secret seed (os.urandom) kept in
         # <workdir>/dp_finetune/secret_seed.json. Set it only to reproduce runs bit for bit (tests):
         # whoever knows it can undo the noise.
