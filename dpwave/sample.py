@@ -10,7 +10,7 @@
 A `Generator` holds the models as (graphdef, state) pairs and the sampling settings; `generate` runs
 one batch as one jitted function, deterministic from its key (the AR model draws with
 ``fold_in(key, 0)``, the refiner with ``fold_in(key, 1)``). Images are float in [-1, 1], NHWC (the
-tokenizer's convention); the refiner works on [0, 1] images, and `refine_coarse` converts exactly.
+tokenizer's and the refiner's convention).
 """
 
 from __future__ import annotations
@@ -160,19 +160,9 @@ def make_generator(method: str, tokenizer: SpectralTokenizer, transformer: trans
 
 def refine_coarse(refiner: Refiner, coarse: jax.Array, key: jax.Array,
                   label: jax.Array | None = None) -> wavelets.Pyramid:
-    """Detail bands for a coarse band of [-1, 1] images (band units): a pyramid in [-1, 1] units.
-
-    The refiner works on [0, 1] images; by linearity the [0, 1] band is ``(coarse + c1) / 2`` and the
-    [-1, 1] details are ``2 d - d1``, with (c1, d1) the pyramid of a constant image of ones. The
-    returned pyramid keeps ``coarse`` itself, so its reconstruction has exactly this coarse band.
-    """
-    cfg = refiner.config
-    coarse = jnp.asarray(coarse, jnp.float32)
-    ones = wavelets.decompose(jnp.ones((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32),
-                              cfg.levels, cfg.wavelet, cfg.mode)
-    unit = refine(refiner, (coarse + ones.coarse) / 2.0, key, label)
-    details = jax.tree.map(lambda d, d1: 2.0 * d - d1, unit.details, ones.details)
-    return dataclasses.replace(unit, coarse=coarse, details=details)
+    """Detail bands for a coarse band of [-1, 1] images (band units); the pyramid keeps ``coarse``
+    itself, so its reconstruction has exactly this coarse band (refining is post-processing)."""
+    return refine(refiner, coarse.astype(jnp.float32), key, label)
 
 
 def _display(band: jax.Array, tok: Any, method: str) -> jax.Array:

@@ -100,11 +100,9 @@ def test_deterministic_for_a_key_and_different_across_keys(method):
 def test_dpwave_refiner_only_adds_detail_bands():
     out, refiner = outputs("dpwave"), models()["refiner"]
     np.testing.assert_allclose(out["coarse"], tokenizer_apply("decode_coarse", out["tokens"]), rtol=1e-5, atol=1e-5)
-    # The refiner's own jitted entry point on [0, 1] images: the Haar level-2 band of a [0, 1] image
-    # is (band of the [-1, 1] image + 4) / 2, and its images map back by 2x - 1.
-    unit = refine_fn(*nnx.split(refiner), (jnp.asarray(out["coarse"]) + 4.0) / 2.0, jax.random.fold_in(KEY, 1),
-                     jnp.asarray(LABELS))
-    images = 2.0 * wavelets.reconstruct(unit) - 1.0
+    # The refiner's own jitted entry point, on the decoded DP coarse band ([-1, 1] image units).
+    unit = refine_fn(*nnx.split(refiner), jnp.asarray(out["coarse"]), jax.random.fold_in(KEY, 1), jnp.asarray(LABELS))
+    images = wavelets.reconstruct(unit)
     np.testing.assert_allclose(out["images"], jnp.clip(images, -1, 1), atol=1e-5)
     # The images carry exactly the decoded DP coarse band; the refiner only added detail bands.
     np.testing.assert_allclose(wavelets.decompose(images, 2).coarse, out["coarse"], rtol=1e-5, atol=1e-4)

@@ -89,6 +89,8 @@ class RefinerConfig:
         _check_int("RefinerConfig.levels", self.levels, 1)
         _check_int("RefinerConfig.num_blocks", self.num_blocks, 1)
         _check_int("RefinerConfig.sample_steps", self.sample_steps, 1)
+        if not isinstance(self.wavelet, str):
+            raise ValueError(f"RefinerConfig.wavelet must be a PyWavelets name such as 'haar', got {self.wavelet!r}")
         if self.mode not in wavelets.SUPPORTED_MODES:
             raise ValueError(f"RefinerConfig.mode={self.mode!r} is unsupported; use one of {wavelets.SUPPORTED_MODES}")
         most = wavelets.max_levels(self.image_size, self.image_size, self.wavelet)  # validates the wavelet
@@ -361,6 +363,24 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     return np.asarray(out, np.int64)
 
 
+def _training_batch(raw: Mapping[str, np.ndarray], config: RefinerConfig) -> dict[str, np.ndarray]:
+    """The image (and label) columns of a source batch, checked against the config."""
+    want = (config.image_size, config.image_size, config.channels)
+    if tuple(raw["image"].shape[1:]) != want:
+        raise ValueError(f"source images have shape {tuple(raw['image'].shape[1:])} but the refiner is configured "
+                         f"for {want}; set RefinerConfig.image_size/channels or the DatasetSpec's resolution/channels")
+    batch = {"image": raw["image"]}
+    if config.num_classes is not None:
+        if "label" not in raw:
+            raise ValueError("RefinerConfig.num_classes is set but the source has no 'label' column")
+        label = np.asarray(raw["label"], np.int32)
+        if label.min() < 0 or label.max() >= config.num_classes:
+            raise ValueError(f"labels span [{label.min()}, {label.max()}], outside [0, {config.num_classes}); "
+                             "set RefinerConfig.num_classes to the dataset's class count")
+        batch["label"] = label
+    return batch
+
+
 def train_refiner(source: Any, config: RefinerConfig, *, steps: int, batch_size: int = 64, seed: int = 0,
                   learning_rate: float = 2e-3, log_every: int = 100) -> tuple[Refiner, dict[str, Any]]:
     """Trains a refiner on a PUBLIC source (`get_batch(indices)`, `len()`); refuses private data.
@@ -374,17 +394,14 @@ def train_refiner(source: Any, config: RefinerConfig, *, steps: int, batch_size:
         raise ValueError(f"batch_size={batch_size!r} must be an int in [1, {num}] (the source's size)")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate={learning_rate!r} must be > 0")
-    graphdef, params = nnx.split(Refiner(config, rngs=nnx.Rngs(seed)), nnx.Param)
+    init_key, key = jax.random.split(jax.random.key(seed))
+    graphdef, params = nnx.split(Refiner(config, rngs=nnx.Rngs(init_key)), nnx.Param)
     tx = make_optimizer(learning_rate, steps)
     opt_state = tx.init(params)
-    key = jax.random.key(seed)
     history, metrics = [], {}
     start = time.perf_counter()
     for step in range(steps):
-        raw = source.get_batch(batch_indices(num, batch_size, seed, step))
-        batch = {"image": raw["image"]}
-        if config.num_classes is not None:
-            batch["label"] = np.asarray(raw["label"], np.int32)
+        batch = _training_batch(source.get_batch(batch_indices(num, batch_size, seed, step)), config)
         params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, batch, jax.random.fold_in(key, step))
         if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
             history.append((step + 1, float(metrics["loss"])))

@@ -179,7 +179,7 @@ def refiner_task(config: ml_collections.ConfigDict, mesh: Mesh) -> loop.Task:
 
     def step(state, i):
         raw = source.get_batch(local_slice(sampler.batch(i)))
-        batch = {"image": raw["image"]}  # uint8: the refiner works on [0, 1] images (see sample.refine_coarse)
+        batch = {"image": raw["image"]}  # uint8; the refiner converts to [-1, 1]
         if with_label:
             batch["label"] = np.asarray(raw["label"], np.int32)
         return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
