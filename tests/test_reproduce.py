@@ -175,7 +175,7 @@ def test_dry_run_prints_every_command_and_marks_finished_runs(tmp_path):
                  "--rows", "full_dp_epsinf,dpwave_eps1", "--extra-args", "data_dir=/data", "--dry-run")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    expected = [(f"dpwave_eps1", "dpwave", "1", 0), ("dpwave_eps1", "dpwave", "1", 1),
+    expected = [("dpwave_eps1", "dpwave", "1", 0), ("dpwave_eps1", "dpwave", "1", 1),
                 ("full_dp_epsinf", "full_dp", "inf", 0), ("full_dp_epsinf", "full_dp", "inf", 1)]
     assert len(lines) == 4
     for line, (label, method, eps, seed) in zip(lines, expected):

@@ -13,7 +13,8 @@ coarse tokens are exactly ``[0, codebook_size)``. Tokens are concatenated in sca
 scale's grid in row-major order); ``scale_boundaries`` are the cumulative end indices.
 
 Functional use: ``graphdef, params, stats = nnx.split(model, nnx.Param, ...)``; ``stats`` holds
-the codebook bookkeeping (EMA codebooks, code usage) updated by ``train_step``.
+the per-scale input scales (set once by ``calibrate``) and the codebook bookkeeping (EMA codebooks,
+code usage) that ``train_step`` updates outside the gradient.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ class TokenizerConfig:
 
   @property
   def scale_boundaries(self) -> tuple[int, ...]:
-    """Cumulative end index of each scale's tokens, e.g. (16, 32, 48)."""
+    """Cumulative end index of each scale's tokens, e.g. (16, 32, 96)."""
     return tuple(int(b) for b in np.cumsum(self.tokens_per_scale))
 
   @property
@@ -359,7 +360,8 @@ class SpectralTokenizer(nnx.Module):
 
   def decode(self, tokens: jax.Array) -> jax.Array:
     """Tokens of the first k scales -> images (N, H, W, C); missing detail scales are zero, so a
-    coarse-only prefix gives the coarse image at full size. Not clipped to [-1, 1]."""
+    coarse-only prefix gives the coarse image at full size. Not clipped to [-1, 1]; ids outside a
+    scale's range are clipped into it (jit cannot raise on values)."""
     bands = self.decode_scales(tokens)
     shapes = self.config.band_shapes
     bands += [jnp.zeros((tokens.shape[0], *shapes[s]), jnp.float32)
@@ -487,7 +489,8 @@ def train_tokenizer(source: Any, config: TokenizerConfig, *, steps: int, batch_s
 
   Deterministic from ``seed`` (init, batch order, restarts). Returns the model and metrics:
   ``history`` (step, loss, psnr, restarted codes every ``log_every`` steps and at the end),
-  ``final`` (the last step's metrics), ``seconds`` and ``steps_per_second`` (after compilation).
+  ``final`` (the last step's metrics), ``restarted_codes_total`` (dead-code restarts over the run),
+  ``seconds`` and ``steps_per_second`` (after compilation).
 
   Raises:
     PrivacyError: ``source`` is tagged private (the tokenizer trains without DP).
@@ -507,10 +510,12 @@ def train_tokenizer(source: Any, config: TokenizerConfig, *, steps: int, batch_s
                     donate_argnums=1)
   restart_key = jax.random.fold_in(key, 1)
   history: list[dict[str, float]] = []
+  restarts = jnp.zeros((), jnp.int32)
   start = compiled = time.perf_counter()
   for step in range(steps):
     images = _source_images(source, batch_indices(seed, step, len(source), batch_size))
     state, metrics = step_fn(graphdef, state, images, jax.random.fold_in(restart_key, step))
+    restarts = restarts + metrics["restarted_codes"]
     if step == 0:
       jax.block_until_ready(state)
       compiled = time.perf_counter()
@@ -521,7 +526,7 @@ def train_tokenizer(source: Any, config: TokenizerConfig, *, steps: int, batch_s
   end = time.perf_counter()
   model = nnx.merge(graphdef, state.params, state.stats)
   return model, {"history": history, "final": {k: float(v) for k, v in metrics.items()},
-                 "seconds": end - start,
+                 "restarted_codes_total": int(restarts), "seconds": end - start,
                  "steps_per_second": (steps - 1) / (end - compiled) if steps > 1 else float("nan")}
 
 

@@ -17,6 +17,7 @@ Functional use: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)`` le
 ``rest`` empty (the model holds parameters only); every random choice (dropout,
 condition dropout, sampling) takes an explicit key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,613 +42,727 @@ _MASKED = float(np.finfo(np.float32).min)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"TransformerConfig.{name} must be an int >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"TransformerConfig.{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_rate(name: str, value: float) -> None:
-  if not 0.0 <= value < 1.0:
-    raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Architecture of ``ARTransformer``; hashable, so a graphdef holding it is a static jit argument.
+    """Architecture of ``ARTransformer``; hashable, so a graphdef holding it is a static jit argument.
 
-  Conditioning: ``num_classes`` (class labels), or ``max_text_len > 0`` (captions as
-  UTF-8 bytes, encoded by ``text_depth`` bidirectional blocks), or neither.
-  ``cond_dropout``: probability, in training, of replacing an example's condition by
-  the learned null condition. ``dtype``: activation dtype (params are float32).
-  ``lora_rank > 0`` adds adapters on the attention query/value (``lora_targets="qv"``)
-  or on every dense layer of the blocks (``"all"``), scaled by ``lora_alpha / lora_rank``
-  (alpha defaults to the rank). ``scale_boundaries``: cumulative end index of each
-  wavelet scale's tokens, e.g. ``(16, 32, 48)``; the last must equal ``seq_len``.
-  """
-  vocab_size: int
-  seq_len: int
-  width: int = 256
-  depth: int = 4
-  num_heads: int = 4
-  mlp_dim: int = 1024
-  num_classes: int | None = None
-  max_text_len: int = 0
-  text_depth: int = 2
-  cond_dropout: float = 0.0
-  dropout: float = 0.0
-  dtype: str = "float32"
-  norm: str = "layernorm"
-  tie_embeddings: bool = False
-  lora_rank: int = 0
-  lora_alpha: float | None = None
-  lora_targets: str = "qv"
-  scale_boundaries: tuple[int, ...] | None = None
+    Conditioning: ``num_classes`` (class labels), or ``max_text_len > 0`` (captions as
+    UTF-8 bytes, encoded by ``text_depth`` bidirectional blocks), or neither.
+    ``cond_dropout``: probability, in training, of replacing an example's condition by
+    the learned null condition. ``dtype``: activation dtype (params are float32).
+    ``lora_rank > 0`` adds adapters on the attention query/value (``lora_targets="qv"``)
+    or on every dense layer of the blocks (``"all"``), scaled by ``lora_alpha / lora_rank``
+    (alpha defaults to the rank). ``scale_boundaries``: cumulative end index of each
+    wavelet scale's tokens, e.g. ``(16, 32, 48)``; the last must equal ``seq_len``.
+    """
 
-  def __post_init__(self):
-    for name in ("vocab_size", "seq_len", "width", "depth", "num_heads", "mlp_dim", "text_depth"):
-      _check_int(name, getattr(self, name), 1)
-    _check_int("vocab_size", self.vocab_size, 2)
-    _check_int("max_text_len", self.max_text_len, 0)
-    _check_int("lora_rank", self.lora_rank, 0)
-    if self.width % self.num_heads:
-      raise ValueError(f"TransformerConfig.width={self.width} must be divisible by "
-                       f"num_heads={self.num_heads}; pick a width that is a multiple of it")
-    if self.num_classes is not None:
-      _check_int("num_classes", self.num_classes, 1)
-      if self.max_text_len:
-        raise ValueError("TransformerConfig: set either num_classes (labels) or max_text_len "
-                         f"(captions), not both (got {self.num_classes} and {self.max_text_len})")
-    _check_rate("cond_dropout", self.cond_dropout)
-    _check_rate("dropout", self.dropout)
-    if self.cond_dropout and self.conditioning == "none":
-      raise ValueError(f"TransformerConfig.cond_dropout={self.cond_dropout} needs a condition: "
-                       "set num_classes or max_text_len, or cond_dropout=0")
-    try:
-      dtype = jnp.dtype(self.dtype).name
-    except TypeError:
-      dtype = str(self.dtype)
-    if dtype not in _DTYPES:
-      raise ValueError(f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-    object.__setattr__(self, "dtype", dtype)
-    if self.norm not in _NORMS:
-      raise ValueError(f"TransformerConfig.norm must be one of {_NORMS}, got {self.norm!r}")
-    if self.lora_targets not in _LORA_TARGETS:
-      raise ValueError(f"TransformerConfig.lora_targets must be one of {_LORA_TARGETS}, "
-                       f"got {self.lora_targets!r}")
-    if self.lora_alpha is not None and not self.lora_alpha > 0:
-      raise ValueError(f"TransformerConfig.lora_alpha must be > 0 or None, got {self.lora_alpha!r}")
-    if self.scale_boundaries is not None:
-      bounds = tuple(int(b) for b in self.scale_boundaries)
-      if not bounds or bounds[0] < 1 or any(b <= a for a, b in zip(bounds, bounds[1:])) \
-          or bounds[-1] != self.seq_len:
-        raise ValueError(f"TransformerConfig.scale_boundaries={self.scale_boundaries!r} must be "
-                         f"strictly increasing cumulative token counts ending at seq_len="
-                         f"{self.seq_len}, e.g. (16, 32, {self.seq_len})")
-      object.__setattr__(self, "scale_boundaries", bounds)
+    vocab_size: int
+    seq_len: int
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    num_classes: int | None = None
+    max_text_len: int = 0
+    text_depth: int = 2
+    cond_dropout: float = 0.0
+    dropout: float = 0.0
+    dtype: str = "float32"
+    norm: str = "layernorm"
+    tie_embeddings: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: str = "qv"
+    scale_boundaries: tuple[int, ...] | None = None
 
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> TransformerConfig:
-    """Builds a config from a dict or ml_collections ConfigDict, refusing unknown keys."""
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown TransformerConfig keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "width", "depth", "num_heads", "mlp_dim", "text_depth"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("vocab_size", self.vocab_size, 2)
+        _check_int("max_text_len", self.max_text_len, 0)
+        _check_int("lora_rank", self.lora_rank, 0)
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig.width={self.width} must be divisible by "
+                f"num_heads={self.num_heads}; pick a width that is a multiple of it"
+            )
+        if self.num_classes is not None:
+            _check_int("num_classes", self.num_classes, 1)
+            if self.max_text_len:
+                raise ValueError(
+                    "TransformerConfig: set either num_classes (labels) or max_text_len "
+                    f"(captions), not both (got {self.num_classes} and {self.max_text_len})"
+                )
+        _check_rate("cond_dropout", self.cond_dropout)
+        _check_rate("dropout", self.dropout)
+        if self.cond_dropout and self.conditioning == "none":
+            raise ValueError(
+                f"TransformerConfig.cond_dropout={self.cond_dropout} needs a condition: "
+                "set num_classes or max_text_len, or cond_dropout=0"
+            )
+        try:
+            dtype = jnp.dtype(self.dtype).name
+        except TypeError:
+            dtype = str(self.dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"TransformerConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
+        if self.norm not in _NORMS:
+            raise ValueError(f"TransformerConfig.norm must be one of {_NORMS}, got {self.norm!r}")
+        if self.lora_targets not in _LORA_TARGETS:
+            raise ValueError(
+                f"TransformerConfig.lora_targets must be one of {_LORA_TARGETS}, got {self.lora_targets!r}"
+            )
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"TransformerConfig.lora_alpha must be > 0 or None, got {self.lora_alpha!r}")
+        if self.scale_boundaries is not None:
+            bounds = tuple(int(b) for b in self.scale_boundaries)
+            if (
+                not bounds
+                or bounds[0] < 1
+                or any(b <= a for a, b in zip(bounds, bounds[1:]))
+                or bounds[-1] != self.seq_len
+            ):
+                raise ValueError(
+                    f"TransformerConfig.scale_boundaries={self.scale_boundaries!r} must be "
+                    f"strictly increasing cumulative token counts ending at seq_len="
+                    f"{self.seq_len}, e.g. (16, 32, {self.seq_len})"
+                )
+            object.__setattr__(self, "scale_boundaries", bounds)
 
-  @property
-  def conditioning(self) -> str:
-    """``"class"``, ``"text"`` or ``"none"``."""
-    if self.num_classes is not None:
-      return "class"
-    return "text" if self.max_text_len else "none"
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TransformerConfig:
+        """Builds a config from a dict or ml_collections ConfigDict, refusing unknown keys."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
 
-  @property
-  def prefix_len(self) -> int:
-    """Number of condition positions before the BOS slot."""
-    return self.max_text_len if self.conditioning == "text" else 0
+    @property
+    def conditioning(self) -> str:
+        """``"class"``, ``"text"`` or ``"none"``."""
+        if self.num_classes is not None:
+            return "class"
+        return "text" if self.max_text_len else "none"
+
+    @property
+    def prefix_len(self) -> int:
+        """Number of condition positions before the BOS slot."""
+        return self.max_text_len if self.conditioning == "text" else 0
 
 
 @functools.lru_cache(maxsize=None)
 def _scale_ids(boundaries: tuple[int, ...]) -> np.ndarray:
-  """Scale index of each token position, from cumulative boundaries."""
-  return np.searchsorted(np.asarray(boundaries), np.arange(boundaries[-1]), side="right").astype(np.int32)
+    """Scale index of each token position, from cumulative boundaries."""
+    return np.searchsorted(np.asarray(boundaries), np.arange(boundaries[-1]), side="right").astype(np.int32)
 
 
 def _fold(key: jax.Array | None, i: int) -> jax.Array | None:
-  return None if key is None else jax.random.fold_in(key, i)
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 def _make_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
-  norm_cls = nnx.LayerNorm if cfg.norm == "layernorm" else nnx.RMSNorm
-  return norm_cls(cfg.width, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
+    norm_cls = nnx.LayerNorm if cfg.norm == "layernorm" else nnx.RMSNorm
+    return norm_cls(cfg.width, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
 
 
 def _embedding(rngs: nnx.Rngs, *shape: int) -> nnx.Param:
-  return nnx.Param(jax.nn.initializers.normal(_INIT_STD)(rngs.params(), shape, jnp.float32))
+    return nnx.Param(jax.nn.initializers.normal(_INIT_STD)(rngs.params(), shape, jnp.float32))
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention; optionally writes keys/values into a preallocated cache."""
+    """Multi-head self-attention; optionally writes keys/values into a preallocated cache."""
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-    def dense(name: str) -> Dense:
-      rank = cfg.lora_rank if cfg.lora_targets == "all" or name in ("q", "v") else 0
-      return Dense(cfg.width, cfg.width, rngs=rngs, dtype=cfg.dtype, lora_rank=rank,
-                   lora_alpha=cfg.lora_alpha)
-    self.q_proj, self.k_proj, self.v_proj, self.o_proj = (dense(n) for n in "qkvo")
-    self.num_heads = cfg.num_heads
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        def dense(name: str) -> Dense:
+            rank = cfg.lora_rank if cfg.lora_targets == "all" or name in ("q", "v") else 0
+            return Dense(cfg.width, cfg.width, rngs=rngs, dtype=cfg.dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
-               index: jax.Array | int = 0):
-    """x (B, N, D); mask bool (B, 1, N, K) over the K keys (K = N, or the cache length).
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (dense(n) for n in "qkvo")
+        self.num_heads = cfg.num_heads
 
-    With a cache ((B, heads, K, head_dim) keys and values: the layout the attention
-    products read without a transpose), the N new keys/values are written at
-    positions [index, index + N). Returns (output (B, N, D), updated cache or None).
-    """
-    b, n, d = x.shape
-    heads = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
-    q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
-      cache = (k, v)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    # A query with no valid key (a padding or dropped caption position) gets a uniform row; such
-    # positions are themselves invalid keys, so no valid position ever reads their output.
-    scores = jnp.where(mask, scores * (d // self.num_heads) ** -0.5, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, n, d)
-    return self.o_proj(out), cache
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        index: jax.Array | int = 0,
+    ):
+        """x (B, N, D); mask bool (B, 1, N, K) over the K keys (K = N, or the cache length).
+
+        With a cache ((B, heads, K, head_dim) keys and values: the layout the attention
+        products read without a transpose), the N new keys/values are written at
+        positions [index, index + N). Returns (output (B, N, D), updated cache or None).
+        """
+        b, n, d = x.shape
+        heads = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
+            cache = (k, v)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        # A query with no valid key (a padding or dropped caption position) gets a uniform row; such
+        # positions are themselves invalid keys, so no valid position ever reads their output.
+        scores = jnp.where(mask, scores * (d // self.num_heads) ** -0.5, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, n, d)
+        return self.o_proj(out), cache
 
 
 class Mlp(nnx.Module):
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-    rank = cfg.lora_rank if cfg.lora_targets == "all" else 0
-    kw = dict(rngs=rngs, dtype=cfg.dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha)
-    self.fc1 = Dense(cfg.width, cfg.mlp_dim, **kw)
-    self.fc2 = Dense(cfg.mlp_dim, cfg.width, **kw)
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        rank = cfg.lora_rank if cfg.lora_targets == "all" else 0
+        kw = dict(rngs=rngs, dtype=cfg.dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha)
+        self.fc1 = Dense(cfg.width, cfg.mlp_dim, **kw)
+        self.fc2 = Dense(cfg.mlp_dim, cfg.width, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x)))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
+    """Pre-norm transformer block: x + Attn(Norm(x)), then x + Mlp(Norm(x))."""
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-    self.attn_norm = _make_norm(cfg, rngs)
-    self.attn = Attention(cfg, rngs)
-    self.mlp_norm = _make_norm(cfg, rngs)
-    self.mlp = Mlp(cfg, rngs)
-    self.dropout = cfg.dropout
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.attn_norm = _make_norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = _make_norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs)
+        self.dropout = cfg.dropout
 
-  def __call__(self, x, mask, *, key=None, cache=None, index=0):
-    h, cache = self.attn(self.attn_norm(x), mask, cache, index)
-    x = x + _dropout(h, self.dropout, _fold(key, 0))
-    x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, _fold(key, 1))
-    return x, cache
+    def __call__(self, x, mask, *, key=None, cache=None, index=0):
+        h, cache = self.attn(self.attn_norm(x), mask, cache, index)
+        x = x + _dropout(h, self.dropout, _fold(key, 0))
+        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, _fold(key, 1))
+        return x, cache
 
 
 class TextEncoder(nnx.Module):
-  """Bidirectional transformer over caption bytes (``dpwave.models.text.encode_captions``)."""
+    """Bidirectional transformer over caption bytes (``dpwave.models.text.encode_captions``)."""
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-    self.byte_embed = _embedding(rngs, TEXT_VOCAB_SIZE, cfg.width)
-    self.pos_embed = _embedding(rngs, cfg.max_text_len, cfg.width)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.text_depth)])
-    self.norm = _make_norm(cfg, rngs)
-    self.dtype, self.dropout = cfg.dtype, cfg.dropout
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        self.byte_embed = _embedding(rngs, TEXT_VOCAB_SIZE, cfg.width)
+        self.pos_embed = _embedding(rngs, cfg.max_text_len, cfg.width)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.text_depth)])
+        self.norm = _make_norm(cfg, rngs)
+        self.dtype, self.dropout = cfg.dtype, cfg.dropout
 
-  def __call__(self, text: jax.Array, *, key: jax.Array | None = None):
-    """text int (B, L) -> (states (B, L, D), valid bool (B, L))."""
-    valid = text != TEXT_PAD
-    x = (jnp.take(self.byte_embed[...], text, axis=0) + self.pos_embed[...]).astype(self.dtype)
-    x = _dropout(x, self.dropout, _fold(key, len(self.blocks)))
-    mask = valid[:, None, None, :]
-    for i, block in enumerate(self.blocks):
-      x, _ = block(x, mask, key=_fold(key, i))
-    return self.norm(x), valid
+    def __call__(self, text: jax.Array, *, key: jax.Array | None = None):
+        """text int (B, L) -> (states (B, L, D), valid bool (B, L))."""
+        valid = text != TEXT_PAD
+        x = (jnp.take(self.byte_embed[...], text, axis=0) + self.pos_embed[...]).astype(self.dtype)
+        x = _dropout(x, self.dropout, _fold(key, len(self.blocks)))
+        mask = valid[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            x, _ = block(x, mask, key=_fold(key, i))
+        return self.norm(x), valid
 
 
 class Context(NamedTuple):
-  """The condition as decoder input: prefix states (B, P, D), their validity (B, P), BOS (B, D)."""
-  prefix: jax.Array
-  valid: jax.Array
-  bos: jax.Array
+    """The condition as decoder input: prefix states (B, P, D), their validity (B, P), BOS (B, D)."""
+
+    prefix: jax.Array
+    valid: jax.Array
+    bos: jax.Array
 
 
 Cache = list[tuple[jax.Array, jax.Array]]
 
 
 class ARTransformer(nnx.Module):
-  """Decoder-only transformer: ``model(tokens (B, T) int, cond) -> logits (B, T, V) float32``.
+    """Decoder-only transformer: ``model(tokens (B, T) int, cond) -> logits (B, T, V) float32``.
 
-  ``logits[:, t]`` predicts ``tokens[:, t]`` from ``tokens[:, :t]`` and the condition;
-  ``cond`` is labels int (B,), caption bytes int (B, max_text_len), or None.
-  """
-
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    cfg = self.config = config
-    self.token_embed = _embedding(rngs, cfg.vocab_size, cfg.width)
-    self.pos_embed = _embedding(rngs, cfg.seq_len, cfg.width)
-    self.bos = _embedding(rngs, cfg.width)
-    self.scale_embed = (_embedding(rngs, len(cfg.scale_boundaries), cfg.width)
-                        if cfg.scale_boundaries else None)
-    # Class table row num_classes is the null condition.
-    self.class_embed = (_embedding(rngs, cfg.num_classes + 1, cfg.width)
-                        if cfg.conditioning == "class" else None)
-    self.text_encoder = TextEncoder(cfg, rngs) if cfg.conditioning == "text" else None
-    self.null_embed = _embedding(rngs, cfg.width) if cfg.conditioning == "text" else None
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
-    self.final_norm = _make_norm(cfg, rngs)
-    self.head = None if cfg.tie_embeddings else Dense(cfg.width, cfg.vocab_size, rngs=rngs,
-                                                      dtype=cfg.dtype)
-
-  # ---- training / scoring -------------------------------------------------------------------
-  def __call__(self, tokens: jax.Array, cond: jax.Array | None = None, *, train: bool = False,
-               key: jax.Array | None = None) -> jax.Array:
-    """Logits (B, T, V). ``train=True`` applies dropout and condition dropout from ``key``."""
-    cfg = self.config
-    tokens = self._check_tokens(tokens)
-    use_dropout, use_cond_dropout = train and cfg.dropout > 0, train and cfg.cond_dropout > 0
-    if (use_dropout or use_cond_dropout) and key is None:
-      raise ValueError("train=True with dropout or cond_dropout > 0 needs an explicit key=")
-    drop = jnp.zeros((tokens.shape[0],), bool)
-    if use_cond_dropout:
-      drop = jax.random.bernoulli(_fold(key, 0), cfg.cond_dropout, drop.shape)
-    return self.forward(tokens, cond, drop, key=_fold(key, 1) if use_dropout else None)
-
-  def forward(self, tokens: jax.Array, cond: jax.Array | None, drop: jax.Array, *,
-              key: jax.Array | None = None) -> jax.Array:
-    """Logits (B, T, V) with an explicit per-example null-condition mask ``drop`` (B,) bool.
-
-    ``key`` (or None) drives dropout only.
+    ``logits[:, t]`` predicts ``tokens[:, t]`` from ``tokens[:, :t]`` and the condition;
+    ``cond`` is labels int (B,), caption bytes int (B, max_text_len), or None.
     """
-    tokens = self._check_tokens(tokens)
-    ctx = self.condition(cond, drop, key=_fold(key, 0))
-    x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens[:, :-1])], axis=1)
-    x = _dropout(x, self.config.dropout, _fold(key, 1))
-    length = x.shape[1]
-    valid = jnp.concatenate([ctx.valid, jnp.ones((x.shape[0], length - ctx.valid.shape[1]), bool)], 1)
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & valid[:, None, None, :]
-    hidden, _ = self._blocks(x, mask, key=_fold(key, 2))
-    return self._logits(hidden[:, ctx.prefix.shape[1]:])
 
-  def condition(self, cond: jax.Array | None, drop: jax.Array, *,
-                key: jax.Array | None = None) -> Context:
-    """Embeds the condition; rows with ``drop`` get the learned null condition."""
-    cfg, batch = self.config, drop.shape[0]
-    bos = jnp.broadcast_to(self.bos[...], (batch, cfg.width))
-    empty = Context(jnp.zeros((batch, 0, cfg.width), cfg.dtype), jnp.zeros((batch, 0), bool), bos)
-    if cfg.conditioning == "none":
-      if cond is not None:
-        raise ValueError("this model is unconditional (num_classes=None, max_text_len=0): pass cond=None")
-      return empty
-    if cond is None:
-      raise ValueError(f"this model is {cfg.conditioning}-conditioned: pass cond "
-                       + ("labels int (B,)" if cfg.conditioning == "class"
-                          else f"caption bytes int (B, {cfg.max_text_len})"))
-    if cfg.conditioning == "class":
-      labels = jnp.where(drop, cfg.num_classes, _check_labels(cond, batch, cfg.num_classes))
-      return empty._replace(bos=bos + jnp.take(self.class_embed[...], labels, axis=0))
-    states, valid = self.text_encoder(_check_text(cond, batch, cfg.max_text_len), key=key)
-    valid = valid & ~drop[:, None]
-    weights = valid[..., None].astype(jnp.float32)
-    pooled = (states.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-    cond_vec = jnp.where(drop[:, None], self.null_embed[...], pooled)
-    return Context(states, valid, bos + cond_vec)
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        self.token_embed = _embedding(rngs, cfg.vocab_size, cfg.width)
+        self.pos_embed = _embedding(rngs, cfg.seq_len, cfg.width)
+        self.bos = _embedding(rngs, cfg.width)
+        self.scale_embed = _embedding(rngs, len(cfg.scale_boundaries), cfg.width) if cfg.scale_boundaries else None
+        # Class table row num_classes is the null condition.
+        self.class_embed = _embedding(rngs, cfg.num_classes + 1, cfg.width) if cfg.conditioning == "class" else None
+        self.text_encoder = TextEncoder(cfg, rngs) if cfg.conditioning == "text" else None
+        self.null_embed = _embedding(rngs, cfg.width) if cfg.conditioning == "text" else None
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.final_norm = _make_norm(cfg, rngs)
+        self.head = None if cfg.tie_embeddings else Dense(cfg.width, cfg.vocab_size, rngs=rngs, dtype=cfg.dtype)
 
-  # ---- cached decoding ----------------------------------------------------------------------
-  def init_cache(self, batch: int, num_tokens: int) -> Cache:
-    """Zero key/value caches, one (B, heads, P + num_tokens, head_dim) pair per block."""
-    cfg = self.config
-    shape = (batch, cfg.num_heads, cfg.prefix_len + num_tokens, cfg.width // cfg.num_heads)
-    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.blocks]
+    # ---- training / scoring -------------------------------------------------------------------
+    def __call__(
+        self, tokens: jax.Array, cond: jax.Array | None = None, *, train: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits (B, T, V). ``train=True`` applies dropout and condition dropout from ``key``."""
+        cfg = self.config
+        tokens = self._check_tokens(tokens)
+        use_dropout, use_cond_dropout = train and cfg.dropout > 0, train and cfg.cond_dropout > 0
+        if (use_dropout or use_cond_dropout) and key is None:
+            raise ValueError("train=True with dropout or cond_dropout > 0 needs an explicit key=")
+        drop = jnp.zeros((tokens.shape[0],), bool)
+        if use_cond_dropout:
+            drop = jax.random.bernoulli(_fold(key, 0), cfg.cond_dropout, drop.shape)
+        return self.forward(tokens, cond, drop, key=_fold(key, 1) if use_dropout else None)
 
-  def prefill(self, ctx: Context, tokens: jax.Array, cache: Cache):
-    """Runs the condition, BOS and K given tokens (B, K) through the decoder, filling the cache.
+    def forward(
+        self, tokens: jax.Array, cond: jax.Array | None, drop: jax.Array, *, key: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits (B, T, V) with an explicit per-example null-condition mask ``drop`` (B,) bool.
 
-    Returns (logits for token K (B, V), cache, key validity (B, cache length)).
-    """
-    x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens)], axis=1)
-    batch, length = cache[0][0].shape[0], cache[0][0].shape[2]
-    key_valid = jnp.concatenate(
-        [ctx.valid, jnp.ones((batch, length - ctx.valid.shape[1]), bool)], axis=1)
-    hidden, cache = self._blocks(x, _cache_mask(key_valid, 0, x.shape[1]), cache=cache, index=0)
-    return self._logits(hidden[:, -1]), cache, key_valid
+        ``key`` (or None) drives dropout only.
+        """
+        tokens = self._check_tokens(tokens)
+        ctx = self.condition(cond, drop, key=_fold(key, 0))
+        x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens[:, :-1])], axis=1)
+        x = _dropout(x, self.config.dropout, _fold(key, 1))
+        length = x.shape[1]
+        valid = jnp.concatenate([ctx.valid, jnp.ones((x.shape[0], length - ctx.valid.shape[1]), bool)], 1)
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & valid[:, None, None, :]
+        hidden, _ = self._blocks(x, mask, key=_fold(key, 2))
+        return self._logits(hidden[:, ctx.prefix.shape[1] :])
 
-  def decode_step(self, token: jax.Array, position: jax.Array, cache: Cache, key_valid: jax.Array):
-    """Feeds ``token`` (B,) as the input of token-slot ``position`` (its index + 1).
+    def condition(self, cond: jax.Array | None, drop: jax.Array, *, key: jax.Array | None = None) -> Context:
+        """Embeds the condition; rows with ``drop`` get the learned null condition."""
+        cfg, batch = self.config, drop.shape[0]
+        bos = jnp.broadcast_to(self.bos[...], (batch, cfg.width))
+        empty = Context(jnp.zeros((batch, 0, cfg.width), cfg.dtype), jnp.zeros((batch, 0), bool), bos)
+        if cfg.conditioning == "none":
+            if cond is not None:
+                raise ValueError("this model is unconditional (num_classes=None, max_text_len=0): pass cond=None")
+            return empty
+        if cond is None:
+            raise ValueError(
+                f"this model is {cfg.conditioning}-conditioned: pass cond "
+                + ("labels int (B,)" if cfg.conditioning == "class" else f"caption bytes int (B, {cfg.max_text_len})")
+            )
+        if cfg.conditioning == "class":
+            labels = jnp.where(drop, cfg.num_classes, _check_labels(cond, batch, cfg.num_classes))
+            return empty._replace(bos=bos + jnp.take(self.class_embed[...], labels, axis=0))
+        states, valid = self.text_encoder(_check_text(cond, batch, cfg.max_text_len), key=key)
+        valid = valid & ~drop[:, None]
+        weights = valid[..., None].astype(jnp.float32)
+        pooled = (states.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+        cond_vec = jnp.where(drop[:, None], self.null_embed[...], pooled)
+        return Context(states, valid, bos + cond_vec)
 
-    Returns (logits for token ``position`` (B, V), cache).
-    """
-    x = self._token_inputs(token[:, None], position[None])
-    index = self.config.prefix_len + position
-    hidden, cache = self._blocks(x, _cache_mask(key_valid, index, 1), cache=cache, index=index)
-    return self._logits(hidden[:, 0]), cache
+    # ---- cached decoding ----------------------------------------------------------------------
+    def init_cache(self, batch: int, num_tokens: int) -> Cache:
+        """Zero key/value caches, one (B, heads, P + num_tokens, head_dim) pair per block."""
+        cfg = self.config
+        shape = (batch, cfg.num_heads, cfg.prefix_len + num_tokens, cfg.width // cfg.num_heads)
+        return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.blocks]
 
-  # ---- internals ----------------------------------------------------------------------------
-  def _position(self, positions: jax.Array) -> jax.Array:
-    emb = jnp.take(self.pos_embed[...], positions, axis=0)
-    if self.scale_embed is not None:
-      scales = jnp.asarray(_scale_ids(self.config.scale_boundaries))[positions]
-      emb = emb + jnp.take(self.scale_embed[...], scales, axis=0)
-    return emb
+    def prefill(self, ctx: Context, tokens: jax.Array, cache: Cache):
+        """Runs the condition, BOS and K given tokens (B, K) through the decoder, filling the cache.
 
-  def _token_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    emb = jnp.take(self.token_embed[...], tokens, axis=0) + self._position(positions)
-    return emb.astype(self.config.dtype)
+        Returns (logits for token K (B, V), cache, key validity (B, cache length)).
+        """
+        x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens)], axis=1)
+        batch, length = cache[0][0].shape[0], cache[0][0].shape[2]
+        key_valid = jnp.concatenate([ctx.valid, jnp.ones((batch, length - ctx.valid.shape[1]), bool)], axis=1)
+        hidden, cache = self._blocks(x, _cache_mask(key_valid, 0, x.shape[1]), cache=cache, index=0)
+        return self._logits(hidden[:, -1]), cache, key_valid
 
-  def _inputs(self, ctx: Context, tokens: jax.Array) -> jax.Array:
-    """[BOS + cond, emb(tokens)] at token slots 0 .. K."""
-    bos = (ctx.bos + self._position(jnp.zeros((), jnp.int32)))[:, None].astype(self.config.dtype)
-    rest = self._token_inputs(tokens, jnp.arange(1, tokens.shape[1] + 1))
-    return jnp.concatenate([bos, rest], axis=1)
+    def decode_step(self, token: jax.Array, position: jax.Array, cache: Cache, key_valid: jax.Array):
+        """Feeds ``token`` (B,) as the input of token-slot ``position`` (its index + 1).
 
-  def _blocks(self, x, mask, *, key=None, cache: Cache | None = None, index=0):
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, mask, key=_fold(key, i), index=index,
-                             cache=None if cache is None else cache[i])
-      new_cache.append(layer_cache)
-    return self.final_norm(x), (None if cache is None else new_cache)
+        Returns (logits for token ``position`` (B, V), cache).
+        """
+        x = self._token_inputs(token[:, None], position[None])
+        index = self.config.prefix_len + position
+        hidden, cache = self._blocks(x, _cache_mask(key_valid, index, 1), cache=cache, index=index)
+        return self._logits(hidden[:, 0]), cache
 
-  def _logits(self, hidden: jax.Array) -> jax.Array:
-    if self.head is not None:
-      return self.head(hidden).astype(jnp.float32)
-    return (hidden @ self.token_embed[...].astype(hidden.dtype).T).astype(jnp.float32)
+    # ---- internals ----------------------------------------------------------------------------
+    def _position(self, positions: jax.Array) -> jax.Array:
+        emb = jnp.take(self.pos_embed[...], positions, axis=0)
+        if self.scale_embed is not None:
+            scales = jnp.asarray(_scale_ids(self.config.scale_boundaries))[positions]
+            emb = emb + jnp.take(self.scale_embed[...], scales, axis=0)
+        return emb
 
-  def _check_tokens(self, tokens: jax.Array) -> jax.Array:
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be int (B, T), got {tokens.dtype} {tokens.shape}")
-    if not 1 <= tokens.shape[1] <= self.config.seq_len:
-      raise ValueError(f"tokens have length {tokens.shape[1]}; this model takes 1..{self.config.seq_len}")
-    return tokens
+    def _token_inputs(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        emb = jnp.take(self.token_embed[...], tokens, axis=0) + self._position(positions)
+        return emb.astype(self.config.dtype)
+
+    def _inputs(self, ctx: Context, tokens: jax.Array) -> jax.Array:
+        """[BOS + cond, emb(tokens)] at token slots 0 .. K."""
+        bos = (ctx.bos + self._position(jnp.zeros((), jnp.int32)))[:, None].astype(self.config.dtype)
+        rest = self._token_inputs(tokens, jnp.arange(1, tokens.shape[1] + 1))
+        return jnp.concatenate([bos, rest], axis=1)
+
+    def _blocks(self, x, mask, *, key=None, cache: Cache | None = None, index=0):
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, mask, key=_fold(key, i), index=index, cache=None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return self.final_norm(x), (None if cache is None else new_cache)
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        if self.head is not None:
+            return self.head(hidden).astype(jnp.float32)
+        return (hidden @ self.token_embed[...].astype(hidden.dtype).T).astype(jnp.float32)
+
+    def _check_tokens(self, tokens: jax.Array) -> jax.Array:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be int (B, T), got {tokens.dtype} {tokens.shape}")
+        if not 1 <= tokens.shape[1] <= self.config.seq_len:
+            raise ValueError(f"tokens have length {tokens.shape[1]}; this model takes 1..{self.config.seq_len}")
+        return tokens
 
 
 def _check_labels(labels: jax.Array, batch: int, num_classes: int) -> jax.Array:
-  labels = jnp.asarray(labels)
-  if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be int ({batch},), got {labels.dtype} {labels.shape}")
-  if not isinstance(labels, jax.core.Tracer):
-    bad = np.asarray(labels)[(np.asarray(labels) < 0) | (np.asarray(labels) >= num_classes)]
-    if bad.size:
-      raise ValueError(f"labels must be in [0, {num_classes}), got {bad[:5].tolist()}")
-  return labels
+    labels = jnp.asarray(labels)
+    if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be int ({batch},), got {labels.dtype} {labels.shape}")
+    if not isinstance(labels, jax.core.Tracer):
+        bad = np.asarray(labels)[(np.asarray(labels) < 0) | (np.asarray(labels) >= num_classes)]
+        if bad.size:
+            raise ValueError(f"labels must be in [0, {num_classes}), got {bad[:5].tolist()}")
+    return labels
 
 
 def _check_text(text: jax.Array, batch: int, max_len: int) -> jax.Array:
-  text = jnp.asarray(text)
-  if text.shape != (batch, max_len) or not jnp.issubdtype(text.dtype, jnp.integer):
-    raise ValueError(f"caption bytes must be int ({batch}, {max_len}) from "
-                     f"dpwave.models.text.encode_captions(..., max_len={max_len}), "
-                     f"got {text.dtype} {text.shape}")
-  return text
+    text = jnp.asarray(text)
+    if text.shape != (batch, max_len) or not jnp.issubdtype(text.dtype, jnp.integer):
+        raise ValueError(
+            f"caption bytes must be int ({batch}, {max_len}) from "
+            f"dpwave.models.text.encode_captions(..., max_len={max_len}), "
+            f"got {text.dtype} {text.shape}"
+        )
+    return text
 
 
 def _cache_mask(key_valid: jax.Array, start: jax.Array | int, num_queries: int) -> jax.Array:
-  """(B, 1, N, S): query at absolute position start + i sees valid keys at positions <= it."""
-  queries = start + jnp.arange(num_queries)
-  causal = jnp.arange(key_valid.shape[1])[None, :] <= queries[:, None]
-  return causal[None, None] & key_valid[:, None, None, :]
+    """(B, 1, N, S): query at absolute position start + i sees valid keys at positions <= it."""
+    queries = start + jnp.arange(num_queries)
+    causal = jnp.arange(key_valid.shape[1])[None, :] <= queries[:, None]
+    return causal[None, None] & key_valid[:, None, None, :]
 
 
 # ---- losses (functional: pure params pytrees, explicit keys) ---------------------------------
 def _example_cond(cfg: TransformerConfig, batch: Mapping[str, jax.Array]) -> jax.Array | None:
-  name = {"class": "label", "text": "caption_bytes", "none": None}[cfg.conditioning]
-  if name is not None and name not in batch:
-    raise ValueError(f"a {cfg.conditioning}-conditioned model needs {name!r} in the example; "
-                     f"got keys {sorted(batch)}")
-  return None if name is None else batch[name]
+    name = {"class": "label", "text": "caption_bytes", "none": None}[cfg.conditioning]
+    if name is not None and name not in batch:
+        raise ValueError(
+            f"a {cfg.conditioning}-conditioned model needs {name!r} in the example; got keys {sorted(batch)}"
+        )
+    return None if name is None else batch[name]
 
 
 def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Mean next-token negative log-likelihood per sequence: (B, T, V), (B, T) -> (B,) float32."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0].mean(-1)
+    """Mean next-token negative log-likelihood per sequence: (B, T, V), (B, T) -> (B,) float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0].mean(-1)
 
 
-def batch_losses(model: ARTransformer, batch: Mapping[str, jax.Array], rng: jax.Array | None,
-                 *, train: bool = True) -> jax.Array:
-  """Per-example losses (B,) of a batch {"tokens": (B, T), "label" | "caption_bytes": ...}."""
-  logits = model(batch["tokens"], _example_cond(model.config, batch), train=train, key=rng)
-  return token_nll(logits, batch["tokens"])
+def batch_losses(
+    model: ARTransformer, batch: Mapping[str, jax.Array], rng: jax.Array | None, *, train: bool = True
+) -> jax.Array:
+    """Per-example losses (B,) of a batch {"tokens": (B, T), "label" | "caption_bytes": ...}."""
+    logits = model(batch["tokens"], _example_cond(model.config, batch), train=train, key=rng)
+    return token_nll(logits, batch["tokens"])
 
 
-def per_example_loss(graphdef: nnx.GraphDef, params: nnx.State, example: Mapping[str, jax.Array],
-                     rng: jax.Array | None, *, train: bool = True) -> jax.Array:
-  """Scalar loss of ONE example (no batch axis), for ``jax.vmap(jax.grad(...))``."""
-  model = nnx.merge(graphdef, params)
-  return batch_losses(model, jax.tree.map(lambda x: x[None], dict(example)), rng, train=train)[0]
+def per_example_loss(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    example: Mapping[str, jax.Array],
+    rng: jax.Array | None,
+    *,
+    train: bool = True,
+) -> jax.Array:
+    """Scalar loss of ONE example (no batch axis), for ``jax.vmap(jax.grad(...))``."""
+    model = nnx.merge(graphdef, params)
+    return batch_losses(model, jax.tree.map(lambda x: x[None], dict(example)), rng, train=train)[0]
 
 
-def batch_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Mapping[str, jax.Array],
-               rng: jax.Array | None, *, train: bool = True) -> jax.Array:
-  """Mean loss over a batch (non-private training, evaluation)."""
-  return batch_losses(nnx.merge(graphdef, params), batch, rng, train=train).mean()
+def batch_loss(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array | None,
+    *,
+    train: bool = True,
+) -> jax.Array:
+    """Mean loss over a batch (non-private training, evaluation)."""
+    return batch_losses(nnx.merge(graphdef, params), batch, rng, train=train).mean()
 
 
 # ---- trainable subsets ---------------------------------------------------------------------
 def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
 def trainable_mask(params: Any, mode: str) -> Any:
-  """Bool pytree with ``params``' structure selecting the leaves to finetune.
+    """Bool pytree with ``params``' structure selecting the leaves to finetune.
 
-  ``"all"``: every leaf. ``"attention"``: the q/k/v/output projections of every
-  self-attention layer (decoder and text encoder; LoRA adapters excluded).
-  ``"lora"``: only the LoRA adapters (needs ``lora_rank > 0``).
-  """
-  if mode not in _MASK_MODES:
-    raise ValueError(f"trainable_mask mode must be one of {_MASK_MODES}, got {mode!r}")
+    ``"all"``: every leaf. ``"attention"``: the q/k/v/output projections of every
+    self-attention layer (decoder and text encoder; LoRA adapters excluded).
+    ``"lora"``: only the LoRA adapters (needs ``lora_rank > 0``).
+    """
+    if mode not in _MASK_MODES:
+        raise ValueError(f"trainable_mask mode must be one of {_MASK_MODES}, got {mode!r}")
 
-  def pick(path, _) -> bool:
-    names = _path_names(path)
-    is_lora = any(n in LORA_LEAF_NAMES for n in names)
-    return mode == "all" or (mode == "lora" and is_lora) or (
-        mode == "attention" and "attn" in names and not is_lora)
+    def pick(path, _) -> bool:
+        names = _path_names(path)
+        is_lora = any(n in LORA_LEAF_NAMES for n in names)
+        return (
+            mode == "all" or (mode == "lora" and is_lora) or (mode == "attention" and "attn" in names and not is_lora)
+        )
 
-  mask = jax.tree_util.tree_map_with_path(pick, params)
-  if not any(jax.tree.leaves(mask)):
-    raise ValueError(f"trainable_mask mode {mode!r} selects no parameter"
-                     + (" (build the model with lora_rank > 0)" if mode == "lora" else ""))
-  return mask
+    mask = jax.tree_util.tree_map_with_path(pick, params)
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            f"trainable_mask mode {mode!r} selects no parameter"
+            + (" (build the model with lora_rank > 0)" if mode == "lora" else "")
+        )
+    return mask
 
 
 # ---- sampling --------------------------------------------------------------------------------
 def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf (ties kept)."""
-  if top_k is not None:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p is not None:
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it < top_p.
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    cutoff = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+    """Sets logits outside the top-k, then outside the top-p nucleus, to -inf (ties kept)."""
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it < top_p.
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
 
 
 def scale_vocab_mask(cfg: TransformerConfig, position: jax.Array | int) -> jax.Array:
-  """Tokens position ``position`` may take: with ``scale_boundaries`` (the all-scales model), only its
-  own scale's ids ``[s*K, (s+1)*K)``, K = vocab_size / scales (the tokenizer's per-scale offsets)."""
-  ids = jnp.arange(cfg.vocab_size)
-  if cfg.scale_boundaries is None:
-    return jnp.ones_like(ids, bool)
-  per_scale = cfg.vocab_size // len(cfg.scale_boundaries)
-  scale = jnp.searchsorted(jnp.asarray(cfg.scale_boundaries), position, side="right")
-  return ids // per_scale == scale
+    """Tokens position ``position`` may take: with ``scale_boundaries`` (the all-scales model), only its
+    own scale's ids ``[s*K, (s+1)*K)``, K = vocab_size / scales (the tokenizer's per-scale offsets)."""
+    ids = jnp.arange(cfg.vocab_size)
+    if cfg.scale_boundaries is None:
+        return jnp.ones_like(ids, bool)
+    per_scale = cfg.vocab_size // len(cfg.scale_boundaries)
+    scale = jnp.searchsorted(jnp.asarray(cfg.scale_boundaries), position, side="right")
+    return ids // per_scale == scale
 
 
 def guide(cond_logits: jax.Array, uncond_logits: jax.Array, scale: jax.Array | float) -> jax.Array:
-  """Classifier-free guidance ``cond + s * (cond - uncond)``: s = 0 is the conditional model.
+    """Classifier-free guidance ``cond + s * (cond - uncond)``: s = 0 is the conditional model.
 
-  (Equivalently ``uncond + (1 + s) * (cond - uncond)``, Ho & Salimans' w = s.)
-  """
-  return cond_logits + scale * (cond_logits - uncond_logits)
+    (Equivalently ``uncond + (1 + s) * (cond - uncond)``, Ho & Salimans' w = s.)
+    """
+    return cond_logits + scale * (cond_logits - uncond_logits)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "num_tokens", "top_k", "top_p", "guided", "cached", "return_logits"))
-def _sample_jit(graphdef, params, cond, key, prefix, temperature, guidance_scale, *, num_tokens,
-                top_k, top_p, guided, cached, return_logits):
-  model = nnx.merge(graphdef, params)
-  batch, start = prefix.shape
-  double = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
-  cond = None if cond is None else double(cond)
-  drop = double(jnp.zeros((batch,), bool))
-  if guided:
-    drop = drop.at[batch:].set(True)
-
-  def pick(logits, t):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "num_tokens", "top_k", "top_p", "guided", "cached", "return_logits")
+)
+def _sample_jit(
+    graphdef,
+    params,
+    cond,
+    key,
+    prefix,
+    temperature,
+    guidance_scale,
+    *,
+    num_tokens,
+    top_k,
+    top_p,
+    guided,
+    cached,
+    return_logits,
+):
+    model = nnx.merge(graphdef, params)
+    batch, start = prefix.shape
+    double = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
+    cond = None if cond is None else double(cond)
+    drop = double(jnp.zeros((batch,), bool))
     if guided:
-      logits = guide(logits[:batch], logits[batch:], guidance_scale)
-    step_key = jax.random.fold_in(key, t)
-    allowed = jnp.where(scale_vocab_mask(model.config, t), logits / temperature, -jnp.inf)
-    token = jax.random.categorical(step_key, filter_logits(allowed, top_k, top_p))
-    return token.astype(jnp.int32), logits
+        drop = drop.at[batch:].set(True)
 
-  tokens = jnp.zeros((batch, num_tokens), jnp.int32).at[:, :start].set(prefix)
-  if cached:
-    ctx = model.condition(cond, drop)
-    cache = model.init_cache(drop.shape[0], num_tokens)
-    logits, cache, key_valid = model.prefill(ctx, double(prefix), cache)
+    def pick(logits, t):
+        if guided:
+            logits = guide(logits[:batch], logits[batch:], guidance_scale)
+        step_key = jax.random.fold_in(key, t)
+        allowed = jnp.where(scale_vocab_mask(model.config, t), logits / temperature, -jnp.inf)
+        token = jax.random.categorical(step_key, filter_logits(allowed, top_k, top_p))
+        return token.astype(jnp.int32), logits
 
-    def step(carry, t):
-      tokens, logits, cache = carry
-      token, used = pick(logits, t)
-      logits, cache = model.decode_step(double(token), t + 1, cache, key_valid)
-      return (tokens.at[:, t].set(token), logits, cache), used
+    tokens = jnp.zeros((batch, num_tokens), jnp.int32).at[:, :start].set(prefix)
+    if cached:
+        ctx = model.condition(cond, drop)
+        cache = model.init_cache(drop.shape[0], num_tokens)
+        logits, cache, key_valid = model.prefill(ctx, double(prefix), cache)
 
-    (tokens, logits, _), used = jax.lax.scan(step, (tokens, logits, cache),
-                                             jnp.arange(start, num_tokens - 1))
-    token, last = pick(logits, num_tokens - 1)
-    tokens = tokens.at[:, -1].set(token)
-    used = jnp.concatenate([used, last[None]])
-  else:
-    def step(tokens, t):
-      logits = model.forward(double(tokens), cond, drop)[:, t]
-      token, used = pick(logits, t)
-      return tokens.at[:, t].set(token), used
+        def step(carry, t):
+            tokens, logits, cache = carry
+            token, used = pick(logits, t)
+            logits, cache = model.decode_step(double(token), t + 1, cache, key_valid)
+            return (tokens.at[:, t].set(token), logits, cache), used
 
-    tokens, used = jax.lax.scan(step, tokens, jnp.arange(start, num_tokens))
-  return (tokens, jnp.swapaxes(used, 0, 1)) if return_logits else tokens
+        (tokens, logits, _), used = jax.lax.scan(step, (tokens, logits, cache), jnp.arange(start, num_tokens - 1))
+        token, last = pick(logits, num_tokens - 1)
+        tokens = tokens.at[:, -1].set(token)
+        used = jnp.concatenate([used, last[None]])
+    else:
 
+        def step(tokens, t):
+            logits = model.forward(double(tokens), cond, drop)[:, t]
+            token, used = pick(logits, t)
+            return tokens.at[:, t].set(token), used
 
-def _run_sampler(model, cond, key, *, num_tokens, temperature, top_k, top_p, guidance_scale, prefix,
-                 batch_size, return_logits, cached):
-  if isinstance(model, tuple):
-    graphdef, params = model
-    cfg = nnx.merge(graphdef, params).config
-  else:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-      raise ValueError("ARTransformer should hold parameters only; found non-Param state")
-    cfg = model.config
-  num_tokens = cfg.seq_len if num_tokens is None else int(num_tokens)
-  if not 1 <= num_tokens <= cfg.seq_len:
-    raise ValueError(f"num_tokens must be in [1, {cfg.seq_len}], got {num_tokens}")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature}")
-  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-    raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}] or None, got {top_k}")
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-  if guidance_scale and cfg.conditioning == "none":
-    raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model")
-  if cond is not None:
-    batch = int(np.shape(cond)[0])
-  elif prefix is not None:
-    batch = int(np.shape(prefix)[0])
-  elif batch_size is not None:
-    batch = int(batch_size)
-  else:
-    raise ValueError("an unconditional model needs batch_size= (or a prefix) to sample")
-  prefix = jnp.zeros((batch, 0), jnp.int32) if prefix is None else jnp.asarray(prefix, jnp.int32)
-  if prefix.ndim != 2 or prefix.shape[0] != batch or prefix.shape[1] >= num_tokens:
-    raise ValueError(f"prefix must be int ({batch}, K) with K < num_tokens={num_tokens}, "
-                     f"got {prefix.shape}")
-  return _sample_jit(graphdef, params, None if cond is None else jnp.asarray(cond), key, prefix,
-                     jnp.float32(temperature), jnp.float32(guidance_scale), num_tokens=num_tokens,
-                     top_k=top_k, top_p=None if top_p is None else float(top_p),
-                     guided=bool(guidance_scale), cached=cached, return_logits=return_logits)
+        tokens, used = jax.lax.scan(step, tokens, jnp.arange(start, num_tokens))
+    return (tokens, jnp.swapaxes(used, 0, 1)) if return_logits else tokens
 
 
-def sample(model: ARTransformer | tuple[nnx.GraphDef, nnx.State], cond: jax.Array | None,
-           key: jax.Array, *, num_tokens: int | None = None, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, guidance_scale: float = 0.0,
-           prefix: jax.Array | None = None, batch_size: int | None = None,
-           return_logits: bool = False):
-  """Samples tokens (B, num_tokens) int32 with a preallocated KV cache (one jitted scan).
+def _run_sampler(
+    model,
+    cond,
+    key,
+    *,
+    num_tokens,
+    temperature,
+    top_k,
+    top_p,
+    guidance_scale,
+    prefix,
+    batch_size,
+    return_logits,
+    cached,
+):
+    if isinstance(model, tuple):
+        graphdef, params = model
+        cfg = nnx.merge(graphdef, params).config
+    else:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if jax.tree.leaves(rest):
+            raise ValueError("ARTransformer should hold parameters only; found non-Param state")
+        cfg = model.config
+    num_tokens = cfg.seq_len if num_tokens is None else int(num_tokens)
+    if not 1 <= num_tokens <= cfg.seq_len:
+        raise ValueError(f"num_tokens must be in [1, {cfg.seq_len}], got {num_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}] or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if guidance_scale and cfg.conditioning == "none":
+        raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model")
+    if cond is not None:
+        batch = int(np.shape(cond)[0])
+    elif prefix is not None:
+        batch = int(np.shape(prefix)[0])
+    elif batch_size is not None:
+        batch = int(batch_size)
+    else:
+        raise ValueError("an unconditional model needs batch_size= (or a prefix) to sample")
+    prefix = jnp.zeros((batch, 0), jnp.int32) if prefix is None else jnp.asarray(prefix, jnp.int32)
+    if prefix.ndim != 2 or prefix.shape[0] != batch or prefix.shape[1] >= num_tokens:
+        raise ValueError(f"prefix must be int ({batch}, K) with K < num_tokens={num_tokens}, got {prefix.shape}")
+    return _sample_jit(
+        graphdef,
+        params,
+        None if cond is None else jnp.asarray(cond),
+        key,
+        prefix,
+        jnp.float32(temperature),
+        jnp.float32(guidance_scale),
+        num_tokens=num_tokens,
+        top_k=top_k,
+        top_p=None if top_p is None else float(top_p),
+        guided=bool(guidance_scale),
+        cached=cached,
+        return_logits=return_logits,
+    )
 
-  ``cond``: labels (B,), caption bytes (B, L) or None (then ``batch_size``). ``prefix``
-  (B, K): given first tokens (e.g. coarse scales). ``guidance_scale`` s != 0 batches the
-  conditional and null-conditioned passes together and samples from ``guide``. Step t
-  draws with ``fold_in(key, t)``. ``return_logits`` also returns the (guided, untempered)
-  logits of the generated positions, (B, num_tokens - K, V).
-  """
-  return _run_sampler(model, cond, key, num_tokens=num_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, guidance_scale=guidance_scale, prefix=prefix,
-                      batch_size=batch_size, return_logits=return_logits, cached=True)
+
+def sample(
+    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
+    cond: jax.Array | None,
+    key: jax.Array,
+    *,
+    num_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 0.0,
+    prefix: jax.Array | None = None,
+    batch_size: int | None = None,
+    return_logits: bool = False,
+):
+    """Samples tokens (B, num_tokens) int32 with a preallocated KV cache (one jitted scan).
+
+    ``cond``: labels (B,), caption bytes (B, L) or None (then ``batch_size``). ``prefix``
+    (B, K): given first tokens (e.g. coarse scales). ``guidance_scale`` s != 0 batches the
+    conditional and null-conditioned passes together and samples from ``guide``. Step t
+    draws with ``fold_in(key, t)``. ``return_logits`` also returns the (guided, untempered)
+    logits of the generated positions, (B, num_tokens - K, V).
+    """
+    return _run_sampler(
+        model,
+        cond,
+        key,
+        num_tokens=num_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        guidance_scale=guidance_scale,
+        prefix=prefix,
+        batch_size=batch_size,
+        return_logits=return_logits,
+        cached=True,
+    )
 
 
-def sample_uncached(model: ARTransformer | tuple[nnx.GraphDef, nnx.State], cond: jax.Array | None,
-                    key: jax.Array, *, num_tokens: int | None = None, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None,
-                    guidance_scale: float = 0.0, prefix: jax.Array | None = None,
-                    batch_size: int | None = None, return_logits: bool = False):
-  """``sample`` recomputing the full sequence at every step (the reference; same draws)."""
-  return _run_sampler(model, cond, key, num_tokens=num_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, guidance_scale=guidance_scale, prefix=prefix,
-                      batch_size=batch_size, return_logits=return_logits, cached=False)
+def sample_uncached(
+    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
+    cond: jax.Array | None,
+    key: jax.Array,
+    *,
+    num_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 0.0,
+    prefix: jax.Array | None = None,
+    batch_size: int | None = None,
+    return_logits: bool = False,
+):
+    """``sample`` recomputing the full sequence at every step (the reference; same draws)."""
+    return _run_sampler(
+        model,
+        cond,
+        key,
+        num_tokens=num_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        guidance_scale=guidance_scale,
+        prefix=prefix,
+        batch_size=batch_size,
+        return_logits=return_logits,
+        cached=False,
+    )

@@ -11,6 +11,7 @@ from random encoder outputs of the current batch, so the codebook does not colla
 Functional use: ``nnx.split(quantizer, nnx.Param, ...)`` puts the gradient-mode codebook in the
 params and the EMA codebook and usage in the rest.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,118 +24,121 @@ CODEBOOK_UPDATES = ("ema", "gradient")
 
 
 class CodebookEma(nnx.Variable):
-  """EMA codebook rows (unnormalized running sums of assigned unit vectors); not a ``Param``."""
+    """EMA codebook rows (unnormalized running sums of assigned unit vectors); not a ``Param``."""
 
 
 class CodeUsage(nnx.Variable):
-  """EMA of each code's share of assignments; sums to 1 and starts uniform."""
+    """EMA of each code's share of assignments; sums to 1 and starts uniform."""
 
 
 class Quantized(NamedTuple):
-  """Output of ``VectorQuantizer.__call__``.
+    """Output of ``VectorQuantizer.__call__``.
 
-  Attributes:
-    latents: l2-normalized encoder outputs, (..., code_dim).
-    quantized: the chosen codes with a straight-through gradient to ``latents``, (..., code_dim).
-    codes: int32 code indices, (...).
-    codebook_loss: mean squared distance of the chosen codes to the stopped latents (0 in EMA mode).
-    commitment_loss: mean squared distance of the latents to the stopped codes.
-  """
+    Attributes:
+      latents: l2-normalized encoder outputs, (..., code_dim).
+      quantized: the chosen codes with a straight-through gradient to ``latents``, (..., code_dim).
+      codes: int32 code indices, (...).
+      codebook_loss: mean squared distance of the chosen codes to the stopped latents (0 in EMA mode).
+      commitment_loss: mean squared distance of the latents to the stopped codes.
+    """
 
-  latents: jax.Array
-  quantized: jax.Array
-  codes: jax.Array
-  codebook_loss: jax.Array
-  commitment_loss: jax.Array
+    latents: jax.Array
+    quantized: jax.Array
+    codes: jax.Array
+    codebook_loss: jax.Array
+    commitment_loss: jax.Array
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """Unit vectors along the last axis (zero vectors stay finite)."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+    """Unit vectors along the last axis (zero vectors stay finite)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 class VectorQuantizer(nnx.Module):
-  """Nearest-code (cosine) quantizer over ``codebook_size`` unit vectors of size ``code_dim``."""
+    """Nearest-code (cosine) quantizer over ``codebook_size`` unit vectors of size ``code_dim``."""
 
-  def __init__(self, codebook_size: int, code_dim: int, *, update: str, rngs: nnx.Rngs):
-    if update not in CODEBOOK_UPDATES:
-      raise ValueError(f"codebook update {update!r} is unknown; use one of {CODEBOOK_UPDATES}")
-    rows = l2_normalize(jax.random.normal(rngs.params(), (codebook_size, code_dim), jnp.float32))
-    self.update = update
-    self.codebook = nnx.Param(rows) if update == "gradient" else CodebookEma(rows)
-    self.usage = CodeUsage(jnp.full((codebook_size,), 1.0 / codebook_size, jnp.float32))
+    def __init__(self, codebook_size: int, code_dim: int, *, update: str, rngs: nnx.Rngs):
+        if update not in CODEBOOK_UPDATES:
+            raise ValueError(f"codebook update {update!r} is unknown; use one of {CODEBOOK_UPDATES}")
+        rows = l2_normalize(jax.random.normal(rngs.params(), (codebook_size, code_dim), jnp.float32))
+        self.update = update
+        self.codebook = nnx.Param(rows) if update == "gradient" else CodebookEma(rows)
+        self.usage = CodeUsage(jnp.full((codebook_size,), 1.0 / codebook_size, jnp.float32))
 
-  @property
-  def codebook_size(self) -> int:
-    return self.codebook.value.shape[0]
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook.value.shape[0]
 
-  def codes(self) -> jax.Array:
-    """The normalized codebook, (codebook_size, code_dim)."""
-    return l2_normalize(self.codebook.value)
+    def codes(self) -> jax.Array:
+        """The normalized codebook, (codebook_size, code_dim)."""
+        return l2_normalize(self.codebook.value)
 
-  def lookup(self, codes: jax.Array) -> jax.Array:
-    """Code vectors of integer ``codes`` (any shape) -> (..., code_dim); out-of-range ids are clipped."""
-    return jnp.take(self.codes(), codes, axis=0, mode="clip")
+    def lookup(self, codes: jax.Array) -> jax.Array:
+        """Code vectors of integer ``codes`` (any shape) -> (..., code_dim); out-of-range ids are clipped."""
+        return jnp.take(self.codes(), codes, axis=0, mode="clip")
 
-  def __call__(self, z: jax.Array) -> Quantized:
-    """Quantizes encoder outputs ``z`` (..., code_dim) (normalized here)."""
-    latents = l2_normalize(z.astype(jnp.float32))
-    book = self.codes()
-    codes = jnp.argmax(latents @ book.T, axis=-1).astype(jnp.int32)
-    chosen = jnp.take(book, codes, axis=0)
-    commitment = jnp.mean(jnp.sum((latents - jax.lax.stop_gradient(chosen)) ** 2, axis=-1))
-    if self.update == "gradient":
-      codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(latents) - chosen) ** 2, axis=-1))
-    else:
-      codebook_loss = jnp.zeros((), jnp.float32)
-    quantized = latents + jax.lax.stop_gradient(chosen - latents)
-    return Quantized(latents, quantized, codes, codebook_loss, commitment)
+    def __call__(self, z: jax.Array) -> Quantized:
+        """Quantizes encoder outputs ``z`` (..., code_dim) (normalized here)."""
+        latents = l2_normalize(z.astype(jnp.float32))
+        book = self.codes()
+        codes = jnp.argmax(latents @ book.T, axis=-1).astype(jnp.int32)
+        chosen = jnp.take(book, codes, axis=0)
+        commitment = jnp.mean(jnp.sum((latents - jax.lax.stop_gradient(chosen)) ** 2, axis=-1))
+        if self.update == "gradient":
+            codebook_loss = jnp.mean(jnp.sum((jax.lax.stop_gradient(latents) - chosen) ** 2, axis=-1))
+        else:
+            codebook_loss = jnp.zeros((), jnp.float32)
+        quantized = latents + jax.lax.stop_gradient(chosen - latents)
+        return Quantized(latents, quantized, codes, codebook_loss, commitment)
 
-  def update_codebook(self, latents: jax.Array, codes: jax.Array, key: jax.Array, *, decay: float,
-                      dead_threshold: float) -> jax.Array:
-    """One training step of codebook bookkeeping (call outside the gradient, with stopped inputs).
+    def update_codebook(
+        self, latents: jax.Array, codes: jax.Array, key: jax.Array, *, decay: float, dead_threshold: float
+    ) -> jax.Array:
+        """One training step of codebook bookkeeping (call outside the gradient, with stopped inputs).
 
-    Updates the usage EMA; in EMA mode moves each used code toward the mean of its assigned latents;
-    then restarts every code whose usage is below ``dead_threshold / codebook_size`` at a random
-    latent of this batch (its usage is reset to uniform). Returns the number of restarted codes.
-    """
-    size = self.codebook_size
-    flat = jax.lax.stop_gradient(latents).reshape(-1, latents.shape[-1])
-    one_hot = jax.nn.one_hot(codes.reshape(-1), size, dtype=jnp.float32)
-    counts = one_hot.sum(axis=0)
-    usage = decay * self.usage.value + (1.0 - decay) * counts / flat.shape[0]
-    rows = self.codebook.value
-    if self.update == "ema":
-      rows = decay * rows + (1.0 - decay) * (one_hot.T @ flat)
-    dead = usage < dead_threshold / size
-    picks = jax.random.randint(key, (size,), 0, flat.shape[0])
-    rows = jnp.where(dead[:, None], flat[picks], rows)
-    self.codebook.value = rows
-    self.usage.value = jnp.where(dead, 1.0 / size, usage)
-    return jnp.sum(dead).astype(jnp.int32)
+        Updates the usage EMA; in EMA mode moves each used code toward the mean of its assigned latents;
+        then restarts every code whose usage is below ``dead_threshold / codebook_size`` at a random
+        latent of this batch (its usage is reset to uniform). Returns the number of restarted codes.
+        """
+        size = self.codebook_size
+        flat = jax.lax.stop_gradient(latents).reshape(-1, latents.shape[-1])
+        one_hot = jax.nn.one_hot(codes.reshape(-1), size, dtype=jnp.float32)
+        counts = one_hot.sum(axis=0)
+        usage = decay * self.usage.value + (1.0 - decay) * counts / flat.shape[0]
+        rows = self.codebook.value
+        if self.update == "ema":
+            rows = decay * rows + (1.0 - decay) * (one_hot.T @ flat)
+        dead = usage < dead_threshold / size
+        picks = jax.random.randint(key, (size,), 0, flat.shape[0])
+        rows = jnp.where(dead[:, None], flat[picks], rows)
+        self.codebook.value = rows
+        self.usage.value = jnp.where(dead, 1.0 / size, usage)
+        return jnp.sum(dead).astype(jnp.int32)
 
 
 class CodebookUsage(NamedTuple):
-  """How a set of codes spreads over a codebook.
+    """How a set of codes spreads over a codebook.
 
-  Attributes:
-    fraction_used: share of the codebook's entries that occur at least once.
-    perplexity: ``exp(entropy)`` of the empirical code distribution (1 = one code, ``size`` = uniform).
-  """
+    Attributes:
+      fraction_used: share of the codebook's entries that occur at least once.
+      perplexity: ``exp(entropy)`` of the empirical code distribution (1 = one code, ``size`` = uniform).
+    """
 
-  fraction_used: float
-  perplexity: float
+    fraction_used: float
+    perplexity: float
 
 
 def codebook_usage(codes: jax.Array, codebook_size: int) -> CodebookUsage:
-  """Usage statistics of integer ``codes`` (any shape, values in ``[0, codebook_size)``)."""
-  codes = jnp.asarray(codes).reshape(-1)
-  if codes.size == 0:
-    raise ValueError("codebook_usage needs at least one code; got an empty array")
-  if int(codes.min()) < 0 or int(codes.max()) >= codebook_size:
-    raise ValueError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {codebook_size}); "
-                     "pass per-scale codes without the vocabulary offset")
-  counts = jnp.bincount(codes, length=codebook_size)
-  probs = counts / codes.size
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
-  return CodebookUsage(float(jnp.mean(counts > 0)), float(jnp.exp(entropy)))
+    """Usage statistics of integer ``codes`` (any shape, values in ``[0, codebook_size)``)."""
+    codes = jnp.asarray(codes).reshape(-1)
+    if codes.size == 0:
+        raise ValueError("codebook_usage needs at least one code; got an empty array")
+    if int(codes.min()) < 0 or int(codes.max()) >= codebook_size:
+        raise ValueError(
+            f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {codebook_size}); "
+            "pass per-scale codes without the vocabulary offset"
+        )
+    counts = jnp.bincount(codes, length=codebook_size)
+    probs = counts / codes.size
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0))
+    return CodebookUsage(float(jnp.mean(counts > 0)), float(jnp.exp(entropy)))

@@ -11,6 +11,7 @@ gradients of frozen leaves are ever computed) and `grad_sum` has the structure o
 transforms accept as is. Merge updated trainable leaves back with
 `combine(new_trainable, frozen)`.
 """
+
 from collections.abc import Callable
 import math
 from typing import Any, NamedTuple
@@ -28,208 +29,218 @@ ClippedGradFn = Callable[[PyTree, PyTree, jax.Array, jax.Array], tuple[PyTree, "
 
 
 class ClipAux(NamedTuple):
-  """Per-step diagnostics of `clipped_grad` (a pytree: safe to return from jit).
+    """Per-step diagnostics of `clipped_grad` (a pytree: safe to return from jit).
 
-  Attributes:
-    norms: (B,) float32 per-example gradient L2 norms before clipping (padding rows included).
-    losses: (B,) per-example losses.
-    num_nonfinite: int32 count of valid (mask=1) examples whose gradient held NaN/inf (or whose
-      squared norm overflowed float32); their contribution was zeroed.
-  """
-  norms: jax.Array
-  losses: jax.Array
-  num_nonfinite: jax.Array
+    Attributes:
+      norms: (B,) float32 per-example gradient L2 norms before clipping (padding rows included).
+      losses: (B,) per-example losses.
+      num_nonfinite: int32 count of valid (mask=1) examples whose gradient held NaN/inf (or whose
+        squared norm overflowed float32); their contribution was zeroed.
+    """
+
+    norms: jax.Array
+    losses: jax.Array
+    num_nonfinite: jax.Array
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  names = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        names.append(str(getattr(entry, attr)))
-        break
-    else:
-      names.append(str(entry))
-  return tuple(names)
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+        else:
+            names.append(str(entry))
+    return tuple(names)
 
 
 def partition(params: PyTree, trainable: Trainable) -> tuple[PyTree, PyTree]:
-  """Splits `params` into (trainable, frozen) trees of the same structure, `None` elsewhere.
+    """Splits `params` into (trainable, frozen) trees of the same structure, `None` elsewhere.
 
-  Args:
-    params: parameter pytree (e.g. an `nnx.State`).
-    trainable: `None` (everything trainable), a bool pytree matching `params`, or a predicate
-      over key paths given as tuples of names, e.g. `lambda path: "head" in path`.
-  """
-  if trainable is None:
-    return params, jax.tree.map(lambda _: None, params)
-  if callable(trainable):
-    flags = jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(trainable(_path_names(path))), params)
-  else:
-    try:
-      flags = jax.tree.map(lambda _, t: t, params, trainable)
-    except ValueError as e:
-      raise ValueError(
-          "`trainable` must be None, a predicate over key paths, or a bool pytree with the "
-          f"structure of params; got a mismatching tree: {e}") from e
-  for flag in jax.tree.leaves(flags):
-    if not isinstance(flag, (bool, np.bool_)):
-      raise ValueError(f"`trainable` leaves must be Python bools, got {flag!r}.")
-  if not any(bool(f) for f in jax.tree.leaves(flags)):
-    raise ValueError("`trainable` selects no parameter: at least one leaf must be True.")
-  train = jax.tree.map(lambda p, t: p if t else None, params, flags)
-  frozen = jax.tree.map(lambda p, t: None if t else p, params, flags)
-  return train, frozen
+    Args:
+      params: parameter pytree (e.g. an `nnx.State`).
+      trainable: `None` (everything trainable), a bool pytree matching `params`, or a predicate
+        over key paths given as tuples of names, e.g. `lambda path: "head" in path`.
+    """
+    if trainable is None:
+        return params, jax.tree.map(lambda _: None, params)
+    if callable(trainable):
+        flags = jax.tree_util.tree_map_with_path(lambda path, _: bool(trainable(_path_names(path))), params)
+    else:
+        try:
+            flags = jax.tree.map(lambda _, t: t, params, trainable)
+        except ValueError as e:
+            raise ValueError(
+                "`trainable` must be None, a predicate over key paths, or a bool pytree with the "
+                f"structure of params; got a mismatching tree: {e}"
+            ) from e
+    for flag in jax.tree.leaves(flags):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"`trainable` leaves must be Python bools, got {flag!r}.")
+    if not any(bool(f) for f in jax.tree.leaves(flags)):
+        raise ValueError("`trainable` selects no parameter: at least one leaf must be True.")
+    train = jax.tree.map(lambda p, t: p if t else None, params, flags)
+    frozen = jax.tree.map(lambda p, t: None if t else p, params, flags)
+    return train, frozen
 
 
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-  """Inverse of `partition`: takes each leaf from whichever tree holds it."""
-  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+    """Inverse of `partition`: takes each leaf from whichever tree holds it."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
 
 
 def clip_factors(norms: jax.Array, mask: jax.Array, l2_clip: float) -> tuple[jax.Array, jax.Array]:
-  """(weights, finite): weight_i = [mask_i != 0] * min(1, C / norm_i); 0 if norm_i is not finite.
+    """(weights, finite): weight_i = [mask_i != 0] * min(1, C / norm_i); 0 if norm_i is not finite.
 
-  The mask is binarized, so no mask value can scale a contribution beyond C.
-  """
-  norms = norms.astype(jnp.float32)
-  finite = jnp.isfinite(norms)
-  scale = jnp.minimum(jnp.float32(1.0), jnp.float32(l2_clip) / norms)
-  valid = (mask != 0).astype(jnp.float32)
-  weights = jnp.where(finite, valid * scale, jnp.float32(0.0))
-  return weights, finite
+    The mask is binarized, so no mask value can scale a contribution beyond C.
+    """
+    norms = norms.astype(jnp.float32)
+    finite = jnp.isfinite(norms)
+    scale = jnp.minimum(jnp.float32(1.0), jnp.float32(l2_clip) / norms)
+    valid = (mask != 0).astype(jnp.float32)
+    weights = jnp.where(finite, valid * scale, jnp.float32(0.0))
+    return weights, finite
 
 
 def _sq_norms(per_example_grads: PyTree, batch: int) -> jax.Array:
-  sq = jnp.zeros((batch,), jnp.float32)
-  for g in jax.tree.leaves(per_example_grads):
-    sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(batch, -1), axis=1)
-  return sq
+    sq = jnp.zeros((batch,), jnp.float32)
+    for g in jax.tree.leaves(per_example_grads):
+        sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(batch, -1), axis=1)
+    return sq
 
 
 def per_example_norms(per_example_grads: PyTree) -> jax.Array:
-  """Float32 L2 norm over the whole tree of each row of per-example gradients (leading axis B)."""
-  leaves = jax.tree.leaves(per_example_grads)
-  if not leaves:
-    raise ValueError("per-example gradients are an empty pytree: nothing to clip.")
-  return jnp.sqrt(_sq_norms(per_example_grads, leaves[0].shape[0]))
+    """Float32 L2 norm over the whole tree of each row of per-example gradients (leading axis B)."""
+    leaves = jax.tree.leaves(per_example_grads)
+    if not leaves:
+        raise ValueError("per-example gradients are an empty pytree: nothing to clip.")
+    return jnp.sqrt(_sq_norms(per_example_grads, leaves[0].shape[0]))
 
 
 def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
-  """sum_i weights_i * g_i in float32; rows with weight 0 contribute exactly 0 (even NaN rows)."""
-  def reduce(g):
-    w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
-    return jnp.sum(jnp.where(w != 0, g.astype(jnp.float32) * w, jnp.float32(0.0)), axis=0)
-  return jax.tree.map(reduce, per_example_grads)
+    """sum_i weights_i * g_i in float32; rows with weight 0 contribute exactly 0 (even NaN rows)."""
+
+    def reduce(g):
+        w = weights.reshape((-1,) + (1,) * (g.ndim - 1))
+        return jnp.sum(jnp.where(w != 0, g.astype(jnp.float32) * w, jnp.float32(0.0)), axis=0)
+
+    return jax.tree.map(reduce, per_example_grads)
 
 
-def clip_and_sum(per_example_grads: PyTree, mask: jax.Array,
-                 l2_clip: float) -> tuple[PyTree, jax.Array, jax.Array]:
-  """Clips materialized per-example gradients (leading axis B) and sums the valid ones.
+def clip_and_sum(per_example_grads: PyTree, mask: jax.Array, l2_clip: float) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Clips materialized per-example gradients (leading axis B) and sums the valid ones.
 
-  Returns:
-    (grad_sum, norms, num_nonfinite) as in `clipped_grad`.
-  """
-  norms = per_example_norms(per_example_grads)
-  weights, finite = clip_factors(norms, mask, l2_clip)
-  num_nonfinite = jnp.sum((mask != 0) & ~finite).astype(jnp.int32)
-  return weighted_sum(per_example_grads, weights), norms, num_nonfinite
+    Returns:
+      (grad_sum, norms, num_nonfinite) as in `clipped_grad`.
+    """
+    norms = per_example_norms(per_example_grads)
+    weights, finite = clip_factors(norms, mask, l2_clip)
+    num_nonfinite = jnp.sum((mask != 0) & ~finite).astype(jnp.int32)
+    return weighted_sum(per_example_grads, weights), norms, num_nonfinite
 
 
 def _validate(l2_clip: float, microbatch_size: int | None) -> None:
-  if isinstance(l2_clip, bool) or not isinstance(l2_clip, (int, float)) or not (
-      math.isfinite(l2_clip) and l2_clip > 0):
-    raise ValueError(f"l2_clip must be a finite number > 0, got {l2_clip!r}.")
-  if microbatch_size is not None and (
-      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
-      or microbatch_size < 1):
-    raise ValueError(
-        f"microbatch_size must be None (whole batch at once) or an int >= 1, got {microbatch_size!r}.")
+    if (
+        isinstance(l2_clip, bool)
+        or not isinstance(l2_clip, (int, float))
+        or not (math.isfinite(l2_clip) and l2_clip > 0)
+    ):
+        raise ValueError(f"l2_clip must be a finite number > 0, got {l2_clip!r}.")
+    if microbatch_size is not None and (
+        isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
+    ):
+        raise ValueError(f"microbatch_size must be None (whole batch at once) or an int >= 1, got {microbatch_size!r}.")
 
 
 def _batch_size(batch: PyTree, mask: jax.Array) -> int:
-  if mask.ndim != 1:
-    raise ValueError(f"mask must have shape (batch,), got shape {mask.shape}.")
-  size = mask.shape[0]
-  for leaf in jax.tree.leaves(batch):
-    if jnp.ndim(leaf) == 0 or leaf.shape[0] != size:
-      raise ValueError(
-          f"every batch leaf needs leading axis {size} (the mask length); got a leaf of shape "
-          f"{jnp.shape(leaf)}.")
-  return size
+    if mask.ndim != 1:
+        raise ValueError(f"mask must have shape (batch,), got shape {mask.shape}.")
+    size = mask.shape[0]
+    for leaf in jax.tree.leaves(batch):
+        if jnp.ndim(leaf) == 0 or leaf.shape[0] != size:
+            raise ValueError(
+                f"every batch leaf needs leading axis {size} (the mask length); got a leaf of shape {jnp.shape(leaf)}."
+            )
+    return size
 
 
-def clipped_grad(loss_fn: LossFn, *, l2_clip: float, microbatch_size: int | None = None,
-                 trainable: Trainable = None, use_ghost_norms: bool = False) -> ClippedGradFn:
-  """Builds fn(params, batch, mask, rng) -> (grad_sum, ClipAux), the sum of clipped grads.
+def clipped_grad(
+    loss_fn: LossFn,
+    *,
+    l2_clip: float,
+    microbatch_size: int | None = None,
+    trainable: Trainable = None,
+    use_ghost_norms: bool = False,
+) -> ClippedGradFn:
+    """Builds fn(params, batch, mask, rng) -> (grad_sum, ClipAux), the sum of clipped grads.
 
-  Args:
-    loss_fn: `loss_fn(params, example, rng) -> scalar` for ONE example (no batch axis).
-    l2_clip: clipping norm C > 0, applied to each example's gradient over the whole
-      (trainable) tree.
-    microbatch_size: examples processed at once; chunks run sequentially with `lax.scan`, so
-      at most `microbatch_size` per-example gradients live in memory. None: the whole batch.
-      A batch that is not a multiple is padded internally with masked rows.
-    trainable: see `partition`; grad_sum then holds only the trainable leaves.
-    use_ghost_norms: compute per-example norms and the clipped sum without materializing
-      per-example gradients of weights that enter only `dot_general` ops (dense layers, attention
-      projections): exact, see `dpwave.privacy.ghost`. Other leaves use per-example gradients.
+    Args:
+      loss_fn: `loss_fn(params, example, rng) -> scalar` for ONE example (no batch axis).
+      l2_clip: clipping norm C > 0, applied to each example's gradient over the whole
+        (trainable) tree.
+      microbatch_size: examples processed at once; chunks run sequentially with `lax.scan`, so
+        at most `microbatch_size` per-example gradients live in memory. None: the whole batch.
+        A batch that is not a multiple is padded internally with masked rows.
+      trainable: see `partition`; grad_sum then holds only the trainable leaves.
+      use_ghost_norms: compute per-example norms and the clipped sum without materializing
+        per-example gradients of weights that enter only `dot_general` ops (dense layers, attention
+        projections): exact, see `dpwave.privacy.ghost`. Other leaves use per-example gradients.
 
-  The returned fn takes `batch` (pytree, leading axis B), `mask` ((B,), nonzero for real
-  examples, 0 for padding: a padding row contributes exactly zero because the binarized mask
-  multiplies its clip factor) and `rng`; example i gets `fold_in(rng, i)`. NaN/inf per-example gradients are zeroed
-  and counted in `ClipAux.num_nonfinite`.
-  """
-  _validate(l2_clip, microbatch_size)
+    The returned fn takes `batch` (pytree, leading axis B), `mask` ((B,), nonzero for real
+    examples, 0 for padding: a padding row contributes exactly zero because the binarized mask
+    multiplies its clip factor) and `rng`; example i gets `fold_in(rng, i)`. NaN/inf per-example gradients are zeroed
+    and counted in `ClipAux.num_nonfinite`.
+    """
+    _validate(l2_clip, microbatch_size)
 
-  def chunk(train, frozen, examples, weights_mask, keys):
-    def example_loss(p, example, key):
-      return loss_fn(combine(p, frozen), example, key)
-    dense_sum = None
-    if use_ghost_norms:
-      res = ghost.ghost_norms(example_loss, train, examples, keys)
-      losses, grads, dense_sum = res.losses, res.fallback_grads, res.dense_sum
-      norms = jnp.sqrt(res.dense_sq_norms + _sq_norms(grads, len(keys)))
-    else:
-      losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(
-          train, examples, keys)
-      norms = per_example_norms(grads)
-    weights, finite = clip_factors(norms, weights_mask, l2_clip)
-    num_nonfinite = jnp.sum((weights_mask != 0) & ~finite).astype(jnp.int32)
-    grad_sum = weighted_sum(grads, weights)
-    if dense_sum is not None:
-      grad_sum = combine(grad_sum, dense_sum(weights))
-    return grad_sum, norms, losses, num_nonfinite
+    def chunk(train, frozen, examples, weights_mask, keys):
+        def example_loss(p, example, key):
+            return loss_fn(combine(p, frozen), example, key)
 
-  def fn(params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array) -> tuple[PyTree, ClipAux]:
-    mask = jnp.asarray(mask)
-    size = _batch_size(batch, mask)
-    train, frozen = partition(params, trainable)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(size))
-    if microbatch_size is None or microbatch_size >= size:
-      grad_sum, norms, losses, nnf = chunk(train, frozen, batch, mask, keys)
-      return grad_sum, ClipAux(norms, losses, nnf)
-    chunks = -(-size // microbatch_size)
-    pad = chunks * microbatch_size - size
+        dense_sum = None
+        if use_ghost_norms:
+            res = ghost.ghost_norms(example_loss, train, examples, keys)
+            losses, grads, dense_sum = res.losses, res.fallback_grads, res.dense_sum
+            norms = jnp.sqrt(res.dense_sq_norms + _sq_norms(grads, len(keys)))
+        else:
+            losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(train, examples, keys)
+            norms = per_example_norms(grads)
+        weights, finite = clip_factors(norms, weights_mask, l2_clip)
+        num_nonfinite = jnp.sum((weights_mask != 0) & ~finite).astype(jnp.int32)
+        grad_sum = weighted_sum(grads, weights)
+        if dense_sum is not None:
+            grad_sum = combine(grad_sum, dense_sum(weights))
+        return grad_sum, norms, losses, num_nonfinite
 
-    def split(x, fill=None):
-      if pad:
-        rows = jnp.repeat(x[:1], pad, axis=0) if fill is None else jnp.full((pad,), fill, x.dtype)
-        x = jnp.concatenate([x, rows])
-      return x.reshape((chunks, microbatch_size) + x.shape[1:])
-    xs = jax.tree.map(split, (batch, keys))
-    masks = split(mask, fill=0)
+    def fn(params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array) -> tuple[PyTree, ClipAux]:
+        mask = jnp.asarray(mask)
+        size = _batch_size(batch, mask)
+        train, frozen = partition(params, trainable)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(size))
+        if microbatch_size is None or microbatch_size >= size:
+            grad_sum, norms, losses, nnf = chunk(train, frozen, batch, mask, keys)
+            return grad_sum, ClipAux(norms, losses, nnf)
+        chunks = -(-size // microbatch_size)
+        pad = chunks * microbatch_size - size
 
-    def body(carry, inputs):
-      (examples, ks), m = inputs
-      s, norms, losses, nnf = chunk(train, frozen, examples, m, ks)
-      acc, count = carry
-      return (jax.tree.map(jnp.add, acc, s), count + nnf), (norms, losses)
+        def split(x, fill=None):
+            if pad:
+                rows = jnp.repeat(x[:1], pad, axis=0) if fill is None else jnp.full((pad,), fill, x.dtype)
+                x = jnp.concatenate([x, rows])
+            return x.reshape((chunks, microbatch_size) + x.shape[1:])
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
-    (grad_sum, nnf), (norms, losses) = jax.lax.scan(body, (zeros, jnp.int32(0)), (xs, masks))
-    return grad_sum, ClipAux(norms.reshape(-1)[:size], losses.reshape(-1)[:size], nnf)
+        xs = jax.tree.map(split, (batch, keys))
+        masks = split(mask, fill=0)
 
-  return fn
+        def body(carry, inputs):
+            (examples, ks), m = inputs
+            s, norms, losses, nnf = chunk(train, frozen, examples, m, ks)
+            acc, count = carry
+            return (jax.tree.map(jnp.add, acc, s), count + nnf), (norms, losses)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
+        (grad_sum, nnf), (norms, losses) = jax.lax.scan(body, (zeros, jnp.int32(0)), (xs, masks))
+        return grad_sum, ClipAux(norms.reshape(-1)[:size], losses.reshape(-1)[:size], nnf)
+
+    return fn

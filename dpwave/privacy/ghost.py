@@ -13,6 +13,7 @@ scales, embeddings, weights used any other way or inside loops/conditionals) is 
 caller to handle with materialized per-example gradients. Generic over the loss: nothing here
 knows about models.
 """
+
 from collections.abc import Callable
 import dataclasses
 import math
@@ -32,208 +33,221 @@ _INLINE_PARAM = {prims.jit_p: "jaxpr", prims.closed_call_p: "call_jaxpr"}
 
 @dataclasses.dataclass(frozen=True)
 class _Use:
-  """One dot_general use of weight leaf `param`, and how to bring it to canonical (K, M) form."""
-  param: int
-  x_perm: tuple[int, ...]      # transposes x to (x free dims..., x contracting dims)
-  out_perm: tuple[int, ...]    # transposes the output to (x free dims..., W free dims...)
-  w_order: tuple[int, ...]     # W's contracting dims then free dims: canonical layout of G
-  n: int
-  k: int
-  m: int
-  out: jax.ShapeDtypeStruct    # per-example output of the dot_general (shape of z)
+    """One dot_general use of weight leaf `param`, and how to bring it to canonical (K, M) form."""
+
+    param: int
+    x_perm: tuple[int, ...]  # transposes x to (x free dims..., x contracting dims)
+    out_perm: tuple[int, ...]  # transposes the output to (x free dims..., W free dims...)
+    w_order: tuple[int, ...]  # W's contracting dims then free dims: canonical layout of G
+    n: int
+    k: int
+    m: int
+    out: jax.ShapeDtypeStruct  # per-example output of the dot_general (shape of z)
 
 
 class GhostResult(NamedTuple):
-  """What `ghost_norms` returns for one (micro)batch.
+    """What `ghost_norms` returns for one (micro)batch.
 
-  Attributes:
-    losses: (B,) per-example losses.
-    dense_sq_norms: (B,) float32 squared gradient norms summed over the ghost-handled leaves.
-    fallback_grads: per-example gradients (leading axis B) of the other leaves, `None` at
-      ghost-handled ones.
-    dense_sum: `dense_sum(weights)` -> sum_i weights_i * G_i (float32) for the ghost-handled
-      leaves, `None` elsewhere; rows with weight 0 contribute exactly 0.
-  """
-  losses: jax.Array
-  dense_sq_norms: jax.Array
-  fallback_grads: PyTree
-  dense_sum: Callable[[jax.Array], PyTree]
+    Attributes:
+      losses: (B,) per-example losses.
+      dense_sq_norms: (B,) float32 squared gradient norms summed over the ghost-handled leaves.
+      fallback_grads: per-example gradients (leading axis B) of the other leaves, `None` at
+        ghost-handled ones.
+      dense_sum: `dense_sum(weights)` -> sum_i weights_i * G_i (float32) for the ghost-handled
+        leaves, `None` elsewhere; rows with weight 0 contribute exactly 0.
+    """
+
+    losses: jax.Array
+    dense_sq_norms: jax.Array
+    fallback_grads: PyTree
+    dense_sum: Callable[[jax.Array], PyTree]
 
 
 def _owned_dot(eqn: Any, owners: list[int | None]) -> tuple[int, int] | None:
-  """(param, operand index of W) if `eqn` is a dot_general with exactly one weight operand."""
-  if eqn.primitive is not prims.dot_general_p:
-    return None
-  held = [(o, side) for side, o in enumerate(owners) if o is not None]
-  if len(held) != 1:
-    return None
-  (lb, rb) = eqn.params["dimension_numbers"][1]
-  if lb or rb:
-    return None
-  return held[0]
+    """(param, operand index of W) if `eqn` is a dot_general with exactly one weight operand."""
+    if eqn.primitive is not prims.dot_general_p:
+        return None
+    held = [(o, side) for side, o in enumerate(owners) if o is not None]
+    if len(held) != 1:
+        return None
+    (lb, rb) = eqn.params["dimension_numbers"][1]
+    if lb or rb:
+        return None
+    return held[0]
 
 
 def _is_cast(eqn: Any, owners: list[int | None]) -> bool:
-  """A dtype cast of a weight (e.g. to bfloat16 activations): its uses count as the weight's."""
-  return eqn.primitive is prims.convert_element_type_p and owners[0] is not None
+    """A dtype cast of a weight (e.g. to bfloat16 activations): its uses count as the weight's."""
+    return eqn.primitive is prims.convert_element_type_p and owners[0] is not None
 
 
 def _make_use(eqn: Any, param: int, side: int) -> _Use:
-  (lc, rc), _ = eqn.params["dimension_numbers"]
-  w_c, x_c = (lc, rc) if side == 0 else (rc, lc)
-  w_shape, x_shape = eqn.invars[side].aval.shape, eqn.invars[1 - side].aval.shape
-  pairs = sorted(zip(w_c, x_c))
-  w_contract = tuple(int(w) for w, _ in pairs)
-  x_contract = tuple(int(x) for _, x in pairs)
-  w_free = tuple(d for d in range(len(w_shape)) if d not in w_c)
-  x_free = tuple(d for d in range(len(x_shape)) if d not in x_c)
-  nw, nx = len(w_free), len(x_free)
-  out_perm = tuple(range(nx)) + tuple(range(nx, nx + nw)) if side == 1 else (
-      tuple(range(nw, nw + nx)) + tuple(range(nw)))
-  return _Use(param=param, x_perm=x_free + x_contract, out_perm=out_perm,
-              w_order=w_contract + w_free,
-              n=math.prod(x_shape[d] for d in x_free),
-              k=math.prod(w_shape[d] for d in w_contract),
-              m=math.prod(w_shape[d] for d in w_free),
-              out=jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype))
+    (lc, rc), _ = eqn.params["dimension_numbers"]
+    w_c, x_c = (lc, rc) if side == 0 else (rc, lc)
+    w_shape, x_shape = eqn.invars[side].aval.shape, eqn.invars[1 - side].aval.shape
+    pairs = sorted(zip(w_c, x_c))
+    w_contract = tuple(int(w) for w, _ in pairs)
+    x_contract = tuple(int(x) for _, x in pairs)
+    w_free = tuple(d for d in range(len(w_shape)) if d not in w_c)
+    x_free = tuple(d for d in range(len(x_shape)) if d not in x_c)
+    nw, nx = len(w_free), len(x_free)
+    out_perm = (
+        tuple(range(nx)) + tuple(range(nx, nx + nw)) if side == 1 else (tuple(range(nw, nw + nx)) + tuple(range(nw)))
+    )
+    return _Use(
+        param=param,
+        x_perm=x_free + x_contract,
+        out_perm=out_perm,
+        w_order=w_contract + w_free,
+        n=math.prod(x_shape[d] for d in x_free),
+        k=math.prod(w_shape[d] for d in w_contract),
+        m=math.prod(w_shape[d] for d in w_free),
+        out=jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype),
+    )
 
 
 def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use], other: set[int]) -> None:
-  """Records every dot_general use of a weight (in evaluation order) and every other use."""
-  own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
-  of = lambda vs: [None if isinstance(v, jcore.Literal) else own.get(v) for v in vs]
-  for eqn in jaxpr.eqns:
-    in_own = of(eqn.invars)
-    if eqn.primitive in _INLINE_PARAM:
-      _analyze(eqn.params[_INLINE_PARAM[eqn.primitive]].jaxpr, in_own, uses, other)
-    elif (hit := _owned_dot(eqn, in_own)) is not None:
-      uses.append(_make_use(eqn, *hit))
-    elif _is_cast(eqn, in_own):
-      own[eqn.outvars[0]] = in_own[0]
-    else:
-      other.update(o for o in in_own if o is not None)
-  other.update(o for o in of(jaxpr.outvars) if o is not None)
+    """Records every dot_general use of a weight (in evaluation order) and every other use."""
+    own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
+    of = lambda vs: [None if isinstance(v, jcore.Literal) else own.get(v) for v in vs]
+    for eqn in jaxpr.eqns:
+        in_own = of(eqn.invars)
+        if eqn.primitive in _INLINE_PARAM:
+            _analyze(eqn.params[_INLINE_PARAM[eqn.primitive]].jaxpr, in_own, uses, other)
+        elif (hit := _owned_dot(eqn, in_own)) is not None:
+            uses.append(_make_use(eqn, *hit))
+        elif _is_cast(eqn, in_own):
+            own[eqn.outvars[0]] = in_own[0]
+        else:
+            other.update(o for o in in_own if o is not None)
+    other.update(o for o in of(jaxpr.outvars) if o is not None)
 
 
-def _evaluate(jaxpr: Any, consts: list[Any], args: list[Any], owners: list[int | None],
-              tap: Callable[[Any, int, int, list[Any]], Any]) -> list[Any]:
-  """`jax.core.eval_jaxpr`, inlining jit calls; `tap` may replace weight dot_general outputs."""
-  env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
-  read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    in_own = [None if isinstance(v, jcore.Literal) else own.get(v) for v in eqn.invars]
-    if eqn.primitive in _INLINE_PARAM:
-      closed = eqn.params[_INLINE_PARAM[eqn.primitive]]
-      outs = _evaluate(closed.jaxpr, closed.consts, invals, in_own, tap)
-    else:
-      with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-      outs = out if eqn.primitive.multiple_results else [out]
-      if (hit := _owned_dot(eqn, in_own)) is not None:
-        outs = [tap(outs[0], hit[0], hit[1], invals)]
-      elif _is_cast(eqn, in_own):
-        own[eqn.outvars[0]] = in_own[0]
-    env.update(zip(eqn.outvars, outs))
-  return [read(v) for v in jaxpr.outvars]
+def _evaluate(
+    jaxpr: Any,
+    consts: list[Any],
+    args: list[Any],
+    owners: list[int | None],
+    tap: Callable[[Any, int, int, list[Any]], Any],
+) -> list[Any]:
+    """`jax.core.eval_jaxpr`, inlining jit calls; `tap` may replace weight dot_general outputs."""
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        in_own = [None if isinstance(v, jcore.Literal) else own.get(v) for v in eqn.invars]
+        if eqn.primitive in _INLINE_PARAM:
+            closed = eqn.params[_INLINE_PARAM[eqn.primitive]]
+            outs = _evaluate(closed.jaxpr, closed.consts, invals, in_own, tap)
+        else:
+            with eqn.ctx.manager:
+                out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs = out if eqn.primitive.multiple_results else [out]
+            if (hit := _owned_dot(eqn, in_own)) is not None:
+                outs = [tap(outs[0], hit[0], hit[1], invals)]
+            elif _is_cast(eqn, in_own):
+                own[eqn.outvars[0]] = in_own[0]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
 
 
 def _canonical(use: _Use, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batched (B, ...) x and dY -> float32 (B, N, K) and (B, N, M)."""
-  b = x.shape[0]
-  xc = jnp.transpose(x, (0,) + tuple(p + 1 for p in use.x_perm)).reshape(b, use.n, use.k)
-  dc = jnp.transpose(dy, (0,) + tuple(p + 1 for p in use.out_perm)).reshape(b, use.n, use.m)
-  return xc.astype(jnp.float32), dc.astype(jnp.float32)
+    """Batched (B, ...) x and dY -> float32 (B, N, K) and (B, N, M)."""
+    b = x.shape[0]
+    xc = jnp.transpose(x, (0,) + tuple(p + 1 for p in use.x_perm)).reshape(b, use.n, use.k)
+    dc = jnp.transpose(dy, (0,) + tuple(p + 1 for p in use.out_perm)).reshape(b, use.n, use.m)
+    return xc.astype(jnp.float32), dc.astype(jnp.float32)
 
 
 def _sq_norm(x: jax.Array, d: jax.Array) -> jax.Array:
-  """(B,) squared Frobenius norms of X_i^T D_i, by Gram matrices when that is cheaper."""
-  n, k, m = x.shape[1], x.shape[2], d.shape[2]
-  if n * (k + m) < k * m:
-    gx = jnp.einsum("bnk,bsk->bns", x, x, precision=_HIGHEST)
-    gd = jnp.einsum("bnm,bsm->bns", d, d, precision=_HIGHEST)
-    return jnp.sum(gx * gd, axis=(1, 2))
-  return jnp.sum(jnp.square(jnp.einsum("bnk,bnm->bkm", x, d, precision=_HIGHEST)), axis=(1, 2))
+    """(B,) squared Frobenius norms of X_i^T D_i, by Gram matrices when that is cheaper."""
+    n, k, m = x.shape[1], x.shape[2], d.shape[2]
+    if n * (k + m) < k * m:
+        gx = jnp.einsum("bnk,bsk->bns", x, x, precision=_HIGHEST)
+        gd = jnp.einsum("bnm,bsm->bns", d, d, precision=_HIGHEST)
+        return jnp.sum(gx * gd, axis=(1, 2))
+    return jnp.sum(jnp.square(jnp.einsum("bnk,bnm->bkm", x, d, precision=_HIGHEST)), axis=(1, 2))
 
 
-def ghost_norms(loss_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array], params: PyTree,
-                examples: PyTree, keys: jax.Array) -> GhostResult:
-  """Per-example losses and gradient norms of `loss_fn(params, example, key)` over a batch.
+def ghost_norms(
+    loss_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array], params: PyTree, examples: PyTree, keys: jax.Array
+) -> GhostResult:
+    """Per-example losses and gradient norms of `loss_fn(params, example, key)` over a batch.
 
-  Args:
-    loss_fn: loss of ONE example (no batch axis).
-    params: the differentiated parameters (leaves may be `None`, e.g. frozen ones).
-    examples: pytree with leading batch axis B.
-    keys: (B,) per-example PRNG keys.
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-  row = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
-  closed = jax.make_jaxpr(lambda ls, ex, key: loss_fn(treedef.unflatten(ls), ex, key))(
-      [spec(a) for a in leaves], jax.tree.map(row, examples), row(keys))
-  n_in = len(closed.jaxpr.invars)
-  owners = list(range(len(leaves))) + [None] * (n_in - len(leaves))
+    Args:
+      loss_fn: loss of ONE example (no batch axis).
+      params: the differentiated parameters (leaves may be `None`, e.g. frozen ones).
+      examples: pytree with leading batch axis B.
+      keys: (B,) per-example PRNG keys.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    row = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    closed = jax.make_jaxpr(lambda ls, ex, key: loss_fn(treedef.unflatten(ls), ex, key))(
+        [spec(a) for a in leaves], jax.tree.map(row, examples), row(keys)
+    )
+    n_in = len(closed.jaxpr.invars)
+    owners = list(range(len(leaves))) + [None] * (n_in - len(leaves))
 
-  uses: list[_Use] = []
-  other: set[int] = set()
-  _analyze(closed.jaxpr, owners, uses, other)
-  layouts: dict[int, set[tuple[Any, ...]]] = {}
-  for use in uses:
-    layouts.setdefault(use.param, set()).add((use.w_order, use.k, use.m))
-  dense = {p for p, lay in layouts.items() if p not in other and len(lay) == 1}
-  taps = [u for u in uses if u.param in dense]
-  orders = {u.param: u.w_order for u in taps}
-  fallback = [i for i in range(len(leaves)) if i not in dense]
+    uses: list[_Use] = []
+    other: set[int] = set()
+    _analyze(closed.jaxpr, owners, uses, other)
+    layouts: dict[int, set[tuple[Any, ...]]] = {}
+    for use in uses:
+        layouts.setdefault(use.param, set()).add((use.w_order, use.k, use.m))
+    dense = {p for p, lay in layouts.items() if p not in other and len(lay) == 1}
+    taps = [u for u in uses if u.param in dense]
+    orders = {u.param: u.w_order for u in taps}
+    fallback = [i for i in range(len(leaves)) if i not in dense]
 
-  def tapped(fb_leaves, zs, example, key):
-    flat = list(leaves)
-    for i, leaf in zip(fallback, fb_leaves):
-      flat[i] = leaf
-    xs: list[jax.Array] = []
+    def tapped(fb_leaves, zs, example, key):
+        flat = list(leaves)
+        for i, leaf in zip(fallback, fb_leaves):
+            flat[i] = leaf
+        xs: list[jax.Array] = []
 
-    def tap(out, param, side, invals):
-      if param not in dense:
-        return out
-      xs.append(invals[1 - side])
-      return out + zs[len(xs) - 1]
+        def tap(out, param, side, invals):
+            if param not in dense:
+                return out
+            xs.append(invals[1 - side])
+            return out + zs[len(xs) - 1]
 
-    args = flat + jax.tree.leaves(example) + [key]
-    (loss,) = _evaluate(closed.jaxpr, closed.consts, args, owners, tap)
-    return loss, xs
+        args = flat + jax.tree.leaves(example) + [key]
+        (loss,) = _evaluate(closed.jaxpr, closed.consts, args, owners, tap)
+        return loss, xs
 
-  batch = keys.shape[0]
-  zs = [jnp.zeros((batch,) + u.out.shape, u.out.dtype) for u in taps]
-  grad_fn = jax.value_and_grad(tapped, argnums=(0, 1), has_aux=True)
-  (losses, xs), (fb_grads, dys) = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
-      [leaves[i] for i in fallback], zs, examples, keys)
+    batch = keys.shape[0]
+    zs = [jnp.zeros((batch,) + u.out.shape, u.out.dtype) for u in taps]
+    grad_fn = jax.value_and_grad(tapped, argnums=(0, 1), has_aux=True)
+    (losses, xs), (fb_grads, dys) = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
+        [leaves[i] for i in fallback], zs, examples, keys
+    )
 
-  stacked: dict[int, tuple[jax.Array, jax.Array]] = {}
-  for use, x, dy in zip(taps, xs, dys):
-    xc, dc = _canonical(use, x, dy)
-    if use.param in stacked:
-      px, pd = stacked[use.param]
-      xc, dc = jnp.concatenate([px, xc], axis=1), jnp.concatenate([pd, dc], axis=1)
-    stacked[use.param] = (xc, dc)
-  sq = jnp.zeros((batch,), jnp.float32)
-  for x, d in stacked.values():
-    sq = sq + _sq_norm(x, d)
+    stacked: dict[int, tuple[jax.Array, jax.Array]] = {}
+    for use, x, dy in zip(taps, xs, dys):
+        xc, dc = _canonical(use, x, dy)
+        if use.param in stacked:
+            px, pd = stacked[use.param]
+            xc, dc = jnp.concatenate([px, xc], axis=1), jnp.concatenate([pd, dc], axis=1)
+        stacked[use.param] = (xc, dc)
+    sq = jnp.zeros((batch,), jnp.float32)
+    for x, d in stacked.values():
+        sq = sq + _sq_norm(x, d)
 
-  def dense_sum(weights: jax.Array) -> PyTree:
-    out: list[Any] = [None] * len(leaves)
-    keep = (weights != 0)[:, None, None]
-    w = weights.astype(jnp.float32)[:, None, None]
-    for p, (x, d) in stacked.items():
-      g = jnp.einsum("bnk,bnm->km", jnp.where(keep, x, 0.0), jnp.where(keep, d * w, 0.0),
-                     precision=_HIGHEST)
-      order = orders[p]
-      g = g.reshape([leaves[p].shape[a] for a in order])
-      out[p] = jnp.transpose(g, np.argsort(order))
-    return treedef.unflatten(out)
+    def dense_sum(weights: jax.Array) -> PyTree:
+        out: list[Any] = [None] * len(leaves)
+        keep = (weights != 0)[:, None, None]
+        w = weights.astype(jnp.float32)[:, None, None]
+        for p, (x, d) in stacked.items():
+            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, x, 0.0), jnp.where(keep, d * w, 0.0), precision=_HIGHEST)
+            order = orders[p]
+            g = g.reshape([leaves[p].shape[a] for a in order])
+            out[p] = jnp.transpose(g, np.argsort(order))
+        return treedef.unflatten(out)
 
-  fb_tree: list[Any] = [None] * len(leaves)
-  for i, g in zip(fallback, fb_grads):
-    fb_tree[i] = g
-  return GhostResult(losses, sq, treedef.unflatten(fb_tree), dense_sum)
-
+    fb_tree: list[Any] = [None] * len(leaves)
+    for i, g in zip(fallback, fb_grads):
+        fb_tree[i] = g
+    return GhostResult(losses, sq, treedef.unflatten(fb_tree), dense_sum)

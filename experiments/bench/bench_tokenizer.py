@@ -4,8 +4,8 @@ Side by side in one run: mnist5k (train on the 1,500 `public` digits, evaluate o
 digits) and 32x32 RGB photo crops (train on astronaut/coffee/immunohistochemistry, evaluate on
 chelsea/rocket), for each requested codebook update rule. Reports PSNR of the all-scale decode and
 of the coarse-only decode (vs the true coarse-only image, and vs the image; `coarse_ceiling` is
-the true coarse-only image vs the image), codebook usage and perplexity per scale, tokens per
-image per scale and training time.
+the true coarse-only image vs the image), codebook usage and perplexity per scale on the
+evaluation set, dead-code restarts during training, tokens per image per scale and training time.
 
     python -m experiments.bench.bench_tokenizer --out /tmp/dpwave_bench/tokenizer.json
 """
@@ -36,12 +36,15 @@ def photo_patches(names: Sequence[str], count: int, *, size: int = 32, seed: int
   downscaled 2x (more structure per crop); deterministic from ``seed``.
   """
   rng = np.random.default_rng(seed)
+  photos = []
+  for name in names:
+    full = getattr(skimage.data, name)()[..., :3]
+    h, w = full.shape[:2]
+    half = np.asarray(Image.fromarray(full).resize((w // 2, h // 2), Image.Resampling.LANCZOS))
+    photos.append((full, half))
   crops = []
   for i in range(count):
-    photo = getattr(skimage.data, names[i % len(names)])()[..., :3]
-    if (i // len(names)) % 2:
-      h, w = photo.shape[:2]
-      photo = np.asarray(Image.fromarray(photo).resize((w // 2, h // 2), Image.Resampling.LANCZOS))
+    photo = photos[i % len(names)][(i // len(names)) % 2]
     top = rng.integers(0, photo.shape[0] - size + 1)
     left = rng.integers(0, photo.shape[1] - size + 1)
     crops.append({"image": np.ascontiguousarray(photo[top:top + size, left:left + size])})
@@ -75,6 +78,7 @@ def run_one(name: str, train: Source, test: Source, config: tok.TokenizerConfig,
       "coarse_ceiling": coarse_ceiling(images, config),
       "usage": "/".join(f"{u['fraction_used']:.2f}" for u in quality["usage"]),
       "perplexity": "/".join(f"{u['perplexity']:.0f}" for u in quality["usage"]),
+      "restarts": metrics["restarted_codes_total"],
       "config": dataclasses.asdict(config),
   }
 

@@ -1,9 +1,9 @@
 """Noise transforms and DP optimizers: distribution, keys, path agreement, state, config errors."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from scipy import stats
 
@@ -17,179 +17,190 @@ SIGMA, CLIP, EBS = 1.3, 0.7, 37.5
 
 
 def _noiser(key=0, sigma=SIGMA):
-  return noise_and_normalize(l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EBS, key=key)
+    return noise_and_normalize(l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EBS, key=key)
 
 
 def _zeros():
-  return {"a": jnp.zeros((300, 200)), "b": [jnp.zeros(1000), jnp.zeros((10, 10))]}
+    return {"a": jnp.zeros((300, 200)), "b": [jnp.zeros(1000), jnp.zeros((10, 10))]}
 
 
 def _flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def test_noise_is_gaussian_with_std_sigma_c_over_expected_batch_size():
-  tx = _noiser()
-  update = jax.jit(tx.update)
-  state = tx.init(_zeros())
-  draws = []
-  for _ in range(4):
-    out, state = update(_zeros(), state)
-    draws.append(_flat(out).astype(np.float64))
-  x = np.concatenate(draws)  # 244,400 coordinates over 4 steps
-  n, std = x.size, SIGMA * CLIP / EBS
-  # Known mean 0: sum(x^2) / std^2 ~ chi2(n). Each check fails by chance w.p. FALSE_ALARM; a
-  # wrong normalizer (e.g. realized batch size, missing C or sigma) is off by far more than
-  # the +-0.8% this window allows on std.
-  chi2 = np.sum(x ** 2) / std ** 2
-  assert stats.chi2.ppf(FALSE_ALARM / 2, n) < chi2 < stats.chi2.isf(FALSE_ALARM / 2, n)
-  assert abs(x.mean()) / (std / np.sqrt(n)) < stats.norm.isf(FALSE_ALARM / 2)
-  assert stats.kstest(x / std, "norm").pvalue > FALSE_ALARM
-  assert int(state.count) == 4
+    tx = _noiser()
+    update = jax.jit(tx.update)
+    state = tx.init(_zeros())
+    draws = []
+    for _ in range(4):
+        out, state = update(_zeros(), state)
+        draws.append(_flat(out).astype(np.float64))
+    x = np.concatenate(draws)  # 244,400 coordinates over 4 steps
+    n, std = x.size, SIGMA * CLIP / EBS
+    # Known mean 0: sum(x^2) / std^2 ~ chi2(n). Each check fails by chance w.p. FALSE_ALARM; a
+    # wrong normalizer (e.g. realized batch size, missing C or sigma) is off by far more than
+    # the +-0.8% this window allows on std.
+    chi2 = np.sum(x**2) / std**2
+    assert stats.chi2.ppf(FALSE_ALARM / 2, n) < chi2 < stats.chi2.isf(FALSE_ALARM / 2, n)
+    assert abs(x.mean()) / (std / np.sqrt(n)) < stats.norm.isf(FALSE_ALARM / 2)
+    assert stats.kstest(x / std, "norm").pvalue > FALSE_ALARM
+    assert int(state.count) == 4
 
 
 def test_zero_noise_multiplier_only_normalizes():
-  sums = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.5])}
-  tx = _noiser(sigma=0.0)
-  out, state = tx.update(sums, tx.init(sums))
-  np.testing.assert_array_equal(out["a"], sums["a"] / np.float32(EBS))
-  np.testing.assert_array_equal(out["b"], sums["b"] / np.float32(EBS))
-  assert int(state.count) == 1
+    sums = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([1.5])}
+    tx = _noiser(sigma=0.0)
+    out, state = tx.update(sums, tx.init(sums))
+    np.testing.assert_array_equal(out["a"], sums["a"] / np.float32(EBS))
+    np.testing.assert_array_equal(out["b"], sums["b"] / np.float32(EBS))
+    assert int(state.count) == 1
 
 
 def test_noise_keys_depend_on_key_and_step_only():
-  tx = _noiser(key=5)
-  zeros = _zeros()
-  s0 = tx.init(zeros)
-  update = jax.jit(tx.update)
-  first, s1 = update(zeros, s0)
-  again, _ = update(zeros, s0)
-  second, _ = update(zeros, s1)
-  np.testing.assert_array_equal(_flat(first), _flat(again))
-  assert not np.any(_flat(first) == _flat(second))
-  assert not np.any(_flat(first["b"][0]) == _flat(first["a"])[:1000])  # leaves independent
-  typed, _ = jax.jit(_noiser(key=jax.random.key(5)).update)(zeros, s0)
-  np.testing.assert_allclose(_flat(typed), _flat(first), rtol=1e-6)
-  other, _ = _noiser(key=6).update(zeros, _noiser(key=6).init(zeros))
-  assert not np.any(_flat(other) == _flat(first))
-  rbg = _noiser(key=jax.random.key(5, impl="rbg"))
-  rbg_out, _ = rbg.update(zeros, rbg.init(zeros))
-  assert np.all(np.isfinite(_flat(rbg_out))) and not np.any(_flat(rbg_out) == _flat(first))
+    tx = _noiser(key=5)
+    zeros = _zeros()
+    s0 = tx.init(zeros)
+    update = jax.jit(tx.update)
+    first, s1 = update(zeros, s0)
+    again, _ = update(zeros, s0)
+    second, _ = update(zeros, s1)
+    np.testing.assert_array_equal(_flat(first), _flat(again))
+    assert not np.any(_flat(first) == _flat(second))
+    assert not np.any(_flat(first["b"][0]) == _flat(first["a"])[:1000])  # leaves independent
+    typed, _ = jax.jit(_noiser(key=jax.random.key(5)).update)(zeros, s0)
+    np.testing.assert_allclose(_flat(typed), _flat(first), rtol=1e-6)
+    other, _ = _noiser(key=6).update(zeros, _noiser(key=6).init(zeros))
+    assert not np.any(_flat(other) == _flat(first))
+    rbg = _noiser(key=jax.random.key(5, impl="rbg"))
+    rbg_out, _ = rbg.update(zeros, rbg.init(zeros))
+    assert np.all(np.isfinite(_flat(rbg_out))) and not np.any(_flat(rbg_out) == _flat(first))
 
 
 def test_state_is_plain_arrays_and_resumes_exactly(tmp_path):
-  tx = _noiser(key=11)
-  zeros = _zeros()
-  state = tx.init(zeros)
-  _, state = tx.update(zeros, state)
-  leaves, treedef = jax.tree.flatten(state)
-  assert all(not jnp.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves)
-  np.savez(tmp_path / "state.npz", *[np.asarray(x) for x in leaves])
-  with np.load(tmp_path / "state.npz") as f:
-    restored = treedef.unflatten([jnp.asarray(f[k]) for k in f.files])
-  assert isinstance(restored, NoiseState)
-  resumed, _ = tx.update(zeros, restored)
-  straight, _ = tx.update(zeros, state)
-  np.testing.assert_array_equal(_flat(resumed), _flat(straight))
+    tx = _noiser(key=11)
+    zeros = _zeros()
+    state = tx.init(zeros)
+    _, state = tx.update(zeros, state)
+    leaves, treedef = jax.tree.flatten(state)
+    assert all(not jnp.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves)
+    np.savez(tmp_path / "state.npz", *[np.asarray(x) for x in leaves])
+    with np.load(tmp_path / "state.npz") as f:
+        restored = treedef.unflatten([jnp.asarray(f[k]) for k in f.files])
+    assert isinstance(restored, NoiseState)
+    resumed, _ = tx.update(zeros, restored)
+    straight, _ = tx.update(zeros, state)
+    np.testing.assert_array_equal(_flat(resumed), _flat(straight))
 
 
 def _per_example_setup():
-  loss_fn, params, batch = mlp_problem(seed=2, batch=6)
-  rng = jax.random.key(1)
-  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(6))
-  per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, batch, keys)
-  # A padding row holding NaN gradients must not leak into either path.
-  per_example = jax.tree.map(lambda g: g.at[4].set(jnp.nan), per_example)
-  mask = jnp.array([1, 1, 1, 1, 0, 1], jnp.float32)
-  return loss_fn, params, batch, rng, per_example, mask
+    loss_fn, params, batch = mlp_problem(seed=2, batch=6)
+    rng = jax.random.key(1)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(6))
+    per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, batch, keys)
+    # A padding row holding NaN gradients must not leak into either path.
+    per_example = jax.tree.map(lambda g: g.at[4].set(jnp.nan), per_example)
+    mask = jnp.array([1, 1, 1, 1, 0, 1], jnp.float32)
+    return loss_fn, params, batch, rng, per_example, mask
 
 
 def test_per_example_transform_equals_clipped_grad_then_noise():
-  loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
-  batch = {k: v.at[4].set(jnp.nan) for k, v in batch.items()}
-  grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
-  summed = _noiser(key=3)
-  a, _ = summed.update(grad_sum, summed.init(params))
-  per_ex = dp_aggregate(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=3)
-  b, _ = per_ex.update(per_example, per_ex.init(params), mask=mask)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  assert np.all(np.isfinite(_flat(b)))
+    loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
+    batch = {k: v.at[4].set(jnp.nan) for k, v in batch.items()}
+    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
+    summed = _noiser(key=3)
+    a, _ = summed.update(grad_sum, summed.init(params))
+    per_ex = dp_aggregate(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=3)
+    b, _ = per_ex.update(per_example, per_ex.init(params), mask=mask)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(_flat(b)))
 
 
 def test_dp_adam_paths_agree_through_optax_chain():
-  loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
-  grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
-  kw = dict(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=4)
-  opt_sum, opt_ex = dp_adam(1e-2, **kw), dp_adam(1e-2, per_example=True, **kw)
-  s_sum, s_ex = opt_sum.init(params), opt_ex.init(params)
-  for _ in range(2):
-    u_sum, s_sum = opt_sum.update(grad_sum, s_sum, params)
-    u_ex, s_ex = opt_ex.update(per_example, s_ex, params, mask=mask)
-    for x, y in zip(jax.tree.leaves(u_sum), jax.tree.leaves(u_ex)):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
-  leaves, treedef = jax.tree.flatten(s_sum)
-  restored = treedef.unflatten([jnp.asarray(np.asarray(x)) for x in leaves])
-  np.testing.assert_array_equal(_flat(opt_sum.update(grad_sum, restored, params)[0]),
-                                _flat(opt_sum.update(grad_sum, s_sum, params)[0]))
+    loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
+    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
+    kw = dict(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=4)
+    opt_sum, opt_ex = dp_adam(1e-2, **kw), dp_adam(1e-2, per_example=True, **kw)
+    s_sum, s_ex = opt_sum.init(params), opt_ex.init(params)
+    for _ in range(2):
+        u_sum, s_sum = opt_sum.update(grad_sum, s_sum, params)
+        u_ex, s_ex = opt_ex.update(per_example, s_ex, params, mask=mask)
+        for x, y in zip(jax.tree.leaves(u_sum), jax.tree.leaves(u_ex)):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+    leaves, treedef = jax.tree.flatten(s_sum)
+    restored = treedef.unflatten([jnp.asarray(np.asarray(x)) for x in leaves])
+    np.testing.assert_array_equal(
+        _flat(opt_sum.update(grad_sum, restored, params)[0]), _flat(opt_sum.update(grad_sum, s_sum, params)[0])
+    )
 
 
 def _config(**overrides):
-  fields = dict(name="adamw", learning_rate=0.1, l2_clip=1.0, noise_multiplier=0.0,
-                expected_batch_size=4.0, seed=0, weight_decay=0.0, b1=0.9, b2=0.99)
-  return ml_collections.ConfigDict({**fields, **overrides})
+    fields = dict(
+        name="adamw",
+        learning_rate=0.1,
+        l2_clip=1.0,
+        noise_multiplier=0.0,
+        expected_batch_size=4.0,
+        seed=0,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.99,
+    )
+    return ml_collections.ConfigDict({**fields, **overrides})
 
 
-@pytest.mark.parametrize("name, extra", [("sgd", {"b1": 0.9, "b2": 0.99}), ("adam", {}),
-                                         ("adamw", {"weight_decay": 0.5})])
+@pytest.mark.parametrize(
+    "name, extra", [("sgd", {"b1": 0.9, "b2": 0.99}), ("adam", {}), ("adamw", {"weight_decay": 0.5})]
+)
 def test_dp_optimizer_from_config(name, extra):
-  cfg = _config(name=name, **extra)
-  if name == "sgd":
-    del cfg["weight_decay"]
-  opt = dp_optimizer(cfg)
-  params = {"w": jnp.ones(3)}
-  grad_sum = {"w": jnp.array([4.0, -4.0, 0.0])}  # sigma = 0: the mean clipped grad is exact
-  updates, _ = opt.update(grad_sum, opt.init(params), params)
-  if name == "sgd":
-    np.testing.assert_allclose(updates["w"], [-0.1, 0.1, 0.0], rtol=1e-6)
-  else:  # Adam's first step is lr * sign(mean grad); AdamW adds lr * weight_decay * w
-    decay = extra.get("weight_decay", 0.0)
-    np.testing.assert_allclose(updates["w"], -0.1 * (np.array([1.0, -1.0, 0.0]) + decay),
-                               rtol=1e-4, atol=1e-7)
+    cfg = _config(name=name, **extra)
+    if name == "sgd":
+        del cfg["weight_decay"]
+    opt = dp_optimizer(cfg)
+    params = {"w": jnp.ones(3)}
+    grad_sum = {"w": jnp.array([4.0, -4.0, 0.0])}  # sigma = 0: the mean clipped grad is exact
+    updates, _ = opt.update(grad_sum, opt.init(params), params)
+    if name == "sgd":
+        np.testing.assert_allclose(updates["w"], [-0.1, 0.1, 0.0], rtol=1e-6)
+    else:  # Adam's first step is lr * sign(mean grad); AdamW adds lr * weight_decay * w
+        decay = extra.get("weight_decay", 0.0)
+        np.testing.assert_allclose(updates["w"], -0.1 * (np.array([1.0, -1.0, 0.0]) + decay), rtol=1e-4, atol=1e-7)
 
 
 def test_noise_key_is_its_own_stream():
-  key = jax.random.key_data(noise_key(0))
-  steps = jax.vmap(lambda t: jax.random.key_data(jax.random.fold_in(jax.random.key(0), t)))(
-      jnp.arange(2048))
-  assert not np.any(np.all(np.asarray(steps) == np.asarray(key), axis=1))
-  np.testing.assert_array_equal(key, jax.random.key_data(
-      jax.random.fold_in(jax.random.key(0), NOISE_STREAM)))
+    key = jax.random.key_data(noise_key(0))
+    steps = jax.vmap(lambda t: jax.random.key_data(jax.random.fold_in(jax.random.key(0), t)))(jnp.arange(2048))
+    assert not np.any(np.all(np.asarray(steps) == np.asarray(key), axis=1))
+    np.testing.assert_array_equal(key, jax.random.key_data(jax.random.fold_in(jax.random.key(0), NOISE_STREAM)))
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(name="rmsprop"), "unknown DP optimizer name 'rmsprop'"),
-    (dict(learning_rat=0.1), "unknown DP optimizer config fields"),
-    (dict(name="adam", weight_decay=0.1), "weight_decay"),
-    (dict(name="adam", momentum=0.9), "momentum"),
-    (dict(seed=1.5), "seed"),
-    (dict(noise_multiplier=-0.1), "noise_multiplier"),
-    (dict(expected_batch_size=0.0), "expected_batch_size"),
-    (dict(l2_clip=0.0), "l2_clip"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(name="rmsprop"), "unknown DP optimizer name 'rmsprop'"),
+        (dict(learning_rat=0.1), "unknown DP optimizer config fields"),
+        (dict(name="adam", weight_decay=0.1), "weight_decay"),
+        (dict(name="adam", momentum=0.9), "momentum"),
+        (dict(seed=1.5), "seed"),
+        (dict(noise_multiplier=-0.1), "noise_multiplier"),
+        (dict(expected_batch_size=0.0), "expected_batch_size"),
+        (dict(l2_clip=0.0), "l2_clip"),
+    ],
+)
 def test_dp_optimizer_config_errors(overrides, match):
-  with pytest.raises(ValueError, match=match):
-    dp_optimizer(_config(**overrides))
+    with pytest.raises(ValueError, match=match):
+        dp_optimizer(_config(**overrides))
 
 
 def test_missing_config_field_and_bad_arguments():
-  cfg = _config()
-  del cfg["seed"]
-  with pytest.raises(ValueError, match="seed"):
-    dp_optimizer(cfg)
-  with pytest.raises(ValueError, match="key"):
-    _noiser(key="seed")
-  per_ex = dp_aggregate(l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=2.0, key=0)
-  grads = {"w": jnp.ones((3, 2))}
-  with pytest.raises(ValueError, match=r"mask must have shape \(3,\)"):
-    per_ex.update(grads, per_ex.init(None), mask=jnp.ones(4))
+    cfg = _config()
+    del cfg["seed"]
+    with pytest.raises(ValueError, match="seed"):
+        dp_optimizer(cfg)
+    with pytest.raises(ValueError, match="key"):
+        _noiser(key="seed")
+    per_ex = dp_aggregate(l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=2.0, key=0)
+    grads = {"w": jnp.ones((3, 2))}
+    with pytest.raises(ValueError, match=r"mask must have shape \(3,\)"):
+        per_ex.update(grads, per_ex.init(None), mask=jnp.ones(4))

@@ -16,8 +16,13 @@ import numpy as np
 import optax
 import pytest
 
-from dpwave.train.checkpoint import (CheckpointRestoreError, Checkpointer, PreemptionGuard,
-                                     abstract_state, config_fingerprint)
+from dpwave.train.checkpoint import (
+    CheckpointRestoreError,
+    Checkpointer,
+    PreemptionGuard,
+    abstract_state,
+    config_fingerprint,
+)
 from dpwave.train.hashing import params_sha256
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,22 +31,29 @@ REPO = Path(__file__).resolve().parents[2]
 def _train_state(seed: int, key_impl: str = "threefry2x32") -> dict:
     """A small train state: int step, params, DP-Adam-like optax state with a typed key, EMA."""
     rng = np.random.default_rng(seed)
-    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-              "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    params = {
+        "w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
     opt = optax.adam(1e-2)
     opt_state = opt.init(params)
     _, opt_state = opt.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
-    return {"step": jnp.asarray(seed, jnp.int32), "params": params, "opt_state": opt_state,
-            "noise_key": jax.random.key(seed, impl=key_impl),
-            "ema": jax.tree.map(lambda x: 0.5 * x, params)}
+    return {
+        "step": jnp.asarray(seed, jnp.int32),
+        "params": params,
+        "opt_state": opt_state,
+        "noise_key": jax.random.key(seed, impl=key_impl),
+        "ema": jax.tree.map(lambda x: 0.5 * x, params),
+    }
 
 
 def _assert_same_state(restored: dict, expected: dict) -> None:
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
     assert type(restored["opt_state"][0]) is optax.ScaleByAdamState
     assert restored["noise_key"].dtype == expected["noise_key"].dtype
-    np.testing.assert_array_equal(jax.random.key_data(restored["noise_key"]),
-                                  jax.random.key_data(expected["noise_key"]))
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["noise_key"]), jax.random.key_data(expected["noise_key"])
+    )
     plain = lambda s: {k: v for k, v in s.items() if k != "noise_key"}
     for got, want in zip(jax.tree.leaves(plain(restored)), jax.tree.leaves(plain(expected))):
         assert got.dtype == want.dtype
@@ -51,16 +63,21 @@ def _assert_same_state(restored: dict, expected: dict) -> None:
 @pytest.mark.parametrize("key_impl", ["threefry2x32", "rbg"])
 def test_round_trip_preserves_types_keys_and_meta(tmp_path, key_impl):
     state = _train_state(7, key_impl)
-    meta = {"stage": "dp_finetune", "ledger": [{"sigma": 1.1, "q": 0.01, "steps": 7}],
-            "sampler": {"seed": 3, "step": 7}, "target_epsilon": float("inf")}
+    meta = {
+        "stage": "dp_finetune",
+        "ledger": [{"sigma": 1.1, "q": 0.01, "steps": 7}],
+        "sampler": {"seed": 3, "step": 7},
+        "target_epsilon": float("inf"),
+    }
     with Checkpointer(tmp_path) as ckpt:
         assert ckpt.save(7, state, meta=meta)
     with Checkpointer(tmp_path) as ckpt:
         step, restored, restored_meta = ckpt.restore_latest(abstract_state(_train_state(0, key_impl)))
     assert step == 7 and restored_meta == meta
     _assert_same_state(restored, state)
-    np.testing.assert_array_equal(jax.random.normal(restored["noise_key"], (4,)),
-                                  jax.random.normal(state["noise_key"], (4,)))
+    np.testing.assert_array_equal(
+        jax.random.normal(restored["noise_key"], (4,)), jax.random.normal(state["noise_key"], (4,))
+    )
 
 
 def test_restore_against_eval_shape_target(tmp_path):
@@ -100,8 +117,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, caplog, how):
         step, restored, meta = ckpt.restore_latest(abstract_state(_train_state(0)))
     assert step == 2 and meta == {"step": 2}
     _assert_same_state(restored, _train_state(2))
-    assert any("step 3" in r.getMessage() and "could not be restored" in r.getMessage()
-               for r in caplog.records)
+    assert any("step 3" in r.getMessage() and "could not be restored" in r.getMessage() for r in caplog.records)
 
 
 def test_all_damaged_raises_instead_of_restarting(tmp_path):
@@ -182,8 +198,9 @@ def test_saves_are_atomic_and_stale_tmp_dirs_are_ignored_and_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["1"]
 
 
-@pytest.mark.parametrize("kwargs,match", [({"max_to_keep": 0}, "max_to_keep"),
-                                          ({"save_interval_steps": 0}, "save_interval_steps")])
+@pytest.mark.parametrize(
+    "kwargs,match", [({"max_to_keep": 0}, "max_to_keep"), ({"save_interval_steps": 0}, "save_interval_steps")]
+)
 def test_bad_options_are_rejected(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Checkpointer(tmp_path, **kwargs)
@@ -231,8 +248,13 @@ with Checkpointer(sys.argv[1], save_interval_steps=1000) as ckpt, PreemptionGuar
 
 def test_sigterm_saves_at_next_step_boundary_and_exits_zero(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-c", _LOOP, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOOP, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step 3"):
@@ -287,11 +309,21 @@ def _sharded_workers(mode: str, directory: Path, device_counts: tuple[int, ...])
     """Runs one `_SHARDED` process per device count, concurrently; returns their JSON reports."""
     procs = []
     for devices in device_counts:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _SHARDED, mode, str(directory)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=env))
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _SHARDED, mode, str(directory)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -303,9 +335,17 @@ def _sharded_workers(mode: str, directory: Path, device_counts: tuple[int, ...])
 def test_state_saved_on_4_devices_restores_on_2_and_1(tmp_path):
     assert _sharded_workers("save", tmp_path, (4,)) == [{"devices": 4}]
     for devices, got in zip((2, 1), _sharded_workers("restore", tmp_path, (2, 1))):
-        assert got == {"devices": devices, "step": 4, "meta": {"devices": 4}, "equal": True,
-                       "adam_type": "ScaleByAdamState", "w_devices": devices,
-                       "w_split": True, "mu_devices": devices, "key_dtype": "key<fry>"}
+        assert got == {
+            "devices": devices,
+            "step": 4,
+            "meta": {"devices": 4},
+            "equal": True,
+            "adam_type": "ScaleByAdamState",
+            "w_devices": devices,
+            "w_split": True,
+            "mu_devices": devices,
+            "key_dtype": "key<fry>",
+        }
 
 
 def test_config_fingerprint_is_canonical():
@@ -333,15 +373,15 @@ def test_params_sha256_follows_the_documented_format():
 def test_params_sha256_distinguishes_what_matters():
     w = np.arange(6, dtype=np.float32)
     base = params_sha256({"a": w.reshape(2, 3)})
-    assert params_sha256({"renamed": w.reshape(2, 3)}) == base            # names are not hashed
-    assert params_sha256({"a": w.reshape(3, 2)}) != base                  # same bytes, other shape
-    assert params_sha256({"a": w.view(np.int32).reshape(2, 3)}) != base   # same bytes, other dtype
-    assert params_sha256({"a": w.astype(">f4").reshape(2, 3)}) == base    # byte order normalized
+    assert params_sha256({"renamed": w.reshape(2, 3)}) == base  # names are not hashed
+    assert params_sha256({"a": w.reshape(3, 2)}) != base  # same bytes, other shape
+    assert params_sha256({"a": w.view(np.int32).reshape(2, 3)}) != base  # same bytes, other dtype
+    assert params_sha256({"a": w.astype(">f4").reshape(2, 3)}) == base  # byte order normalized
     t = w.reshape(2, 3).T
     assert params_sha256({"a": t}) == params_sha256({"a": np.ascontiguousarray(t)})  # C order
     w2 = w.copy()
     w2[5] = np.nextafter(w2[5], np.float32(10))
-    assert params_sha256({"a": w2.reshape(2, 3)}) != base                 # one ulp
+    assert params_sha256({"a": w2.reshape(2, 3)}) != base  # one ulp
     assert params_sha256([w[:3], w[3:]]) != params_sha256([w[3:], w[:3]])  # leaf order
     assert params_sha256({"k": jax.random.key(1)}) != params_sha256({"k": jax.random.key(2)})
     bf16 = params_sha256({"a": jnp.ones((2,), jnp.bfloat16)})

@@ -9,42 +9,65 @@ from pathlib import Path
 
 import pytest
 
-from dpwave.train.distributed import (ClusterSpec, ProcessInfo, detect_cluster,
-                                      maybe_initialize_distributed)
+from dpwave.train.distributed import ClusterSpec, ProcessInfo, detect_cluster, maybe_initialize_distributed
 
 REPO = Path(__file__).resolve().parents[2]
-_SLURM = {"SLURM_JOB_ID": "42", "SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "gpu[01-02]",
-          "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+_SLURM = {
+    "SLURM_JOB_ID": "42",
+    "SLURM_NTASKS": "16",
+    "SLURM_STEP_NODELIST": "gpu[01-02]",
+    "SLURM_PROCID": "3",
+    "SLURM_LOCALID": "3",
+}
 
 
-@pytest.mark.parametrize("environ,expected", [
-    ({}, None),
-    ({"HOME": "/root"}, None),
-    ({"DPWAVE_DISTRIBUTED": "off", **_SLURM}, None),
-    ({"DPWAVE_DISTRIBUTED": "auto"}, ClusterSpec("auto")),
-    ({"DPWAVE_COORDINATOR_ADDRESS": "10.0.0.1:1234", "DPWAVE_NUM_PROCESSES": "4",
-      "DPWAVE_PROCESS_ID": "2", **_SLURM}, ClusterSpec("explicit", "10.0.0.1:1234", 4, 2)),
-    (_SLURM, ClusterSpec("slurm")),
-    ({**_SLURM, "SLURM_NTASKS": "1"}, None),
-    ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, ClusterSpec("tpu")),
-    ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),
-    ({"CLOUD_TPU_TASK_ID": "1"}, ClusterSpec("tpu")),
-])
+@pytest.mark.parametrize(
+    "environ,expected",
+    [
+        ({}, None),
+        ({"HOME": "/root"}, None),
+        ({"DPWAVE_DISTRIBUTED": "off", **_SLURM}, None),
+        ({"DPWAVE_DISTRIBUTED": "auto"}, ClusterSpec("auto")),
+        (
+            {
+                "DPWAVE_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+                "DPWAVE_NUM_PROCESSES": "4",
+                "DPWAVE_PROCESS_ID": "2",
+                **_SLURM,
+            },
+            ClusterSpec("explicit", "10.0.0.1:1234", 4, 2),
+        ),
+        (_SLURM, ClusterSpec("slurm")),
+        ({**_SLURM, "SLURM_NTASKS": "1"}, None),
+        ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3"}, ClusterSpec("tpu")),
+        ({"TPU_WORKER_HOSTNAMES": "t-0"}, None),
+        ({"CLOUD_TPU_TASK_ID": "1"}, ClusterSpec("tpu")),
+    ],
+)
 def test_detect_cluster(environ, expected):
     assert detect_cluster(environ) == expected
 
 
-@pytest.mark.parametrize("environ,match", [
-    ({"DPWAVE_DISTRIBUTED": "yes"}, "DPWAVE_DISTRIBUTED"),
-    ({"DPWAVE_COORDINATOR_ADDRESS": "h:1"}, "missing DPWAVE_NUM_PROCESSES, DPWAVE_PROCESS_ID"),
-    ({"DPWAVE_COORDINATOR_ADDRESS": "nohostport", "DPWAVE_NUM_PROCESSES": "2",
-      "DPWAVE_PROCESS_ID": "0"}, "host:port"),
-    ({"DPWAVE_COORDINATOR_ADDRESS": "h:1", "DPWAVE_NUM_PROCESSES": "2",
-      "DPWAVE_PROCESS_ID": "2"}, "DPWAVE_PROCESS_ID <"),
-    ({"DPWAVE_COORDINATOR_ADDRESS": "h:1", "DPWAVE_NUM_PROCESSES": "two",
-      "DPWAVE_PROCESS_ID": "0"}, "not an integer"),
-    ({k: v for k, v in _SLURM.items() if k != "SLURM_STEP_NODELIST"}, "srun"),
-])
+@pytest.mark.parametrize(
+    "environ,match",
+    [
+        ({"DPWAVE_DISTRIBUTED": "yes"}, "DPWAVE_DISTRIBUTED"),
+        ({"DPWAVE_COORDINATOR_ADDRESS": "h:1"}, "missing DPWAVE_NUM_PROCESSES, DPWAVE_PROCESS_ID"),
+        (
+            {"DPWAVE_COORDINATOR_ADDRESS": "nohostport", "DPWAVE_NUM_PROCESSES": "2", "DPWAVE_PROCESS_ID": "0"},
+            "host:port",
+        ),
+        (
+            {"DPWAVE_COORDINATOR_ADDRESS": "h:1", "DPWAVE_NUM_PROCESSES": "2", "DPWAVE_PROCESS_ID": "2"},
+            "DPWAVE_PROCESS_ID <",
+        ),
+        (
+            {"DPWAVE_COORDINATOR_ADDRESS": "h:1", "DPWAVE_NUM_PROCESSES": "two", "DPWAVE_PROCESS_ID": "0"},
+            "not an integer",
+        ),
+        ({k: v for k, v in _SLURM.items() if k != "SLURM_STEP_NODELIST"}, "srun"),
+    ],
+)
 def test_detect_cluster_rejects_bad_setups(environ, match):
     with pytest.raises(ValueError, match=match):
         detect_cluster(environ)
@@ -86,13 +109,24 @@ print(json.dumps({
 
 def test_data_mesh_shards_and_replicates_on_four_devices():
     result = subprocess.run(
-        [sys.executable, "-c", _FOUR_DEVICES], capture_output=True, text=True, timeout=120,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"), check=False)
+        [sys.executable, "-c", _FOUR_DEVICES],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got.pop("error").startswith("a host-local batch leaf of shape (6, 3) cannot be split")
-    assert got == {"mesh": {"data": 4}, "shape": [8, 3], "spec_ok": True, "rows_per_device": [2],
-                   "replicated": True, "sum": float(sum(range(24)))}
+    assert got == {
+        "mesh": {"data": 4},
+        "shape": [8, 3],
+        "spec_ok": True,
+        "rows_per_device": [2],
+        "replicated": True,
+        "sum": float(sum(range(24))),
+    }
 
 
 _WORKER = """
@@ -131,11 +165,21 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_local_cpu_processes_psum_and_checkpoint(tmp_path):
     port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DPWAVE_NUM_PROCESSES="2",
-                 DPWAVE_PROCESS_ID=str(i), XLA_FLAGS="--xla_force_host_platform_device_count=2"))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                DPWAVE_NUM_PROCESSES="2",
+                DPWAVE_PROCESS_ID=str(i),
+                XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            ),
+        )
+        for i in range(2)
+    ]
     reports = []
     try:
         for proc in procs:
@@ -147,6 +191,17 @@ def test_two_local_cpu_processes_psum_and_checkpoint(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     # Process i contributes two rows of (i + 1) * [0, 1, 2]: 2 * 3 * (1 + 2) = 18.
-    assert reports == [{"index": i, "count": 2, "devices": 4, "global_shape": [4, 3], "psum": 18.0,
-                        "handler_untouched": True, "stop": False, "restored": [1, {"processes": 2}],
-                        "local_rows": [i + 1.0, i + 1.0]} for i in range(2)]
+    assert reports == [
+        {
+            "index": i,
+            "count": 2,
+            "devices": 4,
+            "global_shape": [4, 3],
+            "psum": 18.0,
+            "handler_untouched": True,
+            "stop": False,
+            "restored": [1, {"processes": 2}],
+            "local_rows": [i + 1.0, i + 1.0],
+        }
+        for i in range(2)
+    ]
