@@ -140,7 +140,9 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
     labeled = config.data.condition == "label"
     report = evaluate.evaluate_samples(
         samples["images"], samples.get("labels"),
-        real_test=(test["image"], test["label"]) if labeled else test["image"],
+        # Caption datasets have no labels: only label-free metrics (FID with Inception weights); the
+        # label-based ones come back None with a reason.
+        real_test=(test["image"], test["label"] if labeled else np.zeros(len(test["image"]), np.int32)),
         heldout=(heldout["image"], heldout["label"]) if labeled else None,
         private_train=private, num_classes=config.data.num_classes or None,
         inception_weights=config.eval.inception_weights or None,
