@@ -19,7 +19,7 @@ Environment:
   PYTHON       interpreter that creates a missing venv (default: python3.11, else python3)
 
 Example:
-  launch/local.sh --config=experiments/configs/mnist_demo.py --workdir=/tmp/dpwave/mnist
+  launch/local.sh --config=experiments/configs/mnist.py:demo --workdir=workdir/demo
 USAGE
 }
 
