@@ -637,21 +637,30 @@ def _sample_jit(
     return (tokens, jnp.swapaxes(used, 0, 1)) if return_logits else tokens
 
 
-def _run_sampler(
-    model,
-    cond,
-    key,
+def sample(
+    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
+    cond: jax.Array | None,
+    key: jax.Array,
     *,
-    num_tokens,
-    temperature,
-    top_k,
-    top_p,
-    guidance_scale,
-    prefix,
-    batch_size,
-    return_logits,
-    cached,
+    num_tokens: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 0.0,
+    prefix: jax.Array | None = None,
+    batch_size: int | None = None,
+    return_logits: bool = False,
+    cached: bool = True,
 ):
+    """Samples tokens (B, num_tokens) int32 with a preallocated KV cache (one jitted scan).
+
+    ``cond``: labels (B,), caption bytes (B, L) or None (then ``batch_size``). ``prefix``
+    (B, K): given first tokens (e.g. coarse scales). ``guidance_scale`` s != 0 batches the
+    conditional and null-conditioned passes together and samples from ``guide``. Step t
+    draws with ``fold_in(key, t)``. ``return_logits`` also returns the (guided, untempered)
+    logits of the generated positions, (B, num_tokens - K, V). ``cached=False`` recomputes the
+    full sequence at every step instead (the reference; same draws).
+    """
     if isinstance(model, tuple):
         graphdef, params = model
         cfg = nnx.merge(graphdef, params).config
@@ -699,70 +708,4 @@ def _run_sampler(
     )
 
 
-def sample(
-    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
-    cond: jax.Array | None,
-    key: jax.Array,
-    *,
-    num_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    guidance_scale: float = 0.0,
-    prefix: jax.Array | None = None,
-    batch_size: int | None = None,
-    return_logits: bool = False,
-):
-    """Samples tokens (B, num_tokens) int32 with a preallocated KV cache (one jitted scan).
-
-    ``cond``: labels (B,), caption bytes (B, L) or None (then ``batch_size``). ``prefix``
-    (B, K): given first tokens (e.g. coarse scales). ``guidance_scale`` s != 0 batches the
-    conditional and null-conditioned passes together and samples from ``guide``. Step t
-    draws with ``fold_in(key, t)``. ``return_logits`` also returns the (guided, untempered)
-    logits of the generated positions, (B, num_tokens - K, V).
-    """
-    return _run_sampler(
-        model,
-        cond,
-        key,
-        num_tokens=num_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        guidance_scale=guidance_scale,
-        prefix=prefix,
-        batch_size=batch_size,
-        return_logits=return_logits,
-        cached=True,
-    )
-
-
-def sample_uncached(
-    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
-    cond: jax.Array | None,
-    key: jax.Array,
-    *,
-    num_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    guidance_scale: float = 0.0,
-    prefix: jax.Array | None = None,
-    batch_size: int | None = None,
-    return_logits: bool = False,
-):
-    """``sample`` recomputing the full sequence at every step (the reference; same draws)."""
-    return _run_sampler(
-        model,
-        cond,
-        key,
-        num_tokens=num_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        guidance_scale=guidance_scale,
-        prefix=prefix,
-        batch_size=batch_size,
-        return_logits=return_logits,
-        cached=False,
-    )
+sample_uncached = functools.partial(sample, cached=False)

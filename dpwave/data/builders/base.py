@@ -92,6 +92,27 @@ class DpwaveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise self.layout_error(root, f"missing {missing}")
 
 
+class CaptionedImages(DpwaveBuilder, skip_registration=True):
+    """Base of the captioned image datasets: features ``image`` (R x R x 3 for the ``<R>px`` config),
+    ``captions`` (all captions of the image) and ``id``, in generation order."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(r, r, 3)),
+                "captions": tfds.features.Sequence(tfds.features.Text()),
+                "id": tfds.features.Text(),
+            }),
+            disable_shuffling=True,
+        )
+
+
 def to_pil(image: np.ndarray) -> Image.Image:
     """A PIL image for tfds' Image feature (which PNG-encodes it without TensorFlow)."""
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)

@@ -9,7 +9,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from dpwave.data.builders.base import DpwaveBuilder, resolution_configs, to_pil
+from dpwave.data.builders.base import CaptionedImages, resolution_configs, to_pil
 from dpwave.data.errors import InvalidExampleError
 from dpwave.data.images import prepare_image, read_image_file
 
@@ -43,7 +43,7 @@ def parse_caption_json(data: Any) -> list[tuple[int, str, list[str]]]:
     return [(i, files[i], [c for _, c in sorted(captions[i])]) for i in sorted(files)]
 
 
-class CocoCaptions(DpwaveBuilder, skip_registration=True):
+class CocoCaptions(CaptionedImages, skip_registration=True):
     """MS-COCO 2017 captions: images center-cropped and resized to R x R x 3, with all captions.
 
     Splits ``train`` (train2017) and ``validation`` (val2017), ordered by image id. Features:
@@ -53,25 +53,10 @@ class CocoCaptions(DpwaveBuilder, skip_registration=True):
     """
 
     name = "coco_captions"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MS-COCO 2017 captions")
     LAYOUT = LAYOUT
     SOURCE = SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the release in the manual dir:\n{LAYOUT}\nSource: {SOURCE}"
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        r = self.builder_config.resolution
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(r, r, 3)),
-                "captions": tfds.features.Sequence(tfds.features.Text()),
-                "id": tfds.features.Text(),
-            }),
-            disable_shuffling=True,
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         root = self.manual_root(dl_manager)

@@ -9,7 +9,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from dpwave.data.builders.base import DpwaveBuilder, resolution_configs, to_pil
+from dpwave.data.builders.base import CaptionedImages, resolution_configs, to_pil
 from dpwave.data.errors import InvalidExampleError
 from dpwave.data.images import prepare_image, read_image_file
 
@@ -54,7 +54,7 @@ def read_captions(path: str, key: str) -> list[str]:
     return captions
 
 
-class MmCelebaHq(DpwaveBuilder, skip_registration=True):
+class MmCelebaHq(CaptionedImages, skip_registration=True):
     """MM-CelebA-HQ: CelebA-HQ faces, captions and the official train/test id lists.
 
     Splits ``train`` and ``test`` follow ``train/filenames.pickle`` and ``test/filenames.pickle``
@@ -64,25 +64,10 @@ class MmCelebaHq(DpwaveBuilder, skip_registration=True):
     """
 
     name = "mm_celeba_hq"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MM-CelebA-HQ")
     LAYOUT = LAYOUT
     SOURCE = SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the release in the manual dir:\n{LAYOUT}\nSource: {SOURCE}"
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        r = self.builder_config.resolution
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(r, r, 3)),
-                "captions": tfds.features.Sequence(tfds.features.Text()),
-                "id": tfds.features.Text(),
-            }),
-            disable_shuffling=True,
-        )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         root = self.manual_root(dl_manager)
