@@ -40,7 +40,7 @@ import optax
 from flax import nnx
 
 from dpwave import wavelets
-from dpwave.data import require_public, to_float
+from dpwave.data import ShuffleSampler, require_public, to_float
 
 OBJECTIVES = ("flow", "regression")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -352,17 +352,6 @@ def make_optimizer(learning_rate: float, steps: int) -> optax.GradientTransforma
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
 
-def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Indices of step `step`: consecutive slices of per-epoch permutations, a pure function of (seed, step)."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), num_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
-    return np.asarray(out, np.int64)
-
-
 def _training_batch(raw: Mapping[str, np.ndarray], config: RefinerConfig) -> dict[str, np.ndarray]:
     """The image (and label) columns of a source batch, checked against the config."""
     want = (config.image_size, config.image_size, config.channels)
@@ -398,10 +387,11 @@ def train_refiner(source: Any, config: RefinerConfig, *, steps: int, batch_size:
     graphdef, params = nnx.split(Refiner(config, rngs=nnx.Rngs(init_key)), nnx.Param)
     tx = make_optimizer(learning_rate, steps)
     opt_state = tx.init(params)
+    sampler = ShuffleSampler(num, batch_size, seed)
     history, metrics = [], {}
     start = time.perf_counter()
     for step in range(steps):
-        batch = _training_batch(source.get_batch(batch_indices(num, batch_size, seed, step)), config)
+        batch = _training_batch(source.get_batch(sampler.batch(step)), config)
         params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, batch, jax.random.fold_in(key, step))
         if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
             history.append((step + 1, float(metrics["loss"])))

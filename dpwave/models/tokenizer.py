@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 
 from dpwave import wavelets
-from dpwave.data import require_public, to_float
+from dpwave.data import ShuffleSampler, require_public, to_float
 from dpwave.models.vq import (
     CODEBOOK_UPDATES,
     CodebookUsage,
@@ -533,12 +533,6 @@ def train_step(
     return TokenizerTrainState(params, stats, opt_state, state.step + 1), metrics
 
 
-def batch_indices(seed: int, step: int, size: int, batch_size: int) -> np.ndarray:
-    """The examples of step ``step``: a pure function of (seed, step), without replacement when possible."""
-    rng = np.random.default_rng([seed, step])
-    return np.sort(rng.choice(size, batch_size, replace=batch_size > size))
-
-
 def _source_images(source: Any, indices: np.ndarray) -> jax.Array:
     return jnp.asarray(to_float(source.get_batch(indices)["image"]))
 
@@ -564,8 +558,7 @@ def train_tokenizer(
       PrivacyError: ``source`` is tagged private (the tokenizer trains without DP).
     """
     require_public(source, "tokenizer training")
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    sampler = ShuffleSampler(len(source), batch_size, seed)  # checks batch_size and seed
     if not _is_int(log_every) or log_every < 1:
         raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
     optimizer = make_optimizer(learning_rate, steps)
@@ -580,7 +573,7 @@ def train_tokenizer(
     restarts = jnp.zeros((), jnp.int32)
     start = compiled = time.perf_counter()
     for step in range(steps):
-        images = _source_images(source, batch_indices(seed, step, len(source), batch_size))
+        images = _source_images(source, sampler.batch(step))
         state, metrics = step_fn(graphdef, state, images, jax.random.fold_in(restart_key, step))
         restarts = restarts + metrics["restarted_codes"]
         if step == 0:

@@ -170,14 +170,6 @@ def test_refuses_private_data(data_dir):
         rf.train_refiner(private, FIXTURE_CONFIG, steps=1, batch_size=8)
 
 
-def test_batch_indices_are_a_pure_epoch_permutation():
-    first = rf.batch_indices(10, 4, seed=3, step=0)
-    np.testing.assert_array_equal(first, rf.batch_indices(10, 4, seed=3, step=0))
-    epoch = np.concatenate([rf.batch_indices(10, 5, seed=3, step=s) for s in range(2)])
-    assert sorted(epoch.tolist()) == list(range(10))
-    assert not np.array_equal(first, rf.batch_indices(10, 4, seed=4, step=0))
-
-
 @pytest.mark.parametrize("kwargs,match", [
     (dict(widths=(32,)), "one width per level"),
     (dict(levels=6), "at most 5"),

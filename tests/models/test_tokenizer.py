@@ -232,14 +232,6 @@ def test_train_step_calibrates_an_uncalibrated_model_on_its_first_batch():
     np.testing.assert_allclose(nnx.merge(graphdef, state.params, state.stats).band_scales(), rms, rtol=1e-5)
 
 
-def test_batch_order_is_a_pure_function_of_seed_and_step():
-    a = tok.batch_indices(3, 7, 100, 10)
-    np.testing.assert_array_equal(a, tok.batch_indices(3, 7, 100, 10))
-    assert len(set(a.tolist())) == 10 and a.max() < 100
-    assert not np.array_equal(a, tok.batch_indices(3, 8, 100, 10))
-    assert len(tok.batch_indices(0, 0, 4, 10)) == 10  # with replacement when the set is smaller
-
-
 @pytest.mark.parametrize("update", ["ema", "gradient"])
 def test_train_step_is_pure_deterministic_and_learns(update):
     model = _model(codebook_update=update, image_size=(16, 16), levels=1, patch_sizes=(2, 2))
