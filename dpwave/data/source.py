@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from dpwave.data.errors import DataError
 from dpwave.data.images import center_crop_resize, set_channels
 from dpwave.data.spec import DatasetSpec, Privacy
 
@@ -32,9 +33,10 @@ class Source(Sequence):
         self._data = data
         self._spec = spec
         self._fields = [f for f in ("label", "captions", "id") if f in feature_names]
+        self._index = self._label_filter() if spec.labels is not None else None
         self._cache: dict[str, np.ndarray] | None = None
         if spec.in_memory:
-            examples = [self._convert(self._data[i]) for i in range(len(self._data))]
+            examples = [self._convert(self._record(i)) for i in range(len(self))]
             self._cache = self._stack(examples)
             if "captions" in self._fields:
                 self._cache["captions"] = _column([e["captions"] for e in examples])
@@ -48,7 +50,22 @@ class Source(Sequence):
         return self._spec.privacy
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) if self._index is None else len(self._index)
+
+    def _record(self, i: int) -> dict[str, Any]:
+        """Raw record ``i`` of this (possibly label-filtered) split."""
+        return self._data[i if self._index is None else int(self._index[i])]
+
+    def _label_filter(self) -> np.ndarray:
+        """Positions in the split of the examples whose label is in ``spec.labels``."""
+        if "label" not in self._fields:
+            raise DataError(f"{self._spec.label} has no 'label' feature; remove DatasetSpec.labels")
+        labels = np.array([int(self._data[i]["label"]) for i in range(len(self._data))])
+        index = np.flatnonzero(np.isin(labels, self._spec.labels))
+        if not index.size:
+            raise DataError(f"{self._spec.label} has no example with a label in {list(self._spec.labels)} "
+                            f"(its labels: {sorted(set(labels.tolist()))})")
+        return index
 
     def __repr__(self) -> str:
         return f"Source({self._spec.label}, privacy={self.privacy}, {len(self)} examples)"
@@ -65,7 +82,7 @@ class Source(Sequence):
             if "captions" in example:
                 example["captions"] = list(example["captions"])
             return example
-        return self._convert(self._data[i])
+        return self._convert(self._record(i))
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Stacked examples: ``image`` (B, H, W, C) uint8, ``label`` (B,) int32, ``caption`` and
@@ -79,7 +96,7 @@ class Source(Sequence):
                              f"{self._spec.label}")
         if self._cache is not None:
             return {k: v[idx] for k, v in self._cache.items() if k != "captions"}
-        return self._stack([self._convert(self._data[int(i)]) for i in idx])
+        return self._stack([self._convert(self._record(int(i))) for i in idx])
 
     def _convert(self, record: dict[str, Any]) -> dict[str, Any]:
         image = np.asarray(record["image"])

@@ -24,6 +24,8 @@ class DatasetSpec:
         center-crops + resizes at read time otherwise. ``None`` keeps the stored size.
       channels: 1 or 3 to convert at read time; ``None`` keeps the stored channels.
       in_memory: decode the whole split once into numpy arrays (fast ``get_batch`` for small sets).
+      labels: keep only the examples whose ``label`` is one of these (e.g. a public subset of the
+        classes); ``None`` keeps every example. Filtering reads every label of the split once.
     """
 
     name: str
@@ -34,6 +36,7 @@ class DatasetSpec:
     resolution: int | None = None
     channels: int | None = None
     in_memory: bool = False
+    labels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_TAGS:
@@ -52,6 +55,11 @@ class DatasetSpec:
             raise ValueError(f"channels={self.channels!r} must be 1, 3 or None (keep the stored channels)")
         if not isinstance(self.in_memory, bool):
             raise ValueError(f"in_memory={self.in_memory!r} must be True or False")
+        if self.labels is not None:
+            labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else ()
+            if not labels or any(isinstance(v, bool) or not isinstance(v, int) for v in labels):
+                raise ValueError(f"labels={self.labels!r} must be a non-empty list of int class ids or None")
+            object.__setattr__(self, "labels", labels)
 
     @property
     def label(self) -> str:
@@ -78,4 +86,6 @@ class DatasetSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict; ``from_config(spec.to_dict()) == spec``."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["labels"] = None if self.labels is None else list(self.labels)
+        return out

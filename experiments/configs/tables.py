@@ -48,6 +48,7 @@ def _paper(config: str) -> tuple[Row, ...]:
 
 TABLES: dict[str, tuple[Row, ...]] = {
     "mnist_cpu": grid("experiments/configs/mnist.py:demo", common.METHODS, EPSILONS),
+    "mnist_shift": grid("experiments/configs/mnist.py:shift", common.METHODS, EPSILONS),
     "mnist_tiny": grid("experiments/configs/mnist.py:tiny", common.METHODS, EPSILONS),
     "celeba_paper": _paper("experiments/configs/mm_celeba_hq.py"),
     "coco_paper": _paper("experiments/configs/coco.py"),

@@ -123,3 +123,21 @@ def test_bad_csv_rows_are_refused_naming_the_row(line, match):
 def test_empty_split_slice_is_an_error(data_dir, splits):
     with pytest.raises(DataError, match="mnist5k/test\\[:0\\] has no examples"):
         load(DatasetSpec("mnist5k", "test[:0]", "public", data_dir=data_dir))
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_label_filter_keeps_exactly_the_named_classes(data_dir, splits, in_memory):
+    spec = DatasetSpec("mnist5k", "public", "public", data_dir=data_dir, in_memory=in_memory, labels=[0, 1, 2, 3, 4])
+    source = load(spec)
+    full = splits["public"].get_batch(np.arange(len(splits["public"])))
+    kept = full["label"] < 5
+    assert len(source) == kept.sum() == 5 * SPLIT_SIZES["public"]
+    batch = source.get_batch(np.arange(len(source)))
+    np.testing.assert_array_equal(batch["id"], full["id"][kept])  # split order kept
+    np.testing.assert_array_equal(batch["image"], full["image"][kept])
+    assert source[len(source) - 1]["id"] == full["id"][kept][-1]
+
+
+def test_label_filter_that_keeps_nothing_is_an_error(data_dir):
+    with pytest.raises(DataError, match=r"no example with a label in \[10\]"):
+        load(DatasetSpec("mnist5k", "public", "public", data_dir=data_dir, labels=[10]))

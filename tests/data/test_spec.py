@@ -22,6 +22,8 @@ def test_privacy_is_required_and_validated():
     ({"resolution": 32.0}, "resolution=32.0"),
     ({"channels": 2}, "channels=2"),
     ({"in_memory": "yes"}, "in_memory='yes'"),
+    ({"labels": []}, r"labels=\[\] must be a non-empty list"),
+    ({"labels": [1, "2"]}, "labels=.*int class ids"),
 ])
 def test_bad_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -36,6 +38,8 @@ def test_from_config_configdict_and_dict_roundtrip():
     spec = DatasetSpec.from_config(config)
     assert spec == DatasetSpec("cifar10", "train[:10%]", "public", resolution=16, channels=1)
     assert DatasetSpec.from_config(spec.to_dict()) == spec
+    subset = DatasetSpec.from_config({**spec.to_dict(), "labels": [0, 1]})
+    assert subset.labels == (0, 1) and DatasetSpec.from_config(subset.to_dict()) == subset
     with pytest.raises(ValueError, match=r"unknown dataset config keys \['resolutoin'\]"):
         DatasetSpec.from_config({"name": "x", "split": "train", "privacy": "public",
                                  "resolutoin": 3})
