@@ -13,8 +13,8 @@ calibrated):
 Shift (the demo with public data that lacks half the classes): the public split keeps only digits
 0-4 (750 images) for the tokenizer, AR pretraining and refiner; the private split still holds all ten
 digits, so digits 5-9 are learned under DP alone (and refined by a refiner that never saw them). Its
-table is `python -m experiments.reproduce --table mnist_shift`; expected (seed 0, dpwave): downstream
-accuracy 0.50 at epsilon 1 and 10 against 0.82 without noise (the README's shift table).
+table is `python -m experiments.reproduce --table mnist_shift`; expected (dpwave, seeds 0-1): downstream
+accuracy 0.50 at epsilon 1 and 10 against 0.78 without noise (the README's shift table).
 
 Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
 
