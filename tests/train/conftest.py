@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,24 @@ def subprocess_env(cache_dir: Path, devices: int | None = None, **extra: str) ->
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def run_workers(jobs: list[tuple[list[str], Mapping[str, str]]], timeout: float) -> list[dict]:
+    """Starts every `python <args>` job (args, env) at once from the repository root; returns the JSON
+    object each printed on its last line, in job order (a failing job fails the test with its stderr)."""
+    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, env=dict(env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args, env in jobs]
+    reports = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-4000:]
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return reports
 
 
 def logged_steps(stage_dir: Path) -> list[int]:

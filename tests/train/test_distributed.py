@@ -163,33 +163,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_local_cpu_processes_psum_and_checkpoint(tmp_path):
+def test_two_local_cpu_processes_psum_and_checkpoint(helpers, tmp_path):
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(
-                DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                DPWAVE_NUM_PROCESSES="2",
-                DPWAVE_PROCESS_ID=str(i),
-                XLA_FLAGS="--xla_force_host_platform_device_count=2",
-            ),
-        )
-        for i in range(2)
-    ]
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err[-3000:]
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    jobs = [(["-c", _WORKER, str(tmp_path)], _env(DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DPWAVE_NUM_PROCESSES="2",
+                                                  DPWAVE_PROCESS_ID=str(i),
+                                                  XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+            for i in range(2)]
+    reports = helpers.run_workers(jobs, timeout=120)
     # Process i contributes two rows of (i + 1) * [0, 1, 2]: 2 * 3 * (1 + 2) = 18.
     assert reports == [
         {

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -70,18 +67,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(helpers, compi
     envs = [helpers.subprocess_env(compile_cache, 2, DPWAVE_COORDINATOR_ADDRESS=address, DPWAVE_NUM_PROCESSES="2",
                                    DPWAVE_PROCESS_ID=str(i)) for i in range(2)]
     envs.append(helpers.subprocess_env(compile_cache, 1))  # the single-process, single-device run
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER], cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for env in envs]
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-4000:]
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    reports = helpers.run_workers([(["-c", _WORKER], env) for env in envs], timeout=300)
     first, second, single = reports
     assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 4), (1, 2, 4), (0, 1, 1)]
     # Every step saw the whole Poisson batch (both processes' shares), and the batches were not empty.

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -31,20 +29,8 @@ print(json.dumps({{"devices": jax.device_count(), "summary": result.summary}}))
 
 def _run_concurrently(helpers, cache: Path, jobs: list[tuple[int, list[str]]]) -> list[dict]:
     """Runs `python -c` scripts with the given simulated device counts at once; their last JSON lines."""
-    procs = [subprocess.Popen([sys.executable, "-c", *args], cwd=helpers.REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=helpers.subprocess_env(cache, devices))
-             for devices, args in jobs]
-    reports = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=400)
-            assert proc.returncode == 0, err[-4000:]
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return reports
+    return helpers.run_workers([(["-c", *args], helpers.subprocess_env(cache, devices)) for devices, args in jobs],
+                               timeout=400)
 
 
 @pytest.mark.slow  # three processes, two of them compiling the DP step for a new device count
