@@ -35,8 +35,12 @@ from dpwave.models.text import TEXT_PAD, TEXT_VOCAB_SIZE
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _NORMS = ("layernorm", "rmsnorm")
-_LORA_TARGETS = ("qv", "all")
-_MASK_MODES = ("all", "attention", "lora")
+# LoRA targets: the attention projections q, k, v, o and the MLP (fc1, fc2) of every block, '+'-joined
+# ("q+v"); "qv" and "all" (every projection and the MLP) are aliases.
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
+_LORA_ALIASES = {"qv": ("q", "v"), "all": LORA_TARGETS}
+# Named parameter groups of `trainable_mask`, '+'-joined ("cond+lora").
+TRAINABLE_GROUPS = ("all", "attention", "mlp", "norm", "embed", "cond", "head", "lora")
 _INIT_STD = 0.02
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -59,9 +63,10 @@ class TransformerConfig:
     UTF-8 bytes, encoded by ``text_depth`` bidirectional blocks), or neither.
     ``cond_dropout``: probability, in training, of replacing an example's condition by
     the learned null condition. ``dtype``: activation dtype (params are float32).
-    ``lora_rank > 0`` adds adapters on the attention query/value (``lora_targets="qv"``)
-    or on every dense layer of the blocks (``"all"``), scaled by ``lora_alpha / lora_rank``
-    (alpha defaults to the rank). ``scale_boundaries``: cumulative end index of each
+    ``lora_rank > 0`` adds adapters to the projections named in ``lora_targets``, a '+'-joined
+    subset of ``LORA_TARGETS`` (q, k, v, o: attention projections; mlp: both MLP layers), e.g.
+    ``"q+v"`` (alias ``"qv"``) or ``"all"`` (every dense layer of the blocks), scaled by
+    ``lora_alpha / lora_rank`` (alpha defaults to the rank). ``scale_boundaries``: cumulative end index of each
     wavelet scale's tokens, e.g. ``(16, 32, 48)``; the last must equal ``seq_len``.
     """
 
@@ -118,10 +123,7 @@ class TransformerConfig:
         object.__setattr__(self, "dtype", dtype)
         if self.norm not in _NORMS:
             raise ValueError(f"TransformerConfig.norm must be one of {_NORMS}, got {self.norm!r}")
-        if self.lora_targets not in _LORA_TARGETS:
-            raise ValueError(
-                f"TransformerConfig.lora_targets must be one of {_LORA_TARGETS}, got {self.lora_targets!r}"
-            )
+        lora_targets(self.lora_targets)
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"TransformerConfig.lora_alpha must be > 0 or None, got {self.lora_alpha!r}")
         if self.scale_boundaries is not None:
@@ -162,6 +164,19 @@ class TransformerConfig:
         return self.max_text_len if self.conditioning == "text" else 0
 
 
+def lora_targets(spec: str) -> frozenset[str]:
+    """The projections a ``lora_targets`` spec names: ``"q+v"`` -> {"q", "v"}; aliases "qv" and "all"."""
+    if spec in _LORA_ALIASES:
+        return frozenset(_LORA_ALIASES[spec])
+    names = spec.split("+") if isinstance(spec, str) else []
+    if not names or any(n not in LORA_TARGETS for n in names):
+        raise ValueError(
+            f"TransformerConfig.lora_targets={spec!r}: use a '+'-joined subset of {LORA_TARGETS} (e.g. 'q+v') "
+            f"or one of {tuple(_LORA_ALIASES)}"
+        )
+    return frozenset(names)
+
+
 @functools.lru_cache(maxsize=None)
 def _scale_ids(boundaries: tuple[int, ...]) -> np.ndarray:
     """Scale index of each token position, from cumulative boundaries."""
@@ -193,7 +208,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
         def dense(name: str) -> Dense:
-            rank = cfg.lora_rank if cfg.lora_targets == "all" or name in ("q", "v") else 0
+            rank = cfg.lora_rank if name in lora_targets(cfg.lora_targets) else 0
             return Dense(cfg.width, cfg.width, rngs=rngs, dtype=cfg.dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha)
 
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (dense(n) for n in "qkvo")
@@ -230,7 +245,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
-        rank = cfg.lora_rank if cfg.lora_targets == "all" else 0
+        rank = cfg.lora_rank if "mlp" in lora_targets(cfg.lora_targets) else 0
         kw = dict(rngs=rngs, dtype=cfg.dtype, lora_rank=rank, lora_alpha=cfg.lora_alpha)
         self.fc1 = Dense(cfg.width, cfg.mlp_dim, **kw)
         self.fc2 = Dense(cfg.mlp_dim, cfg.width, **kw)
@@ -514,30 +529,58 @@ def _path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
 
 
+_EMBEDDINGS = ("token_embed", "pos_embed", "bos", "scale_embed")
+_CONDITION = ("class_embed", "null_embed", "text_encoder")
+
+
+def _in_group(group: str, names: list[str]) -> bool:
+    """Whether the leaf at path ``names`` belongs to the named parameter group."""
+    is_lora = any(n in LORA_LEAF_NAMES for n in names)
+    if group in ("all", "lora"):
+        return group == "all" or is_lora
+    if is_lora:
+        return False
+    return {
+        "attention": "attn" in names,
+        "mlp": "mlp" in names,
+        "norm": any(n.endswith("norm") for n in names),
+        "embed": names[0] in _EMBEDDINGS,
+        "cond": names[0] in _CONDITION,
+        "head": names[0] == "head",
+    }[group]
+
+
+def trainable_groups(spec: str) -> tuple[str, ...]:
+    """The groups of a '+'-joined ``trainable_mask`` spec, e.g. ``"cond+lora"`` -> ("cond", "lora")."""
+    groups = tuple(spec.split("+")) if isinstance(spec, str) else ()
+    if not groups or any(g not in TRAINABLE_GROUPS for g in groups):
+        raise ValueError(f"trainable_mask mode {spec!r}: use a '+'-joined subset of {TRAINABLE_GROUPS}")
+    return groups
+
+
 def trainable_mask(params: Any, mode: str) -> Any:
     """Bool pytree with ``params``' structure selecting the leaves to finetune.
 
-    ``"all"``: every leaf. ``"attention"``: the q/k/v/output projections of every
-    self-attention layer (decoder and text encoder; LoRA adapters excluded).
-    ``"lora"``: only the LoRA adapters (needs ``lora_rank > 0``).
+    ``mode`` is a '+'-joined union of named groups (LoRA adapters belong only to ``lora`` and ``all``):
+    ``all`` every leaf; ``attention`` the q/k/v/output projections of every self-attention layer
+    (decoder and text encoder); ``mlp`` the MLP layers; ``norm`` every LayerNorm/RMSNorm; ``embed``
+    the token, position, BOS and scale embeddings; ``cond`` the condition encoders (class table incl.
+    its null row, or the caption encoder and null embedding); ``head`` the output layer; ``lora`` the
+    LoRA adapters (needs ``lora_rank > 0``). Training few coordinates under DP shrinks the noise, whose
+    norm grows with the square root of their number (Yu et al. 2022, "Differentially Private
+    Fine-tuning of Language Models"; Li et al. 2022, "Large Language Models Can Be Strong Differentially
+    Private Learners"). Each group must select at least one leaf.
     """
-    if mode not in _MASK_MODES:
-        raise ValueError(f"trainable_mask mode must be one of {_MASK_MODES}, got {mode!r}")
-
-    def pick(path, _) -> bool:
-        names = _path_names(path)
-        is_lora = any(n in LORA_LEAF_NAMES for n in names)
-        return (
-            mode == "all" or (mode == "lora" and is_lora) or (mode == "attention" and "attn" in names and not is_lora)
-        )
-
-    mask = jax.tree_util.tree_map_with_path(pick, params)
-    if not any(jax.tree.leaves(mask)):
-        raise ValueError(
-            f"trainable_mask mode {mode!r} selects no parameter"
-            + (" (build the model with lora_rank > 0)" if mode == "lora" else "")
-        )
-    return mask
+    groups = trainable_groups(mode)
+    for group in groups:
+        if not any(_in_group(group, _path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)):
+            raise ValueError(
+                f"trainable_mask group {group!r} (of {mode!r}) selects no parameter"
+                + (" (build the model with lora_rank > 0)" if group == "lora" else "")
+            )
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(_in_group(g, _path_names(path)) for g in groups), params
+    )
 
 
 # ---- sampling --------------------------------------------------------------------------------

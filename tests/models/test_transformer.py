@@ -276,7 +276,7 @@ def test_per_example_loss_vmap_grad_and_batched_mean(name):
         tr.per_example_loss(graphdef, params, {"tokens": batch["tokens"][0]}, rngs[0])
 
 
-@pytest.mark.parametrize("targets,adapted_per_layer", [("qv", 2), ("all", 6)])
+@pytest.mark.parametrize("targets,adapted_per_layer", [("qv", 2), ("all", 6), ("q+k+v+o", 4), ("mlp", 2), ("v", 1)])
 def test_lora_is_identity_at_init_and_mask_selects_adapters(targets, adapted_per_layer):
     cfg = tr.TransformerConfig(**TINY, num_classes=3, lora_rank=2, lora_targets=targets)
     graphdef, params = build(cfg, seed=1)
@@ -305,8 +305,44 @@ def test_trainable_mask_modes():
     assert jax.tree.structure(attention) == jax.tree.structure(params)
     with pytest.raises(ValueError, match="lora_rank"):
         tr.trainable_mask(params, "lora")
-    with pytest.raises(ValueError, match="mode"):
-        tr.trainable_mask(params, "mlp")
+    with pytest.raises(ValueError, match="mode 'mlps'"):
+        tr.trainable_mask(params, "mlps")
+    with pytest.raises(ValueError, match="mode 'cond\\+'"):
+        tr.trainable_mask(params, "cond+")
+
+
+def selected_names(mask) -> set[tuple[str, ...]]:
+    """The parameter paths (without the trailing 'value') a mask selects."""
+    return {tuple(tr._path_names(p)[:-1]) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+
+
+def test_trainable_groups_compose_and_select_what_they_name():
+    cfg = tr.TransformerConfig(**TINY, num_classes=3, lora_rank=2, lora_targets="q+v")
+    _, params = build(cfg)
+    assert selected_names(tr.trainable_mask(params, "cond")) == {("class_embed",)}
+    assert selected_names(tr.trainable_mask(params, "head")) == {("head", "kernel"), ("head", "bias")}
+    assert selected_names(tr.trainable_mask(params, "embed")) == {("token_embed",), ("pos_embed",), ("bos",)}
+    lora = selected_names(tr.trainable_mask(params, "lora"))
+    assert {n[-1] for n in lora} == {"lora_a", "lora_b"} and len(lora) == 2 * 2 * cfg.depth
+    assert selected_names(tr.trainable_mask(params, "cond+lora")) == lora | {("class_embed",)}
+    mlp = selected_names(tr.trainable_mask(params, "mlp"))
+    assert mlp and all("mlp" in n and n[-1] in ("kernel", "bias") for n in mlp)
+    norm = selected_names(tr.trainable_mask(params, "norm"))
+    assert len(norm) == 2 * (2 * cfg.depth + 1)  # scale and bias of attn_norm, mlp_norm per block, final_norm
+    # Groups never pick an adapter except lora and all; all picks everything.
+    every = selected_names(tr.trainable_mask(params, "all"))
+    assert selected_names(tr.trainable_mask(params, "attention+mlp+norm+embed+cond+head")) == every - lora
+    _, text_params = built("text")
+    cond = selected_names(tr.trainable_mask(text_params, "cond"))
+    assert ("null_embed",) in cond and all(n[0] in ("null_embed", "text_encoder") for n in cond)
+    with pytest.raises(ValueError, match="group 'cond'"):
+        tr.trainable_mask(built("scales")[1], "cond")  # an unconditional model has no condition encoder
+
+
+@pytest.mark.parametrize("spec", ["", "qk", "q+x", "mlp+"])
+def test_bad_lora_targets_are_refused(spec):
+    with pytest.raises(ValueError, match="lora_targets"):
+        tr.TransformerConfig(**TINY, lora_rank=2, lora_targets=spec)
 
 
 # ---- learning ----------------------------------------------------------------------------------
@@ -352,7 +388,7 @@ def test_tiny_model_overfits_label_conditioned_sequences():
         (dict(dtype="int8"), "dtype"),
         (dict(norm="batchnorm"), "norm"),
         (dict(lora_rank=-1), "lora_rank"),
-        (dict(lora_targets="mlp"), "lora_targets"),
+        (dict(lora_targets="ffn"), "lora_targets"),
         (dict(lora_alpha=0.0), "lora_alpha"),
         (dict(scale_boundaries=(4, 4, T)), "scale_boundaries"),
         (dict(scale_boundaries=(4, 6)), "seq_len"),
