@@ -1,8 +1,9 @@
 """Sum of per-example gradients, each clipped to L2 norm <= C over the whole parameter tree.
 
 `clipped_grad(loss_fn, l2_clip=C)` turns a per-example loss into
-`fn(params, batch, mask, rng) -> (grad_sum, ClipAux)`, the DP-SGD sensitivity-bounded sum:
-adding or removing one example changes `grad_sum` by at most C in L2 norm. Noise and the
+`fn(params, batch, mask, keys) -> (grad_sum, ClipAux)`, the DP-SGD sensitivity-bounded sum:
+adding or removing one example changes `grad_sum` by at most C in L2 norm, provided each example's
+key depends on nothing but that example and a fixed step key (`dpwave.privacy.keys.example_keys`). Noise and the
 normalization by the expected batch size are a separate step (`dpwave.privacy.noise`).
 
 Trainable subsets. With `trainable`, only the selected leaves are differentiated (no per-example
@@ -173,7 +174,7 @@ def clipped_grad(
     trainable: Trainable = None,
     use_ghost_norms: bool = False,
 ) -> ClippedGradFn:
-    """Builds fn(params, batch, mask, rng) -> (grad_sum, ClipAux), the sum of clipped grads.
+    """Builds fn(params, batch, mask, keys) -> (grad_sum, ClipAux), the sum of clipped grads.
 
     Args:
       loss_fn: `loss_fn(params, example, rng) -> scalar` for ONE example (no batch axis).
@@ -189,8 +190,9 @@ def clipped_grad(
 
     The returned fn takes `batch` (pytree, leading axis B), `mask` ((B,), nonzero for real
     examples, 0 for padding: a padding row contributes exactly zero because the binarized mask
-    multiplies its clip factor) and `rng`; example i gets `fold_in(rng, i)`. NaN/inf per-example gradients are zeroed
-    and counted in `ClipAux.num_nonfinite`.
+    multiplies its clip factor) and `keys` ((B,) PRNG keys, example i's loss gets `keys[i]`; derive
+    them with `dpwave.privacy.keys.example_keys`, never from the slot index). NaN/inf per-example
+    gradients are zeroed and counted in `ClipAux.num_nonfinite`.
     """
     _validate(l2_clip, microbatch_size)
 
@@ -213,11 +215,12 @@ def clipped_grad(
             grad_sum = combine(grad_sum, dense_sum(weights))
         return grad_sum, norms, losses, num_nonfinite
 
-    def fn(params: PyTree, batch: PyTree, mask: jax.Array, rng: jax.Array) -> tuple[PyTree, ClipAux]:
+    def fn(params: PyTree, batch: PyTree, mask: jax.Array, keys: jax.Array) -> tuple[PyTree, ClipAux]:
         mask = jnp.asarray(mask)
         size = _batch_size(batch, mask)
+        if keys.shape != (size,) or not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+            raise ValueError(f"keys must be ({size},) PRNG keys, one per example; got {keys.dtype}{keys.shape}.")
         train, frozen = partition(params, trainable)
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(size))
         if microbatch_size is None or microbatch_size >= size:
             grad_sum, norms, losses, nnf = chunk(train, frozen, batch, mask, keys)
             return grad_sum, ClipAux(norms, losses, nnf)

@@ -1,10 +1,12 @@
-"""Ghost norms: exact per-example gradient norms of dot_general weights, no per-example grads.
+"""Ghost norms: per-example gradient norms of dot_general weights (certified upper bounds), no per-example grads.
 
 A weight W that enters one example's loss only as an operand of `dot_general` ops
 (y_u = x_u W: dense layers, attention projections, tied uses) has the per-example gradient
 G = sum_u x_u^T dY_u. Stacking the uses' inputs X (N x K) and output cotangents D (N x M):
   ||G||^2 = sum((X X^T) * (D D^T))      O(N^2 (K + M)), chosen when cheaper than
   ||G||^2 = sum((X^T D)^2)              O(N K M) (N: positions, e.g. sequence length),
+each widened by its float32 rounding error bound, so the clip factor never lets an example add
+more than C (`_norm_bound`),
 and the weighted sum over a batch, sum_i w_i G_i = X_all^T (w * D_all), is one ordinary
 weight-gradient matmul. X and D come out of ONE per-example forward/backward pass: the loss is
 re-evaluated from its traced jaxpr with a zero perturbation z added to each such dot_general's
@@ -50,7 +52,8 @@ class GhostResult(NamedTuple):
 
     Attributes:
       losses: (B,) per-example losses.
-      dense_sq_norms: (B,) float32 squared gradient norms summed over the ghost-handled leaves.
+      dense_sq_norms: (B,) float32 certified upper bounds on the squared gradient norms summed over
+        the ghost-handled leaves (within a relative 1e-4 of the exact value on real models).
       fallback_grads: per-example gradients (leading axis B) of the other leaves, `None` at
         ghost-handled ones.
       dense_sum: `dense_sum(weights)` -> sum_i weights_i * G_i (float32) for the ghost-handled
@@ -161,14 +164,39 @@ def _canonical(use: _Use, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.A
     return xc.astype(jnp.float32), dc.astype(jnp.float32)
 
 
-def _sq_norm(x: jax.Array, d: jax.Array) -> jax.Array:
-    """(B,) squared Frobenius norms of X_i^T D_i, by Gram matrices when that is cheaper."""
+_U = 1.01 * 2.0**-24  # float32 unit roundoff, with slack for the first-order error bounds below
+
+
+def _norm_bound(x: jax.Array, d: jax.Array) -> jax.Array:
+    """(B,) certified upper bounds on the Frobenius norm of X_i^T D_i as float32 computes it.
+
+    The norm is computed by Gram matrices, sum((X X^T) * (D D^T)), when that is cheaper than forming
+    X^T D, and that formula cancels: two nearly parallel rows with opposite cotangents can make it read
+    0 for a gradient of norm 4. So both formulas are widened by their float32 rounding error bound
+    (first-order bounds, u the unit roundoff, computed from the Gram matrices and the row norms), plus
+    2 (N + 2) u T, T = sum_n |x_n| |d_n|, for the rounding of the batched sum X^T (w D) that the
+    clipped gradient is added with; the result is capped by T (the triangle inequality) widened the
+    same way. An example whose norm cancels is clipped harder, never added with more than C; on real
+    models the widening is about 1e-5 of the norm (tests/privacy/test_ghost.py).
+    """
     n, k, m = x.shape[1], x.shape[2], d.shape[2]
+    nx, nd = jnp.linalg.norm(x, axis=2), jnp.linalg.norm(d, axis=2)
+    t = jnp.sum(nx * nd, axis=1) * (1 + (k + m + n + 4) * _U)
     if n * (k + m) < k * m:
         gx = jnp.einsum("bnk,bsk->bns", x, x, precision=_HIGHEST)
         gd = jnp.einsum("bnm,bsm->bns", d, d, precision=_HIGHEST)
-        return jnp.sum(gx * gd, axis=(1, 2))
-    return jnp.sum(jnp.square(jnp.einsum("bnk,bnm->bkm", x, d, precision=_HIGHEST)), axis=(1, 2))
+        total = lambda a: jnp.sum(jnp.sum(a, axis=2), axis=1)
+        outer = lambda v: v[:, :, None] * v[:, None, :]
+        sq = total(gx * gd)
+        error = ((k + 2) * total(outer(nx) * jnp.abs(gd)) + (m + 2) * total(jnp.abs(gx) * outer(nd))
+                 + (2 * n + 3) * total(jnp.abs(gx * gd)) + 3 * (k + 2) * (m + 2) * _U * jnp.square(t))
+        base = jnp.maximum(sq, 0.0) + 1.1 * _U * error
+    else:
+        g = jnp.einsum("bnk,bnm->bkm", x, d, precision=_HIGHEST)
+        sq = jnp.sum(jnp.einsum("bkm,bkm->bk", g, g, precision=_HIGHEST), axis=1)
+        base = sq * (1 + (k + m + 4) * _U)
+    margin = 2 * (n + 2) * _U
+    return jnp.minimum(jnp.sqrt(base) + margin * t, t * (1 + margin))
 
 
 def ghost_norms(
@@ -234,7 +262,8 @@ def ghost_norms(
         stacked[use.param] = (xc, dc)
     sq = jnp.zeros((batch,), jnp.float32)
     for x, d in stacked.values():
-        sq = sq + _sq_norm(x, d)
+        sq = sq + jnp.square(_norm_bound(x, d))
+    sq = sq * (1 + (len(stacked) + 2) * _U)
 
     def dense_sum(weights: jax.Array) -> PyTree:
         out: list[Any] = [None] * len(leaves)

@@ -5,8 +5,9 @@
 * The DP stage: each device sums the clipped per-example gradients of its shard of the padded Poisson
   batch, the sums are added with `psum`, and the optimizer chain (whose first transform adds the
   Gaussian noise once and divides by the expected batch size) runs replicated, with the same noise
-  key on every device. Per-example randomness comes from keys computed for the global batch, so the
-  result does not depend on the number of devices.
+  key on every device. Each example's randomness comes from a keyed hash of its own content under the
+  (secret) step key (`dpwave.privacy.keys`), so it depends neither on the example's slot, nor on the
+  other examples, nor on the number of devices.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dpwave.privacy import clipping
+from dpwave.privacy import clipping, keys
 from dpwave.train.distributed import DATA_AXIS
 
 PyTree = Any
@@ -78,46 +79,36 @@ def fold_step_key(step_fn: Callable) -> Callable:
     return fn
 
 
-def example_keys(rng: jax.Array, size: int) -> jax.Array:
-    """Raw key data (size, 2) of per-example keys `fold_in(rng, i)` for the global batch."""
-    return jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(rng, i)))(jnp.arange(size))
-
-
 def dp_step(example_loss: ExampleLoss, optimizer: optax.GradientTransformation, mesh: Mesh, *,
             l2_clip: float, microbatch_size: int | None, trainable: PyTree = None,
             use_ghost_norms: bool = False) -> Callable:
     """`step(state, batch, mask, rng) -> (state, metrics)`: one DP-SGD/DP-Adam step.
 
     `example_loss(params, example, key)` is the loss of one example. `batch` and `mask` are the
-    padded Poisson batch (leading axis a multiple of the device count). `optimizer` must be a DP
-    chain from `dpwave.privacy` (noise once on the global sum, normalized by the expected batch
-    size). With `trainable`, the optimizer state covers `clipping.partition(params, trainable)[0]`.
+    padded Poisson batch (leading axis a multiple of the device count). `rng` is the step's key and
+    must be secret (from the DP secret seed); example i's key is `keys.content_key(rng, batch[i])`.
+    `optimizer` must be a DP chain from `dpwave.privacy` (noise once on the global sum, normalized by
+    the expected batch size). With `trainable`, the optimizer state covers `clipping.partition(params, trainable)[0]`.
     """
 
-    def keyed_loss(params, example, unused_key):
-        example = dict(example)
-        key = jax.random.wrap_key_data(example.pop("_key"))
-        return example_loss(params, example, key)
-
-    clipped = clipping.clipped_grad(keyed_loss, l2_clip=l2_clip, microbatch_size=microbatch_size,
+    clipped = clipping.clipped_grad(example_loss, l2_clip=l2_clip, microbatch_size=microbatch_size,
                                     trainable=trainable, use_ghost_norms=use_ghost_norms)
 
-    def local_sum(params, batch, mask):
-        grad_sum, aux = clipped(params, batch, mask, jax.random.key(0))
+    def local_sum(params, batch, mask, rng):
+        grad_sum, aux = clipped(params, batch, mask, keys.example_keys(rng, batch))
         valid = mask.astype(jnp.float32)
         stats = {"loss_sum": jnp.sum(aux.losses * valid), "clipped_frac_sum": jnp.sum((aux.norms > l2_clip) * valid),
                  "num_nonfinite": aux.num_nonfinite, "batch_size": jnp.sum(valid)}
         return jax.lax.psum((grad_sum, stats), DATA_AXIS)
 
     # check_vma=False: the clipping scan starts from replicated zeros and accumulates per-device sums.
-    sum_fn = jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)), out_specs=P(),
+    sum_fn = jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P(),
                            check_vma=False)
 
     @jax.jit
     def step(state: TrainState, batch: PyTree, mask: jax.Array, rng: jax.Array) -> tuple[TrainState, dict]:
-        batch = {**batch, "_key": example_keys(rng, mask.shape[0])}
         batch = jax.lax.with_sharding_constraint(batch, jax.sharding.NamedSharding(mesh, P(DATA_AXIS)))
-        grad_sum, stats = sum_fn(state.params, batch, mask)
+        grad_sum, stats = sum_fn(state.params, batch, mask, rng)
         train, frozen = clipping.partition(state.params, trainable)
         updates, opt_state = optimizer.update(grad_sum, state.opt_state, train)
         params = clipping.combine(optax.apply_updates(train, updates), frozen)

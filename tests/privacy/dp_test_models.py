@@ -73,7 +73,7 @@ def attention_problem(seed: int = 0, batch: int = 8, dropout: float = 0.0):
     return loss_fn, params, tokens
 
 
-def reference_clipped_sum(loss_fn, params, batch, mask, rng, l2_clip):
+def reference_clipped_sum(loss_fn, params, batch, mask, keys, l2_clip):
     """Plain per-example loop: grad, global norm, clip, sum (the definition, no vmap tricks)."""
 
     @jax.jit
@@ -84,7 +84,7 @@ def reference_clipped_sum(loss_fn, params, batch, mask, rng, l2_clip):
 
     total, norms = None, []
     for i in range(len(mask)):
-        scaled, norm = one(jax.tree.map(lambda x: x[i], batch), jax.random.fold_in(rng, i), mask[i])
+        scaled, norm = one(jax.tree.map(lambda x: x[i], batch), keys[i], mask[i])
         scaled = jax.tree.map(np.asarray, scaled)
         total = scaled if total is None else jax.tree.map(np.add, total, scaled)
         norms.append(float(norm))

@@ -9,6 +9,7 @@ import pytest
 
 from dp_test_models import attention_problem, mlp_problem, reference_clipped_sum
 from dpwave.privacy.clipping import clip_and_sum, clipped_grad, combine, partition
+from dpwave.privacy.keys import example_keys
 
 RNG = jax.random.key(7)
 BATCH = 6
@@ -42,9 +43,9 @@ def _tree_allclose(a, b, atol=1e-5, rtol=1e-5) -> None:
 def test_matches_per_example_loop_definition(name, ghost):
     loss_fn, params, batch, clip, fn = _setup(name, ghost)
     mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    ref_sum, ref_norms = reference_clipped_sum(loss_fn, params, batch, mask, RNG, clip)
+    ref_sum, ref_norms = reference_clipped_sum(loss_fn, params, batch, mask, example_keys(RNG, batch), clip)
     assert np.any(ref_norms > clip) and np.any(ref_norms < clip)
-    got, aux = fn(params, batch, mask, RNG)
+    got, aux = fn(params, batch, mask, example_keys(RNG, batch))
     _tree_allclose(got, ref_sum)
     np.testing.assert_allclose(aux.norms, ref_norms, rtol=1e-5)
     assert int(aux.num_nonfinite) == 0
@@ -54,11 +55,12 @@ def test_matches_per_example_loop_definition(name, ghost):
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
 def test_removing_one_example_moves_the_sum_by_at_most_c(name, ghost):
     _, params, batch, clip, fn = _setup(name, ghost)
-    full, aux = fn(params, batch, jnp.ones(BATCH), RNG)
+    full, aux = fn(params, batch, jnp.ones(BATCH), example_keys(RNG, batch))
     for i in range(BATCH):
         keep = np.array([j for j in range(BATCH) if j != i])
-        # The neighbouring dataset without example i (these losses ignore rng: indices may shift).
-        fewer, _ = fn(params, jax.tree.map(lambda x: x[keep], batch), jnp.ones(BATCH - 1), RNG)
+        # The neighbouring dataset without example i: the others keep their content-derived keys.
+        smaller = jax.tree.map(lambda x: x[keep], batch)
+        fewer, _ = fn(params, smaller, jnp.ones(BATCH - 1), example_keys(RNG, smaller))
         moved = _tree_norm(jax.tree.map(jnp.subtract, full, fewer))
         assert moved <= clip * (1 + 1e-5)
         np.testing.assert_allclose(moved, min(float(aux.norms[i]), clip), rtol=1e-4)
@@ -70,8 +72,8 @@ def test_padding_rows_change_nothing(ghost):
     real = jax.tree.map(lambda x: x[: BATCH - 1], batch)
     junk = {"x": jnp.full((1, 5), jnp.nan), "y": jnp.full((1, 3), 1e30)}
     padded = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), real, junk)
-    base, aux = fn(params, real, jnp.ones(BATCH - 1), RNG)
-    got, aux_pad = fn(params, padded, jnp.array([1.0] * (BATCH - 1) + [0.0]), RNG)
+    base, aux = fn(params, real, jnp.ones(BATCH - 1), example_keys(RNG, real))
+    got, aux_pad = fn(params, padded, jnp.array([1.0] * (BATCH - 1) + [0.0]), example_keys(RNG, padded))
     _tree_allclose(got, base, atol=1e-7, rtol=1e-6)
     assert int(aux_pad.num_nonfinite) == 0
     np.testing.assert_allclose(aux_pad.norms[:-1], aux.norms, rtol=1e-6)
@@ -81,9 +83,11 @@ def test_padding_rows_change_nothing(ghost):
 def test_microbatched_equals_whole_batch_with_per_example_rngs():
     loss_fn, params, batch = mlp_problem(seed=4, batch=8, noisy=True)
     mask = jnp.array([1, 1, 0, 1, 1, 1, 0, 1], jnp.float32)
-    run = lambda rng=RNG, **kw: jax.jit(clipped_grad(loss_fn, l2_clip=0.5, **kw))(params, batch, mask, rng)
+    run = lambda rng=RNG, **kw: jax.jit(clipped_grad(loss_fn, l2_clip=0.5, **kw))(
+        params, batch, mask, example_keys(rng, batch)
+    )
     whole, aux = run()
-    # The rng draws matter, so the equalities below prove chunks use the global example keys.
+    # The rng draws matter, so the equalities below prove chunks use each example's own key.
     other, _ = run(jax.random.key(8))
     assert _tree_norm(jax.tree.map(jnp.subtract, whole, other)) > 1e-3
     for kwargs in (dict(microbatch_size=3), dict(use_ghost_norms=True), dict(microbatch_size=4, use_ghost_norms=True)):
@@ -98,8 +102,8 @@ def test_microbatched_equals_whole_batch_with_per_example_rngs():
 def test_nonfinite_example_is_zeroed_and_counted(bad, ghost):
     _, params, batch, _, fn = _setup("mlp", ghost)
     poisoned = {"x": batch["x"].at[2, 1].set(bad), "y": batch["y"]}
-    got, aux = fn(params, poisoned, jnp.ones(BATCH), RNG)
-    expected, _ = fn(params, batch, jnp.array([1, 1, 0, 1, 1, 1.0]), RNG)
+    got, aux = fn(params, poisoned, jnp.ones(BATCH), example_keys(RNG, batch))
+    expected, _ = fn(params, batch, jnp.array([1, 1, 0, 1, 1, 1.0]), example_keys(RNG, batch))
     assert int(aux.num_nonfinite) == 1
     assert not np.isfinite(aux.norms[2])
     _tree_allclose(got, expected, atol=0, rtol=0)
@@ -128,16 +132,16 @@ def _dict_mlp():
 @PATHS
 def test_trainable_subset_differentiates_only_trainable_leaves(ghost):
     loss_fn, params, batch = _dict_mlp()
-    mask = jnp.ones(4)
+    mask, keys = jnp.ones(4), example_keys(RNG, batch)
     with pytest.raises(TypeError):  # proves the int leaf is never differentiated below
-        clipped_grad(loss_fn, l2_clip=1.0)(params, batch, mask, RNG)
+        clipped_grad(loss_fn, l2_clip=1.0)(params, batch, mask, keys)
     only_l2 = lambda path: path[0] == "l2"
     sub, _ = jax.jit(clipped_grad(loss_fn, l2_clip=1e6, trainable=only_l2, use_ghost_norms=ghost))(
-        params, batch, mask, RNG
+        params, batch, mask, keys
     )
     assert sub["l1"] == {"kernel": None, "bias": None} and sub["table"] is None
     float_only = lambda path: path[0] != "table"
-    full, _ = jax.jit(clipped_grad(loss_fn, l2_clip=1e6, trainable=float_only))(params, batch, mask, RNG)
+    full, _ = jax.jit(clipped_grad(loss_fn, l2_clip=1e6, trainable=float_only))(params, batch, mask, keys)
     _tree_allclose(sub["l2"], full["l2"])  # no clipping active: the restricted full gradient
     assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(sub))
 
@@ -145,10 +149,10 @@ def test_trainable_subset_differentiates_only_trainable_leaves(ghost):
     flags = {"l1": {"kernel": False, "bias": False}, "l2": {"kernel": True, "bias": True}, "table": False}
     train, frozen = partition(params, flags)
     clipped, aux = jax.jit(clipped_grad(loss_fn, l2_clip=0.2, trainable=flags, use_ghost_norms=ghost))(
-        params, batch, mask, RNG
+        params, batch, mask, keys
     )
     ref, ref_norms = reference_clipped_sum(
-        lambda p, e, r: loss_fn(combine(p, frozen), e, r), train, batch, mask, RNG, 0.2
+        lambda p, e, r: loss_fn(combine(p, frozen), e, r), train, batch, mask, keys, 0.2
     )
     _tree_allclose(clipped, ref)
     np.testing.assert_allclose(aux.norms, ref_norms, rtol=1e-5)
@@ -185,11 +189,14 @@ def test_bad_settings_raise(kwargs, match):
 def test_bad_inputs_raise():
     loss_fn, params, batch = _dict_mlp()
     fn = clipped_grad(loss_fn, l2_clip=1.0, trainable=lambda path: path[0] != "table")
+    keys = example_keys(RNG, batch)
     with pytest.raises(ValueError, match="leading axis 3"):
-        fn(params, batch, jnp.ones(3), RNG)
+        fn(params, batch, jnp.ones(3), keys)
     with pytest.raises(ValueError, match="shape"):
-        fn(params, batch, jnp.ones((4, 1)), RNG)
+        fn(params, batch, jnp.ones((4, 1)), keys)
+    with pytest.raises(ValueError, match="one per example"):
+        fn(params, batch, jnp.ones(4), RNG)
     with pytest.raises(ValueError, match="selects no parameter"):
-        clipped_grad(loss_fn, l2_clip=1.0, trainable=lambda path: False)(params, batch, jnp.ones(4), RNG)
+        clipped_grad(loss_fn, l2_clip=1.0, trainable=lambda path: False)(params, batch, jnp.ones(4), keys)
     with pytest.raises(ValueError, match="structure of params"):
-        clipped_grad(loss_fn, l2_clip=1.0, trainable={"l1": True})(params, batch, jnp.ones(4), RNG)
+        clipped_grad(loss_fn, l2_clip=1.0, trainable={"l1": True})(params, batch, jnp.ones(4), keys)

@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from dpwave.privacy.clipping import clipped_grad
+from dpwave.privacy.keys import example_keys
 from dpwave.privacy.optimizers import dp_adam
 
 EPSILON, DELTA = 8.0, 1e-5
@@ -83,7 +84,7 @@ def test_dp_adam_learns_mnist_at_epsilon_8():
 
     @jax.jit
     def step(params, opt_state, batch, mask, rng):
-        grad_sum, aux = grad_fn(params, batch, mask, rng)
+        grad_sum, aux = grad_fn(params, batch, mask, example_keys(rng, batch))
         updates, opt_state = opt.update(grad_sum, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, aux.num_nonfinite
 

@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.ghost import ghost_norms
+from dpwave.privacy.keys import example_keys
 
 RNG = jax.random.key(3)
 # Leaves that enter the loss only through dot_generals without batch dims on the weight.
@@ -55,7 +57,7 @@ def _zoo():
 
 def test_ghost_handles_exactly_the_dot_general_weights():
     loss_fn, params, batch = _zoo()
-    keys = jax.vmap(lambda i: jax.random.fold_in(RNG, i))(jnp.arange(5))
+    keys = example_keys(RNG, batch)
 
     @jax.jit
     def run(params, batch, keys):
@@ -72,13 +74,15 @@ def test_ghost_handles_exactly_the_dot_general_weights():
 def test_ghost_equals_materialized_per_example_gradients():
     loss_fn, params, batch = _zoo()
     mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
-    ref, ref_aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0))(params, batch, mask, RNG)
-    got, aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0, use_ghost_norms=True))(params, batch, mask, RNG)
+    ref, ref_aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0))(params, batch, mask, example_keys(RNG, batch))
+    got, aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0, use_ghost_norms=True))(params, batch, mask, example_keys(RNG, batch))
     assert np.any(ref_aux.norms > 13.0) and np.any(ref_aux.norms < 13.0)
-    np.testing.assert_allclose(aux.norms, ref_aux.norms, rtol=2e-5)
+    # Ghost norms are certified upper bounds, within 1e-4 of the materialized norms.
+    assert np.all(aux.norms >= ref_aux.norms * (1 - 1e-6))
+    np.testing.assert_allclose(aux.norms, ref_aux.norms, rtol=1e-4)
     np.testing.assert_allclose(aux.losses, ref_aux.losses, rtol=1e-6)
     for k in params:
-        np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=5e-5, err_msg=k)
 
 
 def test_dense_per_example_gradients_are_never_materialized():
@@ -89,15 +93,15 @@ def test_dense_per_example_gradients_are_never_materialized():
         return jnp.sum(jnp.tanh(x @ p["w"]))
 
     x = jnp.ones((5, 3, 64))
-    text = lambda **kw: str(jax.make_jaxpr(clipped_grad(loss_fn, l2_clip=1.0, **kw))({"w": w}, x, jnp.ones(5), RNG))
+    text = lambda **kw: str(jax.make_jaxpr(clipped_grad(loss_fn, l2_clip=1.0, **kw))({"w": w}, x, jnp.ones(5), example_keys(RNG, x)))
     assert "f32[5,64,48]" in text()  # the vmap path holds B x |W| ...
     assert "f32[5,64,48]" not in text(use_ghost_norms=True)  # ... the ghost path never does
 
 
-def test_dense_sums_have_exactly_the_reported_norms():
-    # What DP needs: each example's contribution to the sum has the norm used to clip it.
+def test_dense_sums_have_at_most_the_reported_norms():
+    # What DP needs: each example's contribution to the sum has at most the norm used to clip it.
     loss_fn, params, batch = _zoo()
-    keys = jax.vmap(lambda i: jax.random.fold_in(RNG, i))(jnp.arange(5))
+    keys = example_keys(RNG, batch)
 
     @jax.jit
     def contributions(params, batch, keys):
@@ -107,7 +111,8 @@ def test_dense_sums_have_exactly_the_reported_norms():
         return res.dense_sq_norms, sq
 
     reported, actual = contributions(params, batch, keys)
-    np.testing.assert_allclose(actual, reported, rtol=1e-5)
+    assert np.all(actual <= reported)
+    np.testing.assert_allclose(actual, reported, rtol=2e-4)
 
 
 def test_weights_cast_to_bfloat16_are_still_ghost_handled():
@@ -124,7 +129,7 @@ def test_weights_cast_to_bfloat16_are_still_ghost_handled():
         h = jnp.tanh(example.astype(bf) @ p["w"].astype(bf))
         return jnp.sum(jnp.square((h @ p["v"].astype(bf)).astype(jnp.float32)))
 
-    keys = jax.vmap(lambda i: jax.random.fold_in(RNG, i))(jnp.arange(4))
+    keys = example_keys(RNG, x)
 
     @jax.jit
     def run(params):
@@ -133,6 +138,61 @@ def test_weights_cast_to_bfloat16_are_still_ghost_handled():
 
     fallback, sq = run(params)
     assert fallback == {"w": None, "v": None}
-    _, aux = jax.jit(clipped_grad(loss_fn, l2_clip=1.0))(params, x, jnp.ones(4), RNG)
+    _, aux = jax.jit(clipped_grad(loss_fn, l2_clip=1.0))(params, x, jnp.ones(4), keys)
     # The vmap path's weight gradients are bfloat16 matmuls; ghost sums them in float32.
     np.testing.assert_allclose(jnp.sqrt(sq), aux.norms, rtol=2e-2)
+
+
+def _cancelling_problem(scale: float, seed: int, k: int, m: int):
+    """One dense layer; example 0 has two nearly parallel input rows of norm `scale` with opposite unit
+    output cotangents, so its gradient (x1 - x2)^T c has norm 4 while the Gram entries are ~scale^2."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(k, m)), jnp.float32)
+    x1 = rng.normal(size=k)
+    x1 = scale * x1 / np.linalg.norm(x1)
+    delta = rng.normal(size=k)
+    x2 = x1 + 4.0 * delta / np.linalg.norm(delta)
+    c = rng.normal(size=m)
+    c = c / np.linalg.norm(c)
+    xs = np.stack([np.stack([x1, x2])] + [rng.normal(size=(2, k)) for _ in range(3)])
+    cs = np.stack([np.stack([c, -c])] + [rng.normal(size=(2, m)) for _ in range(3)])
+    return {"w": w}, {"x": jnp.asarray(xs, jnp.float32), "c": jnp.asarray(cs, jnp.float32)}
+
+
+def _cancelling_loss(p, ex, key):
+    del key
+    return jnp.sum((ex["x"] @ p["w"]) * ex["c"])  # dL/dY = c exactly
+
+
+@pytest.mark.parametrize("k, m", [(64, 4), (256, 32)])
+def test_cancelling_activations_add_at_most_c(k, m):
+    # Before the certified bound, 21 of these 48 cases added up to 4 C (the Gram norm read 0).
+    fn = jax.jit(clipped_grad(_cancelling_loss, l2_clip=1.0, use_ghost_norms=True))
+    for scale in (1e2, 1e3, 1e4):
+        for seed in range(8):
+            params, batch = _cancelling_problem(scale, seed, k, m)
+            full, aux = fn(params, batch, jnp.ones(4), example_keys(RNG, batch))
+            rest = jax.tree.map(lambda x: x[1:], batch)
+            without, _ = fn(params, rest, jnp.ones(3), example_keys(RNG, rest))
+            moved = float(jnp.linalg.norm(full["w"] - without["w"]))
+            assert moved <= 1.0 + 1e-5, (scale, seed, moved, float(aux.norms[0]))
+            assert float(aux.norms[0]) >= 4.0 * (1 - 1e-3)
+
+
+def test_norm_bounds_are_tight_on_the_demo_transformer():
+    """On a real model the certified bound stays within 1e-4 of the materialized per-example norm."""
+    from dpwave.models import transformer as transformer_lib
+    from dpwave.train import public_stages
+    from experiments.configs import mnist
+
+    config = mnist.get_config("demo")
+    graphdef, params = public_stages.init_transformer(config)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 256, (6, 16)), jnp.int32),
+             "label": jnp.asarray(rng.integers(0, 10, 6), jnp.int32)}
+    loss_fn = lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key)
+    keys = example_keys(RNG, batch)
+    _, ref = jax.jit(clipped_grad(loss_fn, l2_clip=1.0))(params, batch, jnp.ones(6), keys)
+    _, got = jax.jit(clipped_grad(loss_fn, l2_clip=1.0, use_ghost_norms=True))(params, batch, jnp.ones(6), keys)
+    ratio = np.asarray(got.norms) / np.asarray(ref.norms)
+    assert np.all(ratio >= 1 - 1e-6) and np.all(ratio <= 1 + 1e-4), ratio

@@ -9,6 +9,7 @@ from scipy import stats
 
 from dp_test_models import mlp_problem
 from dpwave.privacy.clipping import clipped_grad
+from dpwave.privacy.keys import example_keys
 from dpwave.privacy.noise import NoiseState, dp_aggregate, noise_and_normalize
 from dpwave.privacy.optimizers import NOISE_STREAM, dp_adam, dp_optimizer, noise_key
 
@@ -95,19 +96,18 @@ def test_state_is_plain_arrays_and_resumes_exactly(tmp_path):
 
 def _per_example_setup():
     loss_fn, params, batch = mlp_problem(seed=2, batch=6)
-    rng = jax.random.key(1)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(6))
+    keys = example_keys(jax.random.key(1), batch)
     per_example = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, batch, keys)
     # A padding row holding NaN gradients must not leak into either path.
     per_example = jax.tree.map(lambda g: g.at[4].set(jnp.nan), per_example)
     mask = jnp.array([1, 1, 1, 1, 0, 1], jnp.float32)
-    return loss_fn, params, batch, rng, per_example, mask
+    return loss_fn, params, batch, keys, per_example, mask
 
 
 def test_per_example_transform_equals_clipped_grad_then_noise():
-    loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
+    loss_fn, params, batch, keys, per_example, mask = _per_example_setup()
     batch = {k: v.at[4].set(jnp.nan) for k, v in batch.items()}
-    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
+    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, keys)
     summed = _noiser(key=3)
     a, _ = summed.update(grad_sum, summed.init(params))
     per_ex = dp_aggregate(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=3)
@@ -118,8 +118,8 @@ def test_per_example_transform_equals_clipped_grad_then_noise():
 
 
 def test_dp_adam_paths_agree_through_optax_chain():
-    loss_fn, params, batch, rng, per_example, mask = _per_example_setup()
-    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, rng)
+    loss_fn, params, batch, keys, per_example, mask = _per_example_setup()
+    grad_sum, _ = jax.jit(clipped_grad(loss_fn, l2_clip=CLIP))(params, batch, mask, keys)
     kw = dict(l2_clip=CLIP, noise_multiplier=SIGMA, expected_batch_size=EBS, key=4)
     opt_sum, opt_ex = dp_adam(1e-2, **kw), dp_adam(1e-2, per_example=True, **kw)
     s_sum, s_ex = opt_sum.init(params), opt_ex.init(params)

@@ -1,0 +1,65 @@
+"""The sensitivity the accountant assumes, through the real jitted DP step and the real AR transformer.
+
+With condition dropout on, adding one example to the Poisson batch (first, in the middle or last of the
+sorted batch) must move the clipped sum by at most C on both clipping paths. With slot-derived
+per-example keys this failed (up to 1.93 C): the added example shifted the other examples' slots, so
+their keys and condition-dropout draws changed.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from dpwave import privacy
+from dpwave.models import transformer as transformer_lib
+from dpwave.train import builders, distributed, public_stages, steps
+from experiments.configs import mnist
+
+CLIP, OTHERS, BUCKET = 1.0, 31, 40
+
+
+@functools.cache
+def _setup(ghost: bool):
+    """The demo's transformer (condition dropout 0.1), randomly initialized, and its jitted DP step."""
+    config = mnist.get_config("demo")
+    assert config.transformer.cond_dropout > 0
+    graphdef, params = public_stages.init_transformer(config)
+    model = builders.transformer_config(config, builders.tokenizer_config(config))
+    # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
+    optimizer = privacy.dp_sgd(1.0, l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
+    step = steps.dp_step(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key), optimizer,
+                         distributed.make_data_mesh(), l2_clip=CLIP, microbatch_size=8, use_ghost_norms=ghost)
+    return step, optimizer, params, model
+
+
+def _examples(n: int, seq_len: int, vocab: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"tokens": rng.integers(0, vocab, (n, seq_len)).astype(np.int32),
+            "label": rng.integers(0, 10, n).astype(np.int32)}
+
+
+def _clipped_sum(ghost: bool, batch: dict, rng: jax.Array) -> np.ndarray:
+    step, optimizer, params, _ = _setup(ghost)
+    size = len(batch["label"])
+    padded = {k: np.concatenate([v, np.repeat(v[:1], BUCKET - size, axis=0)]) for k, v in batch.items()}
+    mask = (np.arange(BUCKET) < size).astype(np.float32)
+    state = steps.TrainState(params, optimizer.init(params))
+    new, _ = step(state, padded, mask, rng)
+    delta = jax.tree.map(lambda a, b: a - b, params, new.params)
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(delta)])
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["vmap", "ghost"])
+def test_adding_one_example_moves_the_clipped_sum_by_at_most_c(ghost):
+    model = _setup(ghost)[3]
+    data = _examples(OTHERS + 1, model.seq_len, model.vocab_size)
+    extra, others = {k: v[:1] for k, v in data.items()}, {k: v[1:] for k, v in data.items()}
+    for s in range(3):
+        rng = jax.random.key(100 + s)
+        without = _clipped_sum(ghost, others, rng)
+        for where in (0, OTHERS // 2, OTHERS):
+            with_extra = {k: np.concatenate([others[k][:where], extra[k], others[k][where:]]) for k in data}
+            moved = float(np.linalg.norm(_clipped_sum(ghost, with_extra, rng) - without))
+            assert moved <= CLIP * (1 + 1e-5), (where, s, moved)
