@@ -27,10 +27,12 @@ def dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetSp
         section[key] = section.get(key) or None
     spec = data.DatasetSpec.from_config(
         {**section, "resolution": config.data.image_size, "channels": config.data.channels})
-    expected = "private" if role == "private" else "public"
+    expected = "private" if role == "private" and not config.dp.tuning else "public"
     if spec.privacy != expected:
+        why = ("a tuning run (dp.tuning) reads no private data: its DP input stands in for it" if config.dp.tuning
+               else "only the DP stage reads private data")
         raise ValueError(f"config.data.{role} is tagged privacy={spec.privacy!r}; the {role} role must be "
-                         f"{expected!r} (only the DP stage reads private data)")
+                         f"{expected!r} ({why})")
     return spec
 
 
@@ -59,9 +61,16 @@ def coarse_only(config: ml_collections.ConfigDict) -> bool:
     return check_method(config) != "full_dp"
 
 
-def transformer_config(config: ml_collections.ConfigDict, tok: TokenizerConfig) -> TransformerConfig:
-    """The AR model over the coarse tokens (dpwave) or over every scale's tokens (full_dp)."""
+def transformer_config(config: ml_collections.ConfigDict, tok: TokenizerConfig, *,
+                       finetune: bool = False) -> TransformerConfig:
+    """The AR model over the coarse tokens (dpwave) or over every scale's tokens (full_dp). `finetune`: the DP
+    stage's model, which adds the LoRA adapters of `dp.lora_rank` and uses `dp.cond_dropout` when set."""
     model = config.transformer.to_dict()
+    if finetune:
+        dp = config.dp
+        model.update(lora_rank=dp.lora_rank, lora_targets=dp.lora_targets)
+        if dp.cond_dropout is not None:
+            model["cond_dropout"] = dp.cond_dropout
     condition = config.data.condition
     if condition not in ("label", "caption", "none"):
         raise ValueError(f"config.data.condition={condition!r}; use 'label', 'caption' or 'none'")

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from dpwave import data, privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import builders, distributed, loop, steps
+from dpwave.train import builders, distributed, dp_recipe, loop, steps
 from dpwave.train.public_stages import (encode_examples, init_pretrain, init_transformer, load_tokenizer,
                                         local_slice, restore_params, stage_key)
 
@@ -43,9 +43,11 @@ def calibrated_noise(config: ml_collections.ConfigDict, dataset_size: int) -> fl
 def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: data.PoissonSampler) -> privacy.DpParams:
     dp = config.dp
     return privacy.DpParams(
-        noise_multiplier=calibrated_noise(config, dataset_size), sampling_prob=sampler.sampling_prob,
+        # A tuning run keeps the noise per step sigma/B of the private run it simulates (dp_recipe.noise_scale).
+        noise_multiplier=calibrated_noise(config, dp_recipe.simulated_private_size(config, dataset_size))
+        * dp_recipe.noise_scale(config, dataset_size), sampling_prob=sampler.sampling_prob,
         delta=dp.delta, accountant=dp.accountant,
-        target_epsilon=None if math.isinf(dp.target_epsilon) else dp.target_epsilon,
+        target_epsilon=None if math.isinf(dp.target_epsilon) or dp.tuning else dp.target_epsilon,
         dataset_size=dataset_size, max_batch_size=sampler.truncated_max_batch_size,
         allow_large_delta=dp.allow_large_delta)
 
@@ -54,21 +56,25 @@ def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float, exp
                  seed: int) -> optax.GradientTransformation:
     dp = config.dp
     return privacy.dp_optimizer(ml_collections.ConfigDict(dict(
-        name=dp.optimizer, learning_rate=dp.learning_rate, l2_clip=dp.l2_clip, noise_multiplier=noise_multiplier,
+        name=dp.optimizer, learning_rate=dp_recipe.learning_rate(dp), l2_clip=dp.l2_clip,
+        noise_multiplier=noise_multiplier,
         expected_batch_size=expected_batch_size, seed=seed, weight_decay=dp.weight_decay)))
 
 
-def init_dp_state(params, trainable, optimizer: optax.GradientTransformation) -> steps.TrainState:
-    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]))
+def init_dp_state(params, trainable, optimizer: optax.GradientTransformation, ema: bool = False) -> steps.TrainState:
+    """The DP stage's state; with `ema`, `extra` holds the EMA of the parameters (starting at `params`)."""
+    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
 
 
 def final_transformer_params(config: ml_collections.ConfigDict, dp_dir: str):
-    """The DP-finetuned AR parameters, restored against a template of the DP stage's state (the
-    template's noise settings do not change its structure)."""
-    _, params = init_transformer(config)
+    """The DP-finetuned AR parameters (their EMA when `dp.ema_decay` > 0), restored against a template of the
+    DP stage's state (the template's noise settings do not change its structure)."""
+    _, params = init_transformer(config, finetune=True)
+    ema = bool(config.dp.ema_decay)
     template = init_dp_state(params, transformer_lib.trainable_mask(params, config.dp.trainable),
-                             dp_optimizer(config, 0.0, 1.0, 0))
-    return restore_params(dp_dir, template).params
+                             dp_optimizer(config, 0.0, 1.0, 0), ema)
+    state = restore_params(dp_dir, template)
+    return state.extra if ema else state.params
 
 
 def secret_seed(config: ml_collections.ConfigDict, stage_dir: str) -> tuple[int, str]:
@@ -110,21 +116,25 @@ class DpFinetune:
         seed, self.seed_origin = secret_seed(config, stage_dir)
         dp = config.dp
         source = builders.load(config, "private")
-        if source.privacy != "private":
-            raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged private, got {source.privacy}")
+        expected = "public" if dp.tuning else "private"  # a tuning run's DP input stands in for the private data
+        if source.privacy != expected:
+            raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
+                                    f"{' (dp.tuning)' if dp.tuning else ''}, got {source.privacy}")
         self.examples = encode_examples(config, load_tokenizer(config, tokenizer_dir), source)
         n = len(source)
         bucket = (dp.microbatch_size or 1) * jax.device_count()
-        self.sampler = data.PoissonSampler(n, dp.expected_batch_size / n, seed=seed, bucket_multiple=bucket)
+        q = dp.expected_batch_size / dp_recipe.simulated_private_size(config, n)
+        self.sampler = data.PoissonSampler(n, q, seed=seed, bucket_multiple=bucket)
         self.params = dp_params(config, n, self.sampler)
         self.ledger = privacy.PrivacyLedger(self.params)
         self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
 
-        graphdef, params = init_transformer(config)
-        params = restore_params(pretrain_dir, init_pretrain(config)[1]).params
+        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
+        graphdef, params = init_transformer(config, finetune=True)
+        params = dp_recipe.load_pretrained(params, restore_params(pretrain_dir, init_pretrain(config)[1]).params)
         trainable = transformer_lib.trainable_mask(params, dp.trainable)
         self.optimizer = dp_optimizer(config, self.params.noise_multiplier, self.sampler.expected_batch_size, seed)
-        self.state = distributed.replicate(init_dp_state(params, trainable, self.optimizer), mesh)
+        self.state = distributed.replicate(init_dp_state(params, trainable, self.optimizer, bool(dp.ema_decay)), mesh)
 
         def example_loss(params, example, key):
             return transformer_lib.per_example_loss(graphdef, params, example, key)
@@ -133,6 +143,7 @@ class DpFinetune:
         self.step_fn = steps.fold_step_key(steps.dp_step(example_loss, self.optimizer, mesh, l2_clip=dp.l2_clip,
                                                          microbatch_size=dp.microbatch_size or None,
                                                          trainable=trainable, use_ghost_norms=dp.use_ghost_norms))
+        self.step_fn = dp_recipe.with_ema(self.step_fn, dp.ema_decay)
         self.mesh = mesh
         self.key = stage_key(config, "dp_finetune")
         self.last_epsilon = 0.0
@@ -185,7 +196,9 @@ class DpFinetune:
                 "ledger": self.ledger.to_dict()}
 
     def task(self) -> loop.Task:
-        return loop.Task("dp_finetune", self.state, self.step, self.config.dp.steps, params_of=lambda s: s.params,
+        ema = bool(self.config.dp.ema_decay)  # the parameters the sample stage loads
+        return loop.Task("dp_finetune", self.state, self.step, self.config.dp.steps,
+                         params_of=lambda s: s.extra if ema else s.params,
                          meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
                          after_step=self.after_step, summary_extra=self.summary)
 

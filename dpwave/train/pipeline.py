@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from dpwave.train import builders, distributed, loop, public_stages, report_stages
+from dpwave.train import builders, distributed, dp_recipe, loop, public_stages, report_stages
 from dpwave.train.checkpoint import config_fingerprint
 from dpwave.train.dp_stage import DpFinetune
 
@@ -35,7 +35,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "jaxwt", "tensorf
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-    names = ["tokenizer", "pretrain", "dp_finetune"]
+    """The run's stages; the public-only control (dp.target_epsilon=0) has no DP stage."""
+    dp_recipe.check(config)
+    names = ["tokenizer", "pretrain"] + ([] if dp_recipe.public_only(config) else ["dp_finetune"])
     if builders.check_method(config) == "dpwave":
         names.append("refiner")
     return names + ["sample", "evaluate"]

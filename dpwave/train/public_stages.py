@@ -120,8 +120,9 @@ def encode_examples(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.
 
 
 # -- AR model ----------------------------------------------------------------------------------------
-def init_transformer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
-    tcfg = builders.transformer_config(config, builders.tokenizer_config(config))
+def init_transformer(config: ml_collections.ConfigDict, *, finetune: bool = False) -> tuple[nnx.GraphDef, Any]:
+    """The AR model as pretrained, or (`finetune`) as the DP stage trains it (with its LoRA adapters)."""
+    tcfg = builders.transformer_config(config, builders.tokenizer_config(config), finetune=finetune)
     model = transformer_lib.ARTransformer(tcfg, rngs=nnx.Rngs(params=stage_key(config, "pretrain")))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params

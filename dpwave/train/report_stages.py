@@ -18,10 +18,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dpwave import data, evaluate, sample, wavelets
+from dpwave import data, evaluate, privacy, sample, wavelets
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.text import encode_captions
-from dpwave.train import builders, loop, public_stages
+from dpwave.train import builders, dp_recipe, loop, public_stages
 from dpwave.train.dp_stage import final_transformer_params
 
 GRID_COLUMNS = 10
@@ -34,10 +34,19 @@ def _refiner(config: ml_collections.ConfigDict, refiner_dir: str):
     return nnx.merge(graphdef, state.params)
 
 
+def transformer_params(config: ml_collections.ConfigDict, dirs: dict[str, str]) -> tuple[nnx.GraphDef, nnx.State]:
+    """The AR model to sample: the DP stage's parameters (their EMA with dp.ema_decay), or the pretrained ones
+    in the public-only control."""
+    if dp_recipe.public_only(config):
+        graphdef, params = public_stages.init_pretrain(config)[:2]
+        return graphdef, public_stages.restore_params(dirs["pretrain"], params).params
+    graphdef, _ = public_stages.init_transformer(config, finetune=True)
+    return graphdef, final_transformer_params(config, dirs["dp_finetune"])
+
+
 def build_generator(config: ml_collections.ConfigDict, dirs: dict[str, str]) -> sample.Generator:
     tokenizer = public_stages.load_tokenizer(config, dirs["tokenizer"])
-    graphdef, _ = public_stages.init_transformer(config)
-    transformer = nnx.merge(graphdef, final_transformer_params(config, dirs["dp_finetune"]))
+    transformer = nnx.merge(*transformer_params(config, dirs))
     refiner = _refiner(config, dirs["refiner"]) if config.method == "dpwave" else None
     s = config.sample
     return sample.make_generator(config.method, tokenizer, transformer, refiner, temperature=s.temperature,
@@ -106,20 +115,33 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str
         "method": config.method, "inputs_sha256": inputs_sha256})
 
 
-def dp_step_flops(config: ml_collections.ConfigDict) -> float:
-    """Model FLOPs of one DP step at the expected batch size: forward + backward of the per-example
-    loss (XLA cost analysis) times the expected batch size; clipping and noise are not counted."""
-    graphdef, params = public_stages.init_transformer(config)
+def dp_step_flops(config: ml_collections.ConfigDict) -> float | None:
+    """Model FLOPs of one DP step at the expected batch size: forward + backward (gradients of the trainable
+    parameters only) of the per-example loss (XLA cost analysis) times the expected batch size; clipping and
+    noise are not counted. None for the public-only control (no DP stage)."""
+    if dp_recipe.public_only(config):
+        return None
+    graphdef, params = public_stages.init_transformer(config, finetune=True)
+    params, frozen = privacy.partition(params, transformer_lib.trainable_mask(params, config.dp.trainable))
     cfg = nnx.merge(graphdef, params).config
     example = {"tokens": jnp.zeros((cfg.seq_len,), jnp.int32)}
     if cfg.conditioning == "class":
         example["label"] = jnp.zeros((), jnp.int32)
     elif cfg.conditioning == "text":
         example["caption_bytes"] = jnp.zeros((cfg.max_text_len,), jnp.int32)
-    grad = jax.jit(jax.grad(lambda p, e: transformer_lib.per_example_loss(graphdef, p, e, jax.random.key(0))))
+    grad = jax.jit(jax.grad(lambda p, e: transformer_lib.per_example_loss(
+        graphdef, privacy.combine(p, frozen), e, jax.random.key(0))))
     cost = grad.lower(params, example).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) * config.dp.expected_batch_size
+
+
+# What the evaluate stage reads from the DP stage's summary, for the public-only control (no DP stage).
+PUBLIC_ONLY_SUMMARY = {
+    "epsilon": 0.0, "delta": 0.0, "noise_multiplier": None, "steps": 0, "wall_time_s": 0.0, "ledger": None,
+    "statement": "(0, 0)-differential privacy: public-only control (dp.target_epsilon = 0).\n"
+                 "  No DP stage ran and no private data was read: the samples come from the model pretrained on "
+                 "public data."}
 
 
 def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -136,7 +158,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
     heldout = _images(builders.load(config, "heldout"))
     # The memorization check is an operator-side audit: it reads the private images (not their labels),
     # and its output is not differentially private (see report.md).
-    private = _images(builders.load(config, "private"))["image"]
+    # The public-only control never opens the private split.
+    private = None if dp_recipe.public_only(config) else _images(builders.load(config, "private"))["image"]
     labeled = config.data.condition == "label"
     report = evaluate.evaluate_samples(
         samples["images"], samples.get("labels"),
@@ -150,18 +173,27 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
             (heldout["image"], heldout["label"]), num_classes=config.data.num_classes,
             config=evaluate.TrainConfig(epochs=config.eval.feature_epochs, seed=0)) if labeled else None,
         downstream_config=evaluate.TrainConfig(epochs=config.eval.downstream_epochs, seed=config.seed))
-    dp = loop.read_summary(dirs["dp_finetune"])
+    mode = "public_only" if dp_recipe.public_only(config) else "tuning" if config.dp.tuning else "dp"
+    dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(dirs["dp_finetune"])
     metrics = {m: report[m] for m in evaluate.METRICS}
     reasons = dict(report["reasons"])
     epsilon = dp["epsilon"] if isinstance(dp["epsilon"], float) else None  # "Infinity" for sigma = 0
     if epsilon is None:
         reasons["epsilon"] = "non-private reference run (no noise): epsilon is infinite"
+    if mode == "public_only":
+        reasons.update(memorization_ratio="public-only control: the private split is never read",
+                       dp_step_flops="public-only control: no DP stage")
+    elif mode == "tuning":
+        dp = {**dp, "statement": dp_recipe.tuning_banner(config, builders.dataset_spec(config, "private").label,
+                                                         len(private)) + dp["statement"]}
+        epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.tuning): no privacy claim"
     metrics.update(
         epsilon=epsilon, delta=dp["delta"], target_epsilon=config.dp.target_epsilon
         if np.isfinite(config.dp.target_epsilon) else None, noise_multiplier=dp["noise_multiplier"],
         dp_steps=dp["steps"], dp_wall_time_s=dp["wall_time_s"], dp_step_flops=dp_step_flops(config),
         method=config.method, seed=config.seed, reasons=reasons, names=report["names"],
         privacy_ledger=dp["ledger"], details=report["details"])
+    metrics["mode"] = mode
     loop.write_json_atomic(os.path.join(workdir, "metrics.json"), metrics)
     statement = dp["statement"] + f"\n  sampling prompts: {loop.read_summary(dirs['sample'])['prompts']}\n"
     _write_text(os.path.join(workdir, "privacy_statement.txt"), statement)
@@ -183,7 +215,8 @@ def _write_text(path: str, text: str) -> None:
 def report_markdown(config: ml_collections.ConfigDict, workdir: str, metrics: dict, report: dict,
                     statement: str) -> str:
     """A short human-readable report of the run."""
-    eps = "inf (non-private reference)" if metrics["epsilon"] is None else f"{metrics['epsilon']:.3f}"
+    eps = {"public_only": "0 (public-only control)", "tuning": "n/a (tuning run on public data)"}.get(
+        metrics["mode"], "inf (non-private reference)" if metrics["epsilon"] is None else f"{metrics['epsilon']:.3f}")
     lines = [f"# dpwave run: {config.method}, epsilon {eps}, seed {config.seed}", "",
              f"Workdir: `{workdir}`. Samples: `samples.png` (rows: real, real coarse, refined from the real coarse "
              "band where a refiner exists, generated coarse, generated).", "", "| metric | value |", "|---|---|"]
@@ -192,7 +225,7 @@ def report_markdown(config: ml_collections.ConfigDict, workdir: str, metrics: di
         shown = f"{value:.4f}" if value is not None else f"n/a: {metrics['reasons'].get(name, '')}"
         lines.append(f"| {report['names'][name]} | {shown} |")
     lines += [f"| DP steps | {metrics['dp_steps']} |", f"| DP stage wall time (s) | {metrics['dp_wall_time_s']:.1f} |",
-              f"| model FLOPs per DP step (expected batch) | {metrics['dp_step_flops']:.3g} |", "",
+              f"| model FLOPs per DP step (expected batch) | {metrics['dp_step_flops'] or 0:.3g} |", "",
               "Stage wall times (s): " + ", ".join(
                   f"{name} {loop.read_summary(os.path.join(workdir, name)).get('wall_time_s', 0):.0f}"
                   for name in ("tokenizer", "pretrain", "dp_finetune", "refiner", "sample")

@@ -34,7 +34,9 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def epsilon_value(text: str) -> float:
-    """'1' -> 1.0; 'inf' -> math.inf (the non-private reference)."""
+    """'1' -> 1.0; 'inf' -> math.inf (the non-private reference); 'public' -> 0.0 (the public-only control)."""
+    if text.lower() == "public":
+        return 0.0
     return math.inf if text.lower() in ("inf", "infinity") else float(text)
 
 
@@ -66,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.transformer = ml_collections.ConfigDict(dict(
         width=128, depth=2, num_heads=4, mlp_dim=256, dropout=0.0, cond_dropout=0.1, max_text_len=0,
-        lora_rank=0, dtype="float32"))
+        dtype="float32"))
 
     c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3, init_from=""))
 
@@ -75,6 +77,24 @@ def base_config() -> ml_collections.ConfigDict:
         l2_clip=1.0, expected_batch_size=128, steps=200, optimizer="adam", learning_rate=1e-3,
         weight_decay=0.0, microbatch_size=16, trainable="all", accountant="pld",
         compose_on_resume=False, allow_large_delta=False, log_private_metrics=False,
+        # The finetuning recipe (dpwave/train/dp_recipe.py), every option off by default. target_epsilon=0 is the
+        # public-only control: no DP stage, the pretrained model is sampled, no private data is read.
+        # trainable: '+'-joined groups of dpwave.models.transformer.trainable_mask (all, attention, mlp, norm,
+        # embed, cond, head, lora); few trained coordinates mean less noise (Yu et al. 2022; Li et al. 2022).
+        # lora_rank > 0 adds LoRA adapters (B = 0 at init: the pretrained function is unchanged) to
+        # lora_targets ('+'-joined q, k, v, o, mlp) for the DP stage only; train them with trainable='lora'.
+        lora_rank=0, lora_targets="q+v",
+        # Learning rate: warmup_steps of linear warmup from 0, then lr_schedule: constant | cosine | linear
+        # (decay to 0 at dp.steps).
+        lr_schedule="constant", warmup_steps=0,
+        # EMA of the DP parameters (0 = off); the sample stage uses it. Post-processing: no privacy cost.
+        ema_decay=0.0,
+        # Condition dropout of the DP stage; None: transformer.cond_dropout (pretraining's).
+        cond_dropout=config_dict.placeholder(float),
+        # Tuning mode (docs/tuning.md): data.private is a PUBLIC split standing in for the private data (the
+        # DP stage refuses private data then). tuning_private_size: the private N it simulates (same q and
+        # noise per step sigma/B as that run); 0: the stand-in's own size.
+        tuning=False, tuning_private_size=0,
         # Exact per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost):
         # 1.25x the non-DP step with microbatch 32 vs 1.97-2.88x for vmap (experiments/bench/bench_dp_step.py).
         use_ghost_norms=False,

@@ -16,6 +16,21 @@ digits, so digits 5-9 are learned under DP alone (and refined by a refiner that 
 table is `python -m experiments.reproduce --table mnist_shift`; expected (dpwave, seeds 0-1): downstream
 accuracy 0.50 at epsilon 1 and 10 against 0.78 without noise (the README's shift table).
 
+Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.target_epsilon = 0: no DP
+stage, the pretrained model is sampled, the private split is never read); `n_private=K` keeps the first
+K of the 2,000 private digits (the split expression `private[:K]`), e.g.
+
+    python -m dpwave.main --config=experiments/configs/mnist.py:shift,epsilon=public --workdir=/tmp/shift_public
+    python -m dpwave.main --config=experiments/configs/mnist.py:shift,n_private=500,epsilon=1 --workdir=/tmp/shift_n500
+
+Tune (docs/tuning.md; spends no private epsilon): the shift setup with the DP stage run on the PUBLIC
+heldout split (500 digits of all ten classes) in place of the private digits (dp.tuning), simulating the
+private run of N = 2,000 (or n_private): the same q, steps and noise per step sigma/B. Score recipes on it,
+then run the chosen one once on the private data:
+
+    python -m dpwave.main --config=experiments/configs/mnist.py:tune,epsilon=10 --workdir=/tmp/tune_eps10 \
+        --config.dp.trainable=cond --config.dp.learning_rate=1e-2
+
 Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
 
     python -m dpwave.main --config=experiments/configs/mnist.py:tiny --workdir=/tmp/dpwave_tiny
@@ -31,16 +46,22 @@ import ml_collections
 
 from experiments.configs import common
 
+PRIVATE_SIZE = 2000  # digits in the mnist5k private split
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, variant="demo", method="dpwave", epsilon="10", seed=0)
+    args = common.parse_arg(arg, variant="demo", method="dpwave", epsilon="10", seed=0, n_private=0)
     c = common.base_config()
     c.seed = args.seed
     c.method = args.method
     c.dp.target_epsilon = common.epsilon_value(args.epsilon)
     # delta well below 1/N for the 2,000 private digits.
     c.dp.delta = 1e-5
-    if args.variant in ("demo", "shift"):
+    if not 0 <= args.n_private <= PRIVATE_SIZE:
+        raise ValueError(f"n_private={args.n_private} must be in [1, {PRIVATE_SIZE}] (0: all {PRIVATE_SIZE})")
+    if args.n_private:
+        c.data.private.split = f"private[:{args.n_private}]"
+    if args.variant in ("demo", "shift", "tune"):
         c.tokenizer.update(steps=600, batch_size=64)
         c.pretrain.update(steps=800, batch_size=64)
         c.dp.update(steps=150, expected_batch_size=256, microbatch_size=8, learning_rate=5e-4)
@@ -51,8 +72,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.sample.update(num_samples=1000, batch_size=250)
         c.eval.update(feature_epochs=10, downstream_epochs=10, num_real=1000)
         c.checkpoint.update(every_steps=100)
-        if args.variant == "shift":
+        if args.variant in ("shift", "tune"):
             c.data.public = common.dataset("mnist5k", "public", "public", labels=(0, 1, 2, 3, 4))
+        if args.variant == "tune":
+            # The public heldout digits (all ten classes) stand in for the private ones; sigma/B and q are those
+            # of the private run of n_private (default all 2,000) digits.
+            c.data.private = common.dataset("mnist5k", "heldout", "public")
+            c.dp.update(tuning=True, tuning_private_size=args.n_private or PRIVATE_SIZE)
     elif args.variant == "tiny":
         c.tokenizer.model.update(codebook_size=64, width=16, depth=1)
         c.tokenizer.update(steps=30, batch_size=32)
@@ -66,6 +92,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint.update(every_steps=10)
         c.log_every_steps = 10
     else:
-        raise ValueError(f"unknown mnist variant {args.variant!r}; use demo, shift or tiny")
+        raise ValueError(f"unknown mnist variant {args.variant!r}; use demo, shift, tune or tiny")
     c.lock()
     return c

@@ -1,0 +1,224 @@
+"""The DP finetuning recipe (dpwave/train/dp_recipe.py) through the real DP stage: trainable subsets, LoRA,
+learning-rate schedules, EMA, the DP stage's condition dropout, tuning mode and the public-only control."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from dpwave import data
+from dpwave.models import transformer as transformer_lib
+from dpwave.train import builders, dp_recipe, loop, pipeline, public_stages, report_stages
+from dpwave.train.steps import TrainState
+
+
+def leaves(params) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def moved(before, after) -> set[str]:
+    """Paths of the leaves that differ; a path only in `after` (an adapter) counts if it is not its init."""
+    a, b = leaves(before), leaves(after)
+    return {k for k in b if k in a and not np.array_equal(a[k], b[k])}
+
+
+def pretrained(config, workdir: Path):
+    return public_stages.restore_params(str(workdir / "pretrain"), public_stages.init_pretrain(config)[1]).params
+
+
+def run_steps(stage, count: int) -> list[TrainState]:
+    state, states = stage.state, []
+    for i in range(count):
+        state, _ = stage.step(state, i)
+        states.append(state)
+    return states
+
+
+# ---- learning-rate schedules ---------------------------------------------------------------------
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, {0: 1e-3, 5: 1e-3, 9: 1e-3}),
+    ("constant", 4, {0: 0.0, 2: 5e-4, 4: 1e-3, 9: 1e-3}),
+    ("cosine", 0, {0: 1e-3, 5: 5e-4, 10: 0.0}),
+    ("cosine", 2, {0: 0.0, 1: 5e-4, 2: 1e-3, 6: 5e-4, 10: 0.0}),
+    ("linear", 2, {0: 0.0, 2: 1e-3, 6: 5e-4, 10: 0.0}),
+])
+def test_learning_rate_schedule_values(helpers, schedule, warmup, expected):
+    dp = helpers.tiny_config({"dp.learning_rate": 1e-3, "dp.lr_schedule": schedule,
+                              "dp.warmup_steps": warmup}).dp
+    lr = dp_recipe.learning_rate(dp)
+    for step, value in expected.items():
+        assert float(lr(step) if callable(lr) else lr) == pytest.approx(value, abs=1e-9), step
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dp.lr_schedule": "step"}, "lr_schedule"),
+    ({"dp.warmup_steps": 11}, "warmup_steps"),
+    ({"dp.ema_decay": 1.0}, "ema_decay"),
+    ({"dp.lora_rank": 2, "dp.trainable": "cond"}, "keeps frozen"),
+    ({"dp.tuning_private_size": 2000}, "only with dp.tuning"),
+    ({"dp.tuning": True, "dp.target_epsilon": 0.0}, "public-only"),
+    ({"dp.target_epsilon": -1.0}, "target_epsilon"),
+    ({"dp.trainable": "cond+mlps"}, "mlps"),
+])
+def test_inconsistent_recipe_options_are_refused_before_any_stage(helpers, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.stage_names(helpers.tiny_config(overrides))
+
+
+def test_warmup_makes_the_first_step_a_no_op(helpers, base_workdir, tmp_path):
+    config = helpers.tiny_config({"dp.warmup_steps": 3})
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    first, second = run_steps(helpers.dp_stage(config, workdir), 2)
+    assert moved(pretrained(config, workdir), first.params) == set()  # learning rate 0 at step 0
+    assert moved(first.params, second.params)
+
+
+# ---- trainable subsets and LoRA ------------------------------------------------------------------
+def test_trainable_cond_moves_only_the_class_table(helpers, base_workdir, tmp_path):
+    config = helpers.tiny_config({"dp.trainable": "cond", "dp.steps": 3})
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    result = helpers.run_dp(config, workdir)
+    assert moved(pretrained(config, workdir), result.state.params) == {"['class_embed'].value"}
+
+
+def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, base_workdir, tmp_path):
+    config = helpers.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp"})
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    stage = helpers.dp_stage(config, workdir)
+    base = pretrained(config, workdir)
+    start = stage.state.params
+    adapters = {k for k in leaves(start) if "lora" in k}
+    assert len(adapters) == 2 * 4 * config.transformer.depth  # A and B of q, v, fc1, fc2 per block
+    assert all(not leaves(start)[k].any() for k in adapters if "lora_b" in k)
+    assert moved(base, start) == set()  # every pretrained leaf loaded as is
+
+    graphdef_lora, _ = public_stages.init_transformer(config, finetune=True)
+    graphdef_base, _ = public_stages.init_transformer(config)
+    tokens = jnp.asarray(stage.examples["tokens"][:4])
+    labels = jnp.asarray(stage.examples["label"][:4])
+    logits = nnx.merge(graphdef_lora, start)(tokens, labels)
+    np.testing.assert_array_equal(logits, nnx.merge(graphdef_base, base)(tokens, labels))
+
+    end = run_steps(stage, 3)[-1].params
+    assert moved(start, end) == adapters
+    assert not np.array_equal(nnx.merge(graphdef_lora, end)(tokens, labels), logits)
+    # The pretrain stage never builds adapters: LoRA settings leave its fingerprint alone.
+    fps, plain = pipeline.stage_fingerprints(config), pipeline.stage_fingerprints(helpers.tiny_config())
+    assert fps["pretrain"] == plain["pretrain"] and fps["dp_finetune"] != plain["dp_finetune"]
+
+
+def test_load_pretrained_refuses_unknown_and_missing_leaves(helpers):
+    config = helpers.tiny_config({"dp.lora_rank": 2, "dp.trainable": "lora"})
+    _, lora = public_stages.init_transformer(config, finetune=True)
+    _, base = public_stages.init_transformer(config)
+    other = helpers.tiny_config({"transformer.mlp_dim": 48})
+    with pytest.raises(ValueError, match="shape"):
+        dp_recipe.load_pretrained(lora, public_stages.init_transformer(other)[1])
+    with pytest.raises(ValueError, match="neither pretrained nor a LoRA adapter"):
+        dp_recipe.load_pretrained(base, {})
+
+
+# ---- condition dropout -----------------------------------------------------------------------------
+def test_dp_cond_dropout_sets_the_dp_model_only(helpers):
+    config = helpers.tiny_config({"dp.cond_dropout": 0.0})
+    assert config.transformer.cond_dropout == 0.1
+    tok = builders.tokenizer_config(config)
+    assert builders.transformer_config(config, tok).cond_dropout == 0.1  # pretraining
+    assert builders.transformer_config(config, tok, finetune=True).cond_dropout == 0.0
+    inherited = helpers.tiny_config()
+    assert builders.transformer_config(inherited, tok, finetune=True).cond_dropout == 0.1
+
+
+# ---- EMA -----------------------------------------------------------------------------------------
+def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(helpers, base_workdir, tmp_path):
+    decay = 0.5
+    config = helpers.tiny_config({"dp.ema_decay": decay, "dp.steps": 3})
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    states = run_steps(helpers.dp_stage(config, workdir), 3)
+    expected = pretrained(config, workdir)
+    for state in states:
+        expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, expected, state.params)
+    for key, value in leaves(expected).items():
+        np.testing.assert_allclose(leaves(states[-1].extra)[key], value, rtol=1e-6, atol=1e-7)
+
+    result = helpers.run_dp(config, workdir)  # the same steps through the loop, checkpointed
+    assert moved(result.state.params, result.state.extra)  # the EMA differs from the last iterate
+    dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain", "dp_finetune")}
+    sampled = report_stages.transformer_params(config, dirs)[1]
+    assert moved(result.state.extra, sampled) == set()
+
+
+# ---- tuning mode ---------------------------------------------------------------------------------
+TUNING = {"dp.tuning": True, "dp.tuning_private_size": 2000, "data.private.split": "heldout",
+          "data.private.privacy": "public"}
+
+
+def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(helpers, base_workdir, tmp_path):
+    config = helpers.tiny_config(TUNING)
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    stage = helpers.dp_stage(config, workdir)
+    n = len(stage.examples["tokens"])
+    assert n == 500  # the heldout digits
+    assert stage.sampler.sampling_prob == pytest.approx(16 / 2000)  # the private run's q
+    assert stage.params.noise_multiplier == pytest.approx(1.0 * n / 2000)
+    # sigma / expected batch equals the private run's 1.0 / 16.
+    assert stage.params.noise_multiplier / stage.sampler.expected_batch_size == pytest.approx(1.0 / 16)
+    assert stage.params.target_epsilon is None and stage.guard is None  # the stand-in's epsilon is no budget
+
+
+def test_tuning_refuses_private_data_and_real_runs_refuse_public_data(helpers):
+    with pytest.raises(ValueError, match="tuning run"):
+        builders.dataset_spec(helpers.tiny_config({"dp.tuning": True}), "private")
+    with pytest.raises(ValueError, match="only the DP stage reads private data"):
+        builders.dataset_spec(helpers.tiny_config({"data.private.split": "heldout",
+                                                   "data.private.privacy": "public"}), "private")
+
+
+# ---- the public-only control ---------------------------------------------------------------------
+PUBLIC_ONLY = {"dp.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples": 20, "sample.batch_size": 10,
+               "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
+
+
+def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(helpers, base_workdir, tmp_path,
+                                                                             monkeypatch):
+    opened = []
+    source_init = data.Source.__init__
+    as_data_source = tfds.core.DatasetBuilder.as_data_source
+
+    def checked_source(self, source, spec, *args, **kw):
+        opened.append(spec.split)
+        assert spec.privacy != "private", f"the public-only control opened {spec.label}"
+        source_init(self, source, spec, *args, **kw)
+
+    def checked_split(self, split, *args, **kw):
+        assert "private" not in str(split), f"the public-only control read split {split}"
+        return as_data_source(self, split, *args, **kw)
+
+    monkeypatch.setattr(data.Source, "__init__", checked_source)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", checked_split)
+    config = helpers.tiny_config(PUBLIC_ONLY)
+    assert "dp_finetune" not in pipeline.stage_names(config)
+    workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
+    assert pipeline.train_and_evaluate(config, str(workdir))
+    assert {"public", "heldout", "test"} <= set(opened)
+    assert not (workdir / "dp_finetune").exists()
+
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert (metrics["epsilon"], metrics["delta"], metrics["target_epsilon"], metrics["mode"]) == (
+        0.0, 0.0, 0.0, "public_only")
+    assert metrics["privacy_ledger"] is None and metrics["dp_steps"] == 0
+    assert metrics["memorization_ratio"] is None and "never read" in metrics["reasons"]["memorization_ratio"]
+    statement = (workdir / "privacy_statement.txt").read_text()
+    assert statement.startswith("(0, 0)-differential privacy") and "no private data was read" in statement
+    # The samples come from the pretrained weights.
+    dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain")}
+    assert moved(pretrained(config, workdir), report_stages.transformer_params(config, dirs)[1]) == set()
+    assert loop.read_summary(str(workdir / "sample"))["num_samples"] == 20
