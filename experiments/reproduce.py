@@ -1,18 +1,24 @@
 """Runs a table's rows (every seed) with `python -m dpwave.main` and writes the table.
 
     python -m experiments.reproduce --table mnist_cpu --workdir DIR [--seeds 0,1] [--rows a,b]
-        [--extra-args manual_dir=/data/raw] [--dry-run] [--no-reuse]
+        [--extra-args manual_dir=/data/raw] [--set dp.trainable=cond ...] [--dry-run] [--report-only]
+        [--no-reuse]
 
 Each run lives in `DIR/<row>/seed<k>`; a run whose `metrics.json` exists is finished and skipped,
 an unfinished one is rerun and resumes. Runs go one after another; a failed run is reported and the
-others still run. Before a run starts, each public stage (tokenizer, pretrain, refiner) it lacks is
+others still run. `--rows` and `--seeds` split a table across sessions (or machines sharing DIR): the
+table aggregates every finished seed found under DIR, and `--report-only` only rewrites it. `--set`
+appends `--config.KEY=VALUE` overrides to every run (give such runs their own DIR).
+
+Before a run starts, each public stage (tokenizer, pretrain, refiner) it lacks is
 copied from another run of the invocation that finished it from the same inputs (equal
 `inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of a method train them once;
 the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
 
 Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`, `DIR/<table>.json`
-and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs epsilon per method;
-epsilon inf at a labelled position one decade right of the largest finite one).
+and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs epsilon per method, std as
+error bars; each method's controls, epsilon inf and the public-only model, as horizontal lines with
+their std as a band).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -35,7 +42,7 @@ from absl import flags
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments.configs.tables import TABLES, Row, get_table
+from experiments.configs.tables import PUBLIC, TABLES, Row, get_table
 
 REPO = Path(__file__).resolve().parents[1]
 # (metrics.json key, column header, formatter of a mean/std).
@@ -98,16 +105,25 @@ class RowResult:
     reasons: dict[str, list[str]]  # metric -> distinct reasons it was null
 
 
-def plan(rows: Sequence[Row], workdir: Path, seeds: Sequence[int], extra_args: str = "") -> list[Run]:
-    """Every (row, seed) run with its `python -m dpwave.main` command."""
+def plan(rows: Sequence[Row], workdir: Path, seeds: Sequence[int], extra_args: str = "",
+         overrides: Sequence[str] = ()) -> list[Run]:
+    """Every (row, seed) run with its `python -m dpwave.main` command (`overrides`: KEY=VALUE config
+    overrides, passed as `--config.KEY=VALUE`)."""
     runs = []
     for row in rows:
         for seed in seeds:
             run_dir = workdir / row.label / f"seed{seed}"
             spec = ",".join(filter(None, (row.spec, extra_args, f"seed={seed}")))
-            command = [sys.executable, "-m", "dpwave.main", f"--config={spec}", f"--workdir={run_dir}"]
+            command = [sys.executable, "-m", "dpwave.main", f"--config={spec}",
+                       *(f"--config.{o}" for o in overrides), f"--workdir={run_dir}"]
             runs.append(Run(row, seed, run_dir, command))
     return runs
+
+
+def finished_seeds(rows: Sequence[Row], workdir: Path) -> set[int]:
+    """The seeds with a finished run (`<row>/seed<k>/metrics.json`) of any of `rows` under `workdir`."""
+    return {int(m.group(1)) for row in rows for path in (workdir / row.label).glob("seed*/metrics.json")
+            if (m := re.fullmatch(r"seed(\d+)", path.parent.name))}
 
 
 def run_subprocess(command: list[str]) -> int:
@@ -250,14 +266,22 @@ def aggregate(rows: Sequence[Row], runs: Sequence[Run]) -> list[RowResult]:
     return results
 
 
+def epsilon_label(epsilon: str) -> str:
+    """The ε target cell: the public-only control reads as such."""
+    return "0 (public only)" if epsilon == PUBLIC else epsilon
+
+
 def markdown(table: str, results: Sequence[RowResult]) -> str:
-    """The table in markdown; the FID column only when some run measured it; null reasons below."""
+    """The table in markdown; the FID column only when some run measured it, a setting column only when
+    some row has one; null reasons below."""
     shown = [m for m in METRICS if m[0] != "fid" or any(r.stats["fid"].n for r in results)]
-    header = ["method", "ε target", *(title for _, title, _ in shown), "seeds"]
+    settings = any(r.row.setting for r in results)
+    header = ["method", *["setting"] * settings, "ε target", *(title for _, title, _ in shown), "seeds"]
     lines = [f"## {table}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         values = [r.stats[k].format(fmt) if r.seeds_done else "—" for k, _, fmt in shown]
-        cells = [r.row.method, r.row.epsilon, *values, f"{r.seeds_done}/{r.seeds_wanted}"]
+        cells = [r.row.method, *[r.row.setting] * settings, epsilon_label(r.row.epsilon), *values,
+                 f"{r.seeds_done}/{r.seeds_wanted}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; — not run yet; n/a null in every run (reasons "
               "below). FD-cls is the Fréchet distance in the features of a classifier trained on held-out real "
@@ -273,48 +297,57 @@ def to_json(table: str, results: Sequence[RowResult]) -> dict:
     def clean(v: float | None) -> float | str | None:
         return v if v is None or math.isfinite(v) else str(v)
     return {"table": table, "rows": [{
-        "label": r.row.label, "method": r.row.method, "epsilon": r.row.epsilon, "spec": r.row.spec,
+        "label": r.row.label, "method": r.row.method, "epsilon": r.row.epsilon, "setting": r.row.setting,
+        "spec": r.row.spec,
         "seeds_done": r.seeds_done, "seeds_wanted": r.seeds_wanted, "reasons": r.reasons,
         "metrics": {k: {"mean": clean(s.mean), "std": clean(s.std), "n": s.n}
                     for k, s in r.stats.items()},
     } for r in results]}
 
 
-def epsilon_positions(epsilons: Sequence[float]) -> dict[float, float]:
-    """x position of each epsilon on a log axis; inf sits one decade right of the largest finite one."""
-    finite = sorted({e for e in epsilons if math.isfinite(e)})
-    inf_x = 10.0 ** (math.floor(math.log10(finite[-1])) + 1) if finite else 1.0
-    return {e: (e if math.isfinite(e) else inf_x) for e in set(epsilons)}
+CONTROL_STYLES = {"inf": ("--", "ε = ∞ (no noise)"), PUBLIC: (":", "public only (no DP stage)")}
+
+
+def figure(table: str, results: Sequence[RowResult]) -> Figure:
+    """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method (and setting),
+    std as error bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their
+    std as a band. A public-only control without a setting serves every setting of its method."""
+    keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
+    epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
+    fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+        groups = dict.fromkeys((r.row.method, r.row.setting) for r in results)
+        for i, (method, setting) in enumerate(groups):
+            color, name = f"C{i}", " ".join(filter(None, (method, setting)))
+            mine = [r for r in results if r.row.method == method and r.row.setting in (setting, "")
+                    and r.stats[key].mean is not None]
+            points = sorted((r.row.epsilon_value, r.stats[key]) for r in mine
+                            if not r.row.is_control and r.row.setting == setting)
+            if points:
+                ax.errorbar([e for e, _ in points], [s.mean for _, s in points], yerr=[s.std or 0.0 for _, s in points],
+                            marker="o", capsize=3, color=color, label=name)
+            for r in mine:
+                if r.row.is_control and (r.row.setting == setting or r.row.epsilon == PUBLIC):
+                    style, what = CONTROL_STYLES[r.row.epsilon]
+                    stat = r.stats[key]
+                    ax.axhline(stat.mean, color=color, linestyle=style, label=f"{name}: {what}")
+                    if stat.std:
+                        ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=color, alpha=0.1)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xscale("log")
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.minorticks_off()
+        ax.set(xlabel="ε (target)", title=TITLES[key])
+    fig.suptitle(table)
+    return fig
 
 
 def plot(table: str, results: Sequence[RowResult], path: Path) -> None:
-    """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method, std as
-    error bars."""
-    positions = epsilon_positions([r.row.epsilon_value for r in results])
-    keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
-    fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
-    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        for method in dict.fromkeys(r.row.method for r in results):
-            points = sorted((positions[r.row.epsilon_value], r.stats[key]) for r in results
-                            if r.row.method == method and r.stats[key].mean is not None)
-            if points:
-                ax.errorbar([x for x, _ in points], [s.mean for _, s in points],
-                            yerr=[s.std or 0.0 for _, s in points], marker="o", capsize=3, label=method)
-        if ax.has_data():
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
-        finite = [x for e, x in positions.items() if math.isfinite(e)]
-        if finite and len(finite) < len(positions):  # a dotted break before the infinity position
-            ax.axvline(math.sqrt(max(finite) * max(positions.values())), color="grey", linestyle=":")
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(positions.values()),
-                      [("∞ (non-private)" if math.isinf(e) else f"{e:g}") for e, _ in
-                       sorted(positions.items(), key=lambda item: item[1])])
-        ax.minorticks_off()
-        ax.set(xlabel="ε", title=TITLES[key])
-    fig.suptitle(table)
-    fig.savefig(path, dpi=100)
+    """Writes `figure(table, results)` to `path`."""
+    figure(table, results).savefig(path, dpi=100)
 
 
 def write_outputs(table: str, results: Sequence[RowResult], workdir: Path) -> list[Path]:
@@ -360,7 +393,12 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
                         "still reports every row")
     parser.add_argument("--extra-args", default="", help="appended to every row's :arg, e.g. "
                         "manual_dir=/data/raw,data_dir=/data/tfds")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a config override for every run, e.g. dp.trainable=cond (repeatable); use a "
+                        "separate --workdir for each set of overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: write the table from the "
+                        "finished runs under --workdir")
     parser.add_argument("--no-reuse", action="store_true", help="train every run's public stages itself "
                         "instead of copying finished ones with equal inputs_sha256 from other runs")
     args = parser.parse_args(argv)
@@ -371,13 +409,17 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
         parser.error(str(e))
     if any("=" not in part for part in filter(None, args.extra_args.split(","))):
         parser.error(f"--extra-args={args.extra_args!r}: expected key=value pairs separated by commas")
+    if bad := [o for o in args.overrides if not re.fullmatch(r"[\w.]+=.*", o)]:
+        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE with a dotted config key, e.g. dp.trainable=cond")
     workdir = args.workdir.resolve()
     if args.dry_run:
-        for run in plan(selected, workdir, args.seeds, args.extra_args):
+        for run in plan(selected, workdir, args.seeds, args.extra_args, args.overrides):
             print(("# finished: " if run.finished else "") + shlex.join(run.command))
         return 0
-    failed = execute(plan(selected, workdir, args.seeds, args.extra_args), runner, reuse=not args.no_reuse)
-    results = aggregate(rows, plan(rows, workdir, args.seeds, args.extra_args))
+    failed = [] if args.report_only else execute(
+        plan(selected, workdir, args.seeds, args.extra_args, args.overrides), runner, reuse=not args.no_reuse)
+    seeds = sorted(set(args.seeds) | finished_seeds(rows, workdir))
+    results = aggregate(rows, plan(rows, workdir, seeds, args.extra_args, args.overrides))
     for path in write_outputs(args.table, results, workdir):
         print(f"wrote {path}")
     if failed:

@@ -187,3 +187,24 @@ def test_smoke_args_refuses_commas_and_unknown_configs(tmp_path):
         smoke_args("coco", tmp_path / "a,b")
     with pytest.raises(ValueError, match="unknown paper config 'mnist'"):
         smoke_args("mnist", tmp_path)
+
+
+def test_mnist_public_control_subsampling_and_tuning_variants():
+    public = load_config("experiments/configs/mnist.py:shift,epsilon=public")
+    assert public.dp.target_epsilon == 0.0 and public.data.public.labels == (0, 1, 2, 3, 4)
+    assert load_config("experiments/configs/mnist.py:shift,n_private=500").data.private.split == "private[:500]"
+    with pytest.raises(flags.IllegalFlagValueError, match="n_private=2001"):
+        load_config("experiments/configs/mnist.py:shift,n_private=2001")
+    tune = load_config("experiments/configs/mnist.py:tune,epsilon=1")
+    shift = load_config("experiments/configs/mnist.py:shift,epsilon=1")
+    # The tuning run is the shift run with a public stand-in for the private digits, and nothing else.
+    assert (tune.dp.tuning, tune.dp.tuning_private_size) == (True, 2000)
+    assert {role: builders.dataset_spec(tune, role).privacy for role in ("public", "private", "heldout", "test")} \
+        == dict.fromkeys(("public", "private", "heldout", "test"), "public")
+    assert builders.dataset_spec(tune, "private").split == "heldout"
+    with tune.unlocked(), shift.unlocked():
+        for c in (tune, shift):
+            c.data.private = None
+            c.dp.tuning, c.dp.tuning_private_size = False, 0
+    assert tune.to_json_best_effort() == shift.to_json_best_effort()
+    assert load_config("experiments/configs/mnist.py:tune,n_private=500").dp.tuning_private_size == 500

@@ -87,11 +87,22 @@ def test_summarize_mean_sample_std_and_nulls():
     assert reproduce.summarize([]).format(str) == "n/a"
 
 
-def test_epsilon_positions_put_infinity_one_decade_right():
-    positions = reproduce.epsilon_positions([1.0, 10.0, math.inf, 1.0])
-    assert positions == {1.0: 1.0, 10.0: 10.0, math.inf: 100.0}
-    assert reproduce.epsilon_positions([3.0, math.inf]) == {3.0: 3.0, math.inf: 10.0}
-    assert reproduce.epsilon_positions([math.inf]) == {math.inf: 1.0}
+def test_controls_are_horizontal_lines_in_their_methods_colour(tmp_path):
+    fd = {"dpwave_eps1": 30.0, "dpwave_eps10": 20.0, "dpwave_epsinf": 10.0, "dpwave_public": 40.0,
+          "full_dp_eps1": 90.0, "full_dp_public": 80.0}
+    for label, value in fd.items():
+        for seed in (0, 1):
+            write_run(tmp_path, label, seed, fake_metrics(seed, value + seed, 0.5))
+    ax = reproduce.figure("t", reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0, 1]))).axes[0]
+    assert ax.get_title() == "FD-cls (surrogate, not FID)"
+    [(dp_x, dp_y, dp_colour), (_, full_y, full_colour)] = [
+        (list(line.get_xdata()), list(line.get_ydata()), line.get_color()) for line in ax.get_lines()
+        if line.get_linestyle() == "-" and line.get_marker() == "o"]
+    assert (dp_x, dp_y) == ([1.0, 10.0], [30.5, 20.5]) and full_y == [90.5]  # controls are not on the ε axis
+    controls = {(line.get_color(), line.get_linestyle(), line.get_ydata()[0]) for line in ax.get_lines()
+                if line.get_linestyle() in ("--", ":")}
+    assert controls == {(dp_colour, "--", 10.5), (dp_colour, ":", 40.5), (full_colour, ":", 80.5)}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "10"]
 
 
 def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
@@ -285,3 +296,52 @@ def test_a_config_that_cannot_load_only_loses_the_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "no stage reuse: cannot load the run's config" in out and "unknown config arg 'nokey'" in out
     assert "Traceback" not in out
+
+
+# -- controls, settings, seeds across sessions, overrides ----------------------------------------------
+@pytest.mark.parametrize("table", ["mnist_cpu", "mnist_shift", "mnist_curve", "mnist_tiny"])
+def test_every_method_has_both_controls_next_to_its_dp_rows(table):
+    rows = get_table(table)
+    for method in {r.method for r in rows}:
+        epsilons = [r.epsilon for r in rows if r.method == method]
+        assert epsilons[-2:] == ["inf", "public"], (method, epsilons)
+    if table == "mnist_curve":
+        assert {r.method for r in rows} == {"dpwave", "full_dp"}
+        assert [r.epsilon for r in rows if r.method == "dpwave"] == ["0.5", "1", "2", "4", "8", "16", "inf", "public"]
+
+
+def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
+    rows = get_table("mnist_scaling")
+    assert {r.setting for r in rows} == {"n_private=500", "n_private=1000", "n_private=2000", ""}
+    assert rows[0].spec == "experiments/configs/mnist.py:shift,n_private=500,method=dpwave,epsilon=1"
+    write_run(tmp_path, "dpwave_n500_eps1", 0, fake_metrics(0, 50.0, 0.4))
+    write_run(tmp_path, "dpwave_public", 0, fake_metrics(0, 60.0, 0.36, epsilon=0.0))
+    md = reproduce.markdown("mnist_scaling", reproduce.aggregate(rows, reproduce.plan(rows, tmp_path, [0])))
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert header[:3] == ["method", "setting", "ε target"]
+    assert table_line(md, "dpwave", "n_private=500")[2:5] == ["1", "1", "50"]
+    assert table_line(md, "dpwave", "")[2:4] == ["0 (public only)", "0"]
+
+
+def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_path):
+    for seed, value in ((0, 4.0), (2, 8.0)):  # seed 2 finished in another session
+        write_run(tmp_path, "dpwave_eps1", seed, fake_metrics(seed, value, 0.9))
+
+    def runner(command):
+        raise AssertionError(f"--report-only ran {command}")
+
+    assert reproduce.main(["--table", "mnist_tiny", "--workdir", str(tmp_path), "--seeds", "0",
+                           "--report-only"], runner=runner) == 0
+    md = (tmp_path / "mnist_tiny.md").read_text()
+    cells = table_line(md, "dpwave", "1")
+    assert cells[3].startswith("6 ± ") and cells[-1] == "2/2"
+    assert table_line(md, "full_dp", "1")[-1] == "0/2"
+
+
+def test_set_passes_config_overrides_to_every_run(tmp_path):
+    run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], overrides=["dp.trainable=cond", "dp.ema_decay=0.9"])[0]
+    assert run.command[4:6] == ["--config.dp.trainable=cond", "--config.dp.ema_decay=0.9"]
+    config = reproduce.load_config(run.command)
+    assert (config.dp.trainable, config.dp.ema_decay) == ("cond", 0.9)
+    result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--set", "dp.trainable", "--dry-run")
+    assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr

@@ -5,7 +5,8 @@ and the `:arg` variants are those of mm_celeba_hq.py (shared code: `paper_config
 data and the DP schedule differ.
 
 Variants (`:arg`, comma-separated): method=dpwave|full_dp|bicubic|nonprivate (nonprivate = full_dp at
-epsilon inf), epsilon=1|10|inf (default 1), seed=K, manual_dir=DIR (raw releases: DIR/coco/ in the
+epsilon inf), epsilon=1|10|inf|public (default 1; public: the public-only control, no DP stage), seed=K,
+manual_dir=DIR (raw releases: DIR/coco/ in the
 official COCO 2017 layout, see dpwave/data/builders/coco_captions.py, and DIR/cc3m/), data_dir=DIR,
 inception_weights=FILE, and `smoke` (the identical code path at 32x32 on a fixture tree written by
 tests/fixtures.py; not a result). delta = 1e-6 (< 1/118,287).

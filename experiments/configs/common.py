@@ -55,10 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.channels = 1
     c.data.num_classes = 10  # 0 for captions
     c.data.condition = "label"  # label | caption | none
-    c.data.public = dataset("mnist5k", "public", "public")
-    c.data.private = dataset("mnist5k", "private", "private")
-    c.data.heldout = dataset("mnist5k", "heldout", "public")
-    c.data.test = dataset("mnist5k", "test", "public")
+    # labels: keep only these classes (DatasetSpec.labels, e.g. the shift variant's public digits 0-4); None: all.
+    c.data.public = dataset("mnist5k", "public", "public", labels=None)
+    c.data.private = dataset("mnist5k", "private", "private", labels=None)
+    c.data.heldout = dataset("mnist5k", "heldout", "public", labels=None)
+    c.data.test = dataset("mnist5k", "test", "public", labels=None)
 
     c.wavelet = dict(name="haar", levels=2, mode="symmetric")
 

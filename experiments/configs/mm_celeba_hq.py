@@ -8,7 +8,8 @@ Variants (`:arg`, comma-separated):
   method=dpwave|full_dp|bicubic|nonprivate   dpwave (default): DP only on the coarse 32x32 band;
       full_dp: the same AR family over the tokens of all scales, all DP-finetuned (the baseline);
       nonprivate: full_dp at epsilon inf, the non-private reference.
-  epsilon=1|10|inf  target epsilon (default 1; inf for nonprivate). delta = 1e-5 (< 1/24,000).
+  epsilon=1|10|inf|public  target epsilon (default 1; inf for nonprivate; public: the public-only control,
+      no DP stage and no private data read). delta = 1e-5 (< 1/24,000).
   seed=K            the run's seed.
   manual_dir=DIR    root of the raw releases: DIR/mm_celeba_hq/ (the official MM-CelebA-HQ layout, see
       dpwave/data/builders/mm_celeba_hq.py) and DIR/ffhq/ (public faces, see below).
@@ -89,8 +90,9 @@ def parse_paper_args(arg: str | None) -> ml_collections.ConfigDict:
         args.method, args.epsilon = "full_dp", "inf"
     args.epsilon = args.epsilon or "1"
     epsilon = common.epsilon_value(args.epsilon)
-    if not epsilon > 0:
-        raise ValueError(f"epsilon={args.epsilon!r} must be > 0 (or inf for the non-private reference)")
+    if not (epsilon > 0 or args.epsilon == "public"):
+        raise ValueError(f"epsilon={args.epsilon!r} must be > 0 (or inf for the non-private reference, public for "
+                         "the public-only control)")
     if args.smoke and not args.manual_dir:
         raise ValueError("smoke needs manual_dir=/path to a fixture tree (tests/fixtures.py: "
                          "write_smoke_tree)")

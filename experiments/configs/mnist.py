@@ -73,11 +73,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.update(feature_epochs=10, downstream_epochs=10, num_real=1000)
         c.checkpoint.update(every_steps=100)
         if args.variant in ("shift", "tune"):
-            c.data.public = common.dataset("mnist5k", "public", "public", labels=(0, 1, 2, 3, 4))
+            c.data.public.labels = (0, 1, 2, 3, 4)
         if args.variant == "tune":
             # The public heldout digits (all ten classes) stand in for the private ones; sigma/B and q are those
             # of the private run of n_private (default all 2,000) digits.
-            c.data.private = common.dataset("mnist5k", "heldout", "public")
+            c.data.private.update(split="heldout", privacy="public")
             c.dp.update(tuning=True, tuning_private_size=args.n_private or PRIVATE_SIZE)
     elif args.variant == "tiny":
         c.tokenizer.model.update(codebook_size=64, width=16, depth=1)

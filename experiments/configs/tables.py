@@ -1,7 +1,9 @@
 """The paper's tables as named lists of rows; `python -m experiments.reproduce --table NAME` runs one.
 
 A row is a config spec without its seed (the runner appends `,seed=k`), plus the method and the
-target epsilon it stands for (the table's grouping and the plot's axes).
+target epsilon it stands for (the table's grouping and the plot's axes). Every method has two controls
+next to its DP rows: epsilon inf (no noise: what the DP stage could reach) and `public` (the public-only
+control: no DP stage, the pretrained model sampled; what the DP stage must beat to earn its epsilon).
 """
 
 from __future__ import annotations
@@ -11,44 +13,77 @@ import itertools
 
 from experiments.configs import common
 
-EPSILONS = ("1", "10", "inf")
+PUBLIC = "public"  # the epsilon of the public-only control (dp.target_epsilon = 0)
+CONTROLS = ("inf", PUBLIC)
+EPSILONS = ("1", "10", *CONTROLS)
+CURVE_EPSILONS = ("0.5", "1", "2", "4", "8", "16", *CONTROLS)
+SCALING_SIZES = (500, 1000, 2000)
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One table row: `label` (also its workdir name), config file + variant, method, target epsilon."""
+    """One table row: `label` (also its workdir name), config file + variant, method, target epsilon, and
+    `setting`: more `:arg` pairs (e.g. `n_private=500`), shown in the table."""
 
     label: str
     config: str
     method: str
     epsilon: str
+    setting: str = ""
 
     @property
     def spec(self) -> str:
         """The `--config` value without the seed, e.g. `.../mnist.py:demo,method=dpwave,epsilon=1`."""
         path, _, variant = self.config.partition(":")
-        args = ",".join(filter(None, (variant, f"method={self.method}", f"epsilon={self.epsilon}")))
+        args = ",".join(filter(None, (variant, self.setting, f"method={self.method}", f"epsilon={self.epsilon}")))
         return f"{path}:{args}"
 
     @property
     def epsilon_value(self) -> float:
         return common.epsilon_value(self.epsilon)
 
+    @property
+    def is_control(self) -> bool:
+        """epsilon inf (no noise) or the public-only control: drawn as reference lines, not on the epsilon axis."""
+        return self.epsilon in CONTROLS
+
+
+def label(method: str, epsilon: str, setting: str = "") -> str:
+    """`<method>[_<setting>]_eps<epsilon>`, or `<method>_public` for the public-only control (which reads no
+    private data, so no setting of the private data changes it)."""
+    if epsilon == PUBLIC:
+        return f"{method}_public"
+    middle = setting.replace("n_private=", "n").replace("=", "").replace(",", "_")
+    return "_".join(filter(None, (method, middle, f"eps{epsilon}")))
+
 
 def grid(config: str, methods: tuple[str, ...], epsilons: tuple[str, ...]) -> tuple[Row, ...]:
-    """Every method at every epsilon, labelled `<method>_eps<epsilon>`."""
-    return tuple(Row(f"{m}_eps{e}", config, m, e) for m, e in itertools.product(methods, epsilons))
+    """Every method at every epsilon."""
+    return tuple(Row(label(m, e), config, m, e) for m, e in itertools.product(methods, epsilons))
 
 
 def _paper(config: str) -> tuple[Row, ...]:
-    """DP methods at epsilon 1 and 10, plus the non-private reference (full_dp at epsilon inf)."""
+    """DP methods at epsilon 1 and 10, their public-only controls, and the non-private reference (full_dp at
+    epsilon inf)."""
     reference = Row("nonprivate", config, "nonprivate", "inf")
-    return grid(config, ("dpwave", "full_dp"), ("1", "10")) + (reference,)
+    return grid(config, ("dpwave", "full_dp"), ("1", "10", PUBLIC)) + (reference,)
 
 
+def _scaling(config: str) -> tuple[Row, ...]:
+    """dpwave at epsilon 1 and 10 on the first N private digits, N in SCALING_SIZES, and the public-only control."""
+    rows = [Row(label("dpwave", e, f"n_private={n}"), config, "dpwave", e, f"n_private={n}")
+            for n in SCALING_SIZES for e in ("1", "10")]
+    return (*rows, Row(label("dpwave", PUBLIC), config, "dpwave", PUBLIC))
+
+
+SHIFT = "experiments/configs/mnist.py:shift"
 TABLES: dict[str, tuple[Row, ...]] = {
     "mnist_cpu": grid("experiments/configs/mnist.py:demo", common.METHODS, EPSILONS),
-    "mnist_shift": grid("experiments/configs/mnist.py:shift", common.METHODS, EPSILONS),
+    "mnist_shift": grid(SHIFT, common.METHODS, EPSILONS),
+    # FD-cls and downstream accuracy against epsilon, with both controls (the shift variant).
+    "mnist_curve": grid(SHIFT, ("dpwave", "full_dp"), CURVE_EPSILONS),
+    # How much private data the DP stage needs to earn its epsilon (the shift variant's recipe).
+    "mnist_scaling": _scaling(SHIFT),
     "mnist_tiny": grid("experiments/configs/mnist.py:tiny", common.METHODS, EPSILONS),
     "celeba_paper": _paper("experiments/configs/mm_celeba_hq.py"),
     "coco_paper": _paper("experiments/configs/coco.py"),
