@@ -1,12 +1,13 @@
 """dpwave's data layer: TFDS builders (array_record), privacy-tagged sources, samplers.
 
 ``load(DatasetSpec(name, split, privacy=...))`` returns a ``Source``; non-DP code calls
-``require_public(source, consumer)``; the DP trainer draws batches with ``PoissonSampler``.
+``require_public(source, consumer)``; the DP trainer draws batches with ``PoissonSampler``;
+``overlap.check_disjoint`` refuses public sources holding an image of the private set.
 """
 from dpwave.data.boundary import require_public
 from dpwave.data.builders.mnist5k import mnist5k_arrays
 from dpwave.data.errors import (DataError, DatasetLayoutError, DatasetNotPreparedError,
-                                InvalidExampleError, PrivacyError)
+                                InvalidExampleError, PrivacyError, PrivateOverlapError, PrivateSplitError)
 from dpwave.data.images import to_float, to_uint8
 from dpwave.data.loading import load
 from dpwave.data.sampling import BatchOverflowError, PoissonSampler, ShuffleSampler
@@ -14,5 +15,5 @@ from dpwave.data.source import Source
 from dpwave.data.spec import DatasetSpec
 
 __all__ = ["BatchOverflowError", "DataError", "DatasetLayoutError", "DatasetNotPreparedError", "DatasetSpec",
-           "InvalidExampleError", "PoissonSampler", "PrivacyError", "ShuffleSampler", "Source",
-           "load", "mnist5k_arrays", "require_public", "to_float", "to_uint8"]
+           "InvalidExampleError", "PoissonSampler", "PrivacyError", "PrivateOverlapError", "PrivateSplitError",
+           "ShuffleSampler", "Source", "load", "mnist5k_arrays", "require_public", "to_float", "to_uint8"]

@@ -19,3 +19,11 @@ class DatasetNotPreparedError(DataError):
 
 class PrivacyError(DataError):
     """Code that trains without DP asked for a private dataset, or a private split was tagged public."""
+
+
+class PrivateSplitError(PrivacyError):
+    """A public role names a split its builder declares private (by default, or always)."""
+
+
+class PrivateOverlapError(PrivacyError):
+    """A public role holds an image identical to one of the private set."""

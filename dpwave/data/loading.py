@@ -62,14 +62,16 @@ def _official_builder(spec: DatasetSpec) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def load(spec: DatasetSpec | Mapping[str, Any] | ml_collections.ConfigDict) -> Source:
+def load(spec: DatasetSpec | Mapping[str, Any] | ml_collections.ConfigDict, role: str | None = None) -> Source:
     """Returns the split ``spec`` names, building dpwave's datasets on first use.
 
     Args:
       spec: a ``DatasetSpec``, or a dict / ``ConfigDict`` for ``DatasetSpec.from_config``.
+      role: where the spec comes from (``config.data.public``), for error messages.
 
     Raises:
-      PrivacyError: the spec tags a split its builder declares private as public.
+      PrivateSplitError: the spec tags public a split its builder declares private (always, or by
+        default without ``override_private_default``).
       DatasetLayoutError: a manual dir is missing or malformed (the message shows the layout).
       DatasetNotPreparedError: an official dataset is not prepared and TensorFlow is missing.
       DataError: unknown name, or the split is empty.
@@ -77,7 +79,8 @@ def load(spec: DatasetSpec | Mapping[str, Any] | ml_collections.ConfigDict) -> S
     if not isinstance(spec, DatasetSpec):
         spec = DatasetSpec.from_config(spec)
     if spec.name in BUILDERS:
-        check_split_tag(spec, BUILDERS[spec.name].PRIVATE_SPLITS)
+        cls = BUILDERS[spec.name]
+        check_split_tag(spec, cls.PRIVATE_SPLITS, cls.PRIVATE_BY_DEFAULT, role)
         builder = _dpwave_builder(spec)
     else:
         builder = _official_builder(spec)

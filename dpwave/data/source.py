@@ -49,6 +49,15 @@ class Source(Sequence):
     def privacy(self) -> Privacy:
         return self._spec.privacy
 
+    @property
+    def data_files(self) -> list[tuple[str, int, int]] | None:
+        """``(path, skip, take)`` of every file the split reads (a cache key of its content), or None
+        when the data is not a prepared TFDS dataset."""
+        info, split = getattr(self._data, "dataset_info", None), getattr(self._data, "split", None)
+        if info is None or split is None:
+            return None
+        return [(f.filename, f.skip, f.take) for f in info.splits[split].file_instructions]
+
     def __len__(self) -> int:
         return len(self._data) if self._index is None else len(self._index)
 

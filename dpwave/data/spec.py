@@ -26,6 +26,10 @@ class DatasetSpec:
       in_memory: decode the whole split once into numpy arrays (fast ``get_batch`` for small sets).
       labels: keep only the examples whose ``label`` is one of these (e.g. a public subset of the
         classes); ``None`` keeps every example. Filtering reads every label of the split once.
+      override_private_default: tag ``public`` a split its builder declares private by default (the
+        ``train`` split of ``mm_celeba_hq`` and ``coco_captions``, every split of ``image_folder``):
+        you assert it holds no private data. Logged as a warning; without it such a tag is refused.
+        Splits that are always private (``mnist5k/private``) stay refused.
     """
 
     name: str
@@ -37,6 +41,7 @@ class DatasetSpec:
     channels: int | None = None
     in_memory: bool = False
     labels: tuple[int, ...] | None = None
+    override_private_default: bool = False
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_TAGS:
@@ -53,8 +58,9 @@ class DatasetSpec:
             raise ValueError(f"resolution={self.resolution!r} must be a positive int or None")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels={self.channels!r} must be 1, 3 or None (keep the stored channels)")
-        if not isinstance(self.in_memory, bool):
-            raise ValueError(f"in_memory={self.in_memory!r} must be True or False")
+        for field in ("in_memory", "override_private_default"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field}={getattr(self, field)!r} must be True or False")
         if self.labels is not None:
             labels = tuple(self.labels) if isinstance(self.labels, (list, tuple)) else ()
             if not labels or any(isinstance(v, bool) or not isinstance(v, int) for v in labels):

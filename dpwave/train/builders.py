@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
 from dpwave import data
+from dpwave.data import overlap
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
 from dpwave.models.transformer import TransformerConfig
 
 METHODS = ("dpwave", "full_dp", "bicubic")
+ROLES = ("public", "private", "heldout", "test")
 
 
 def check_method(config: ml_collections.ConfigDict) -> str:
@@ -37,7 +40,20 @@ def dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetSp
 
 
 def load(config: ml_collections.ConfigDict, role: str) -> data.Source:
-    return data.load(dataset_spec(config, role))
+    return data.load(dataset_spec(config, role), role=f"config.data.{role}")
+
+
+def check_data_boundary(config: ml_collections.ConfigDict) -> dict[str, overlap.PixelHashes]:
+    """Run-start check of every role: privacy and split tags, then no image of the private set in a role
+    read without DP (public; heldout, whose captions are also the sampling prompts; test).
+
+    Raises:
+      PrivateSplitError, PrivateOverlapError, ValueError: naming the role.
+    """
+    sources = {role: data.load(dataclasses.replace(dataset_spec(config, role), in_memory=False),
+                               role=f"config.data.{role}") for role in ROLES}
+    private = sources.pop("private")
+    return overlap.check_disjoint(private, {f"config.data.{role}": s for role, s in sources.items()})
 
 
 def _common(config: ml_collections.ConfigDict) -> dict[str, Any]:

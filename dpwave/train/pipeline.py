@@ -168,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     os.makedirs(workdir, exist_ok=True)
     fps = stage_fingerprints(config)
     check_finished_stages(config, workdir, fps)
+    if not (dp_recipe.public_only(config) or config.dp.tuning):  # these runs read no private data at all
+        builders.check_data_boundary(config)  # before any training step: no private image in a public role
     write_run_info(config, workdir)
     mesh = distributed.make_data_mesh()
     dirs = {name: os.path.join(workdir, name) for name in stage_names(config)}

@@ -19,7 +19,7 @@ Data and the privacy boundary:
            COCO, large enough to pretrain a 0.3B model, and not built from COCO (web alt-text pages,
            not the Flickr photos COCO annotated). A web crawl can still hold copies of COCO photos:
            drop near-duplicates of train2017 from the folder (e.g. by perceptual hash) before use;
-           dpwave does not check this.
+           dpwave refuses only exact pixel copies at run start (dpwave/data/overlap.py).
   heldout  coco_captions `validation[:20%]` (1,000 val2017 images, outside DP training): memorization
            reference; its captions are the sampling prompts (sample.prompts = "heldout").
   test     coco_captions `validation[20%:]` (4,000): the FID / precision / recall reference.
@@ -62,7 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_paper_args(arg)
     datasets = {
         "private": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "train", "private"),
-        "public": paper_dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public"),
+        # image_folder splits are private by default: the override asserts CC3M is public.
+        "public": paper_dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public", override_private_default=True),
         "heldout": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[:20%]", "public"),
         "test": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[20%:]", "public"),
     }

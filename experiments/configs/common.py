@@ -41,7 +41,8 @@ def epsilon_value(text: str) -> float:
 
 
 def dataset(name: str, split: str, privacy: str, **kw: Any) -> dict:
-    return dict(name=name, split=split, privacy=privacy, data_dir="", manual_dir="", **kw)
+    return dict(dict(name=name, split=split, privacy=privacy, data_dir="", manual_dir="",
+                     override_private_default=False), **kw)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -103,10 +104,10 @@ def parse_paper_args(arg: str | None) -> ml_collections.ConfigDict:
     return args
 
 
-def paper_dataset(args: ml_collections.ConfigDict, name: str, subdir: str, split: str, privacy: str
-                  ) -> dict:
+def paper_dataset(args: ml_collections.ConfigDict, name: str, subdir: str, split: str, privacy: str,
+                  **kw: Any) -> dict:
     """A dataset whose raw release is `<manual_dir>/<subdir>` (the run sets resolution and channels)."""
-    spec = common.dataset(name, split, privacy)
+    spec = common.dataset(name, split, privacy, **kw)
     spec["manual_dir"] = os.path.join(args.manual_dir, subdir) if args.manual_dir else ""
     spec["data_dir"] = args.data_dir or (os.path.join(args.manual_dir, "tfds") if args.smoke else "")
     return spec
@@ -167,7 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = parse_paper_args(arg)
     datasets = {
         "private": paper_dataset(args, "mm_celeba_hq", PRIVATE_SUBDIR, "train", "private"),
-        "public": paper_dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public"),
+        # image_folder splits are private by default: the override asserts FFHQ is public.
+        "public": paper_dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public", override_private_default=True),
         "heldout": paper_dataset(args, "mm_celeba_hq", PRIVATE_SUBDIR, "test[:20%]", "public"),
         "test": paper_dataset(args, "mm_celeba_hq", PRIVATE_SUBDIR, "test[20%:]", "public"),
     }

@@ -70,7 +70,8 @@ def test_mm_celeba_hq_empty_caption_file_names_the_id(celeba_tree, data_dir):
 
 
 def coco(split, manual_dir, data_dir):
-    return load(DatasetSpec("coco_captions", split, "public", data_dir=data_dir,
+    privacy = "private" if split == "train" else "public"  # train is private by default
+    return load(DatasetSpec("coco_captions", split, privacy, data_dir=data_dir,
                             manual_dir=os.fspath(manual_dir), resolution=12))
 
 

@@ -15,7 +15,7 @@ def small_png(path):
     Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(path)
 
 
-def folder(split, root, data_dir, resolution=8, channels=None, privacy="public"):
+def folder(split, root, data_dir, resolution=8, channels=None, privacy="private"):
     return load(DatasetSpec("image_folder", split, privacy, data_dir=data_dir,
                             manual_dir=os.fspath(root), resolution=resolution, channels=channels))
 
@@ -93,5 +93,5 @@ def test_empty_and_missing_folders(tmp_path, data_dir):
     with pytest.raises(DatasetLayoutError, match="does not exist"):
         folder("train", tmp_path / "absent", data_dir)
     with pytest.raises(DataError, match="needs manual_dir .* and resolution"):
-        load(DatasetSpec("image_folder", "train", "public", data_dir=data_dir,
+        load(DatasetSpec("image_folder", "train", "private", data_dir=data_dir,
                          manual_dir=os.fspath(tmp_path)))

@@ -38,12 +38,14 @@ class DpwaveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base builder: writes array_record (never parquet) in generation order.
 
     Subclasses set ``LAYOUT`` (the expected manual-dir tree) and ``SOURCE`` (where to get the data),
-    and ``PRIVATE_SPLITS`` for splits that hold private data whatever the spec says.
+    ``PRIVATE_SPLITS`` for splits that hold private data whatever the spec says, and
+    ``PRIVATE_BY_DEFAULT`` for splits a spec may tag public only with ``override_private_default``.
     """
 
     LAYOUT: ClassVar[str] = ""
     SOURCE: ClassVar[str] = ""
     PRIVATE_SPLITS: ClassVar[tuple[str, ...]] = ()
+    PRIVATE_BY_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
     @tfds.core.utils.classproperty
     @classmethod

@@ -46,7 +46,9 @@ def parse_caption_json(data: Any) -> list[tuple[int, str, list[str]]]:
 class CocoCaptions(CaptionedImages, skip_registration=True):
     """MS-COCO 2017 captions: images center-cropped and resized to R x R x 3, with all captions.
 
-    Splits ``train`` (train2017) and ``validation`` (val2017), ordered by image id. Features:
+    Splits ``train`` (train2017) and ``validation`` (val2017), ordered by image id; ``train`` is the
+    paper's DP training set, so it is private by default (tagging it public needs
+    ``DatasetSpec.override_private_default``). Features:
     ``image``, ``captions`` (ordered by annotation id), ``id`` (the COCO image id). Configs ``256px``
     (default), ``128px``, ``64px``; any other ``ResolutionConfig`` works too. Reading needs only the
     JSON module, not TensorFlow. (TFDS' own ``coco_captions`` builder needs TensorFlow and is not used.)
@@ -54,6 +56,7 @@ class CocoCaptions(CaptionedImages, skip_registration=True):
 
     name = "coco_captions"
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MS-COCO 2017 captions")
+    PRIVATE_BY_DEFAULT = ("train",)
     LAYOUT = LAYOUT
     SOURCE = SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the release in the manual dir:\n{LAYOUT}\nSource: {SOURCE}"

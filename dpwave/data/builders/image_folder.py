@@ -48,6 +48,10 @@ class ImageFolder(DpwaveBuilder, skip_registration=True):
     plus ``label`` (class subfolders) or ``captions`` (flat folder with ``captions.jsonl``).
     Build it with ``config=image_folder_config(root, resolution, channels)`` and ``root`` as the
     manual dir. Examples are stored sorted by path.
+
+    A folder has no inherent public split: both splits are private by default, and a spec tags one
+    public only with ``DatasetSpec.override_private_default`` (the operator asserts the folder is
+    public data, e.g. FFHQ or CC3M in the paper configs).
     """
 
     name = "image_folder"
@@ -56,6 +60,7 @@ class ImageFolder(DpwaveBuilder, skip_registration=True):
     LAYOUT = folder_scan.LAYOUT
     SOURCE = folder_scan.SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point the manual dir at the folder:\n{LAYOUT}"
+    PRIVATE_BY_DEFAULT = folder_scan.SPLIT_FOLDERS
 
     @classmethod
     def config_for(cls, resolution: int | None, channels: int | None, manual_dir: str | None

@@ -58,13 +58,16 @@ class MmCelebaHq(CaptionedImages, skip_registration=True):
     """MM-CelebA-HQ: CelebA-HQ faces, captions and the official train/test id lists.
 
     Splits ``train`` and ``test`` follow ``train/filenames.pickle`` and ``test/filenames.pickle``
-    (in pickle order). Features: ``image`` (R x R x 3, center-cropped and resized with Lanczos),
-    ``captions`` (all captions of the image, in file order), ``id`` (the CelebA-HQ id).
+    (in pickle order); ``train`` is the paper's DP training set, so it is private by default (tagging it
+    public needs ``DatasetSpec.override_private_default``). Features: ``image`` (R x R x 3,
+    center-cropped and resized with Lanczos), ``captions`` (all captions of the image, in file order),
+    ``id`` (the CelebA-HQ id).
     Configs ``256px`` (default), ``128px``, ``64px``; any other ``ResolutionConfig`` works too.
     """
 
     name = "mm_celeba_hq"
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MM-CelebA-HQ")
+    PRIVATE_BY_DEFAULT = ("train",)
     LAYOUT = LAYOUT
     SOURCE = SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the release in the manual dir:\n{LAYOUT}\nSource: {SOURCE}"
