@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpwave.train import distributed, pipeline
+from dpwave.train.dp_stage import SecretSeedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -34,7 +35,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}; overrides look like --config.a.b=value")
     distributed.maybe_initialize_distributed()
     logging.info("config:\n%s", _CONFIG.value)
-    pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except SecretSeedError as e:
+        sys.exit(f"dpwave.main: {e}")
 
 
 if __name__ == "__main__":

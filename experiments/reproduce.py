@@ -149,10 +149,10 @@ def load_config(command: Sequence[str]) -> ml_collections.ConfigDict:
     return flag_values.config
 
 
-def _summary(stage_dir: Path) -> dict:
-    """A stage's summary.json; {} while it is unfinished (or the file is unreadable)."""
+def _summary(stage_dir: Path, name: str = "summary.json") -> dict:
+    """A stage's summary.json (or other JSON file `name`); {} while it is unfinished (or the file is unreadable)."""
     try:
-        return json.loads((stage_dir / "summary.json").read_text())
+        return json.loads((stage_dir / name).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -228,11 +228,15 @@ def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = 
 
 
 def read_metrics(path: Path) -> dict:
-    """A run's metrics.json; a value that is neither a number nor null is a ValueError."""
+    """A run's metrics.json plus the DP stage's wall time, which the pipeline keeps out of metrics.json (it
+    depends on the Poisson draws) in the owner-only dp_finetune/private_timing.json; a value that is neither
+    a number nor null is a ValueError."""
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it to rerun the run") from None
+    timing = _summary(path.parent / "dp_finetune", "private_timing.json")
+    metrics.setdefault("dp_wall_time_s", timing.get("wall_time_s"))
     for key, _, _ in METRICS:
         value = metrics.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -285,7 +289,9 @@ def markdown(table: str, results: Sequence[RowResult]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; — not run yet; n/a null in every run (reasons "
               "below). FD-cls is the Fréchet distance in the features of a classifier trained on held-out real "
-              "data (a surrogate, not FID)."]
+              "data (a surrogate, not FID). DP wall time is the operator's own measurement (owner-only "
+              "dp_finetune/private_timing.json): it depends on the Poisson draws and is not covered by the DP "
+              "guarantee."]
     notes = sorted({(key, why) for r in results for key, whys in r.reasons.items() for why in whys})
     if notes:
         lines += ["", "n/a:"] + [f"- {key}: {why}" for key, why in notes]

@@ -126,3 +126,21 @@ def test_tpu_vm_dry_run_runs_on_every_worker():
     assert shlex.split(run_part) == [
         "DPWAVE_DISTRIBUTED=auto", ".venv/bin/python", "-m", "dpwave.main", "--config=c.py:big",
         "--workdir=gs://bucket/run", "--config.note=two words"]
+
+
+def test_tpu_vm_copies_an_owner_only_seed_file_and_refuses_a_readable_one(tmp_path):
+    seed = tmp_path / "dp_seed"
+    seed.write_text("12345\n")
+    seed.chmod(0o600)
+    args = ["--dry-run", "--name=t", "--zone=z", f"--secret-seed-file={seed}", "--config=c.py", "--workdir=gs://b/r"]
+    result = _run("tpu_vm.sh", *args)
+    assert result.returncode == 0, result.stderr
+    tar, scp, mkdir, copy, ssh = _commands(result.stdout)
+    assert mkdir[-1] == "--command=install -d -m 700 ~/.dpwave_secret"
+    assert copy[5:7] == [str(seed), "t:.dpwave_secret/dp_seed"]
+    remote = ssh[-1][len("--command="):]
+    assert "chmod 600 ~/.dpwave_secret/dp_seed;" in remote and "12345" not in result.stdout
+    assert shlex.split(remote.rsplit("; ", 1)[-1])[-1] == "--config.dp.secret_seed_file=$HOME/.dpwave_secret/dp_seed"
+    seed.chmod(0o644)
+    refused = _run("tpu_vm.sh", *args)
+    assert refused.returncode == 2 and "chmod 600" in refused.stderr and refused.stdout == ""

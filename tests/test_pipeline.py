@@ -42,6 +42,10 @@ def check_run(workdir: Path, *, target_epsilon: float) -> dict:
     assert ledger.steps == metrics["dp_steps"]
     statement = (workdir / "privacy_statement.txt").read_text()
     assert "differential privacy" in statement and "NOT covered" in statement
+    # The DP stage's wall time depends on the Poisson draws: it stays out of the released files.
+    assert "dp_wall_time_s" not in metrics and "DP stage wall time" not in (workdir / "report.md").read_text()
+    assert "wall_time_s" not in json.loads((workdir / "dp_finetune" / "summary.json").read_text())
+    assert (workdir / "dp_finetune").stat().st_mode & 0o777 == 0o700
     return metrics
 
 

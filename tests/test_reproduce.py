@@ -345,3 +345,13 @@ def test_set_passes_config_overrides_to_every_run(tmp_path):
     assert (config.dp.trainable, config.dp.ema_decay) == ("cond", 0.9)
     result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--set", "dp.trainable", "--dry-run")
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+
+
+def test_dp_wall_time_comes_from_the_owner_only_timing_file(tmp_path):
+    metrics = fake_metrics(0, 4.0, 0.9)
+    del metrics["dp_wall_time_s"]  # the pipeline keeps it out of metrics.json
+    write_run(tmp_path, "dpwave_eps1", 0, metrics)
+    stage = tmp_path / "dpwave_eps1" / "seed0" / "dp_finetune"
+    stage.mkdir()
+    (stage / "private_timing.json").write_text(json.dumps({"stage": "dp_finetune", "wall_time_s": 12.5}))
+    assert reproduce.read_metrics(tmp_path / "dpwave_eps1" / "seed0" / "metrics.json")["dp_wall_time_s"] == 12.5

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 from typing import Any
@@ -48,6 +49,13 @@ def _is_prob(value: Any) -> bool:
 
 def _fingerprint(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_commitment(seed: int) -> str:
+    """HMAC-SHA256 keyed by the seed of a fixed message: equal seeds give equal commitments, and the
+    commitment holds no copy of the seed (finding it means searching the whole seed space)."""
+    key = _check_int("seed", seed, 0).to_bytes(32, "big")
+    return hmac.new(key, b"dpwave.PoissonSampler.seed_commitment/1", hashlib.sha256).hexdigest()
 
 
 def binomial_sf(k: Any, n: int, q: float) -> Any:
@@ -189,8 +197,16 @@ class PoissonSampler:
         mask[:count] = True
         return indices, mask
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``state_dict()`` with the seed replaced by ``seed_commitment(seed)``: what checkpoints store, so a
+        resume can check the draws without a plain copy of the (secret) seed on disk."""
+        state = self.state_dict()
+        state["seed_commitment"] = seed_commitment(state.pop("seed"))
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serializable config (the sampler has no other state); include it in checkpoints."""
+        """JSON-serializable config (the sampler has no other state). It holds the seed: checkpoints store
+        ``checkpoint_state()`` instead."""
         return {"type": "PoissonSampler", "num_examples": self.num_examples,
                 "sampling_prob": self.sampling_prob, "seed": self.seed,
                 "bucket_multiple": self.bucket_multiple, "max_batch_size": self.max_batch_size,

@@ -6,7 +6,16 @@ is clipped to L2 norm C, and Gaussian noise of standard deviation ``sigma * C`` 
 added once to the sum. ``T`` steps are the self-composition of that one event
 (``SelfComposedDpEvent``), which keeps accounting cheap for any ``T``.
 
-Accountants (neighbouring relation: add or remove one example):
+Neighbouring relations (``neighboring``):
+
+* ``"add_or_remove_one"`` (default): the datasets differ by one example added or
+  removed. q = B / N and N itself are published, so N must be treated as public.
+* ``"replace_one"``: one example is swapped for another, N is the same on both
+  sides. The sum of clipped gradients moves by up to 2C instead of C, so epsilon is
+  larger for the same sigma. dp_accounting 0.6 supports it for both step events
+  under PLD only (its RDP accountant refuses ``PoissonSampledDpEvent`` with it).
+
+Accountants:
 
 * ``"pld"`` (default): privacy loss distributions with
   ``value_discretization_interval=1e-3``. dp_accounting's own default (1e-4) is
@@ -50,7 +59,9 @@ from scipy import stats
 
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_PLD_DISCRETIZATION = 1e-3
-NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+NEIGHBORING_RELATIONS = {"add_or_remove_one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                         "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE}
+DEFAULT_NEIGHBORING = "add_or_remove_one"
 
 # Search range of calibrate_noise: below _SIGMA_MIN the PLD evaluation gets slow
 # (seconds) and epsilon is in the hundreds; above _SIGMA_MAX nothing is learned.
@@ -107,6 +118,14 @@ def check_accountant(accountant: str, pld_discretization: float) -> None:
         raise ValueError(
             f"pld_discretization={pld_discretization!r} must be in (0, 1) "
             f"(default {DEFAULT_PLD_DISCRETIZATION}).")
+
+
+def check_neighboring(neighboring: str, accountant: str) -> None:
+    if neighboring not in NEIGHBORING_RELATIONS:
+        raise ValueError(f"neighboring={neighboring!r} is unknown; use one of {tuple(NEIGHBORING_RELATIONS)}.")
+    if neighboring == "replace_one" and accountant != "pld":
+        raise ValueError("neighboring='replace_one' needs accountant='pld': dp_accounting's RDP accountant "
+                         "supports only add-or-remove-one for Poisson-sampled Gaussian steps.")
 
 
 def check_truncation(dataset_size: int | None, max_batch_size: int | None) -> None:
@@ -195,20 +214,23 @@ def _prune(event: dp_event.DpEvent) -> dp_event.DpEvent:
 
 
 def epsilon_of_event(event: dp_event.DpEvent, delta: float, accountant: str = "pld", *,
-                     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION) -> float:
-    """Epsilon at ``delta`` of any (composed) DpEvent under the named accountant."""
+                     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+                     neighboring: str = DEFAULT_NEIGHBORING) -> float:
+    """Epsilon at ``delta`` of any (composed) DpEvent under the named accountant and neighbouring relation."""
     check_delta(delta)
     check_accountant(accountant, pld_discretization)
+    check_neighboring(neighboring, accountant)
+    relation = NEIGHBORING_RELATIONS[neighboring]
     if not _has_steps(event):
         return 0.0
     event = _prune(event)
     if accountant == "pld":
         acc = pld_privacy_accountant.PLDAccountant(
-            NEIGHBORING_RELATION, value_discretization_interval=pld_discretization)
+            relation, value_discretization_interval=pld_discretization)
         acc.compose(event)
         return float(acc.get_epsilon(delta))
     plain, tau = _untruncate(event)
-    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NEIGHBORING_RELATION)
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
     acc.compose(plain)
     if tau == 0.0:
         return float(acc.get_epsilon(delta))
@@ -236,14 +258,15 @@ def epsilon(noise_multiplier: float, sampling_prob: float, steps: int, delta: fl
             accountant: str = "pld", *, dataset_size: int | None = None,
             max_batch_size: int | None = None,
             pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-            allow_large_delta: bool = False) -> float:
+            allow_large_delta: bool = False, neighboring: str = DEFAULT_NEIGHBORING) -> float:
     """Epsilon of ``steps`` DP-SGD steps at ``delta`` (inf when noise_multiplier == 0)."""
     check_steps(steps)
     check_delta(delta, dataset_size, allow_large_delta)
     event = dp_event.SelfComposedDpEvent(
         step_event(noise_multiplier, sampling_prob, dataset_size=dataset_size,
                    max_batch_size=max_batch_size), steps)
-    return epsilon_of_event(event, delta, accountant, pld_discretization=pld_discretization)
+    return epsilon_of_event(event, delta, accountant, pld_discretization=pld_discretization,
+                            neighboring=neighboring)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -253,7 +276,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
                     accountant: str = "pld", *, dataset_size: int | None = None,
                     max_batch_size: int | None = None,
                     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-                    allow_large_delta: bool = False, rtol: float = 0.01) -> float:
+                    allow_large_delta: bool = False, rtol: float = 0.01,
+                    neighboring: str = DEFAULT_NEIGHBORING) -> float:
     """A noise multiplier whose epsilon lies in [(1 - rtol) * target, target].
 
     A safeguarded secant search on (log sigma, log epsilon) from sigma = 1: each step
@@ -268,6 +292,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
     check_sampling_prob(sampling_prob)
     check_truncation(dataset_size, max_batch_size)
     check_accountant(accountant, pld_discretization)
+    check_neighboring(neighboring, accountant)
     if not 0 < rtol < 1:
         raise ValueError(f"rtol={rtol!r} must be in (0, 1).")
     if steps == 0:
@@ -276,7 +301,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sampling_prob: float, s
     def log_eps(log_sigma: float) -> float:
         e = epsilon(math.exp(log_sigma), sampling_prob, steps, delta, accountant,
                     dataset_size=dataset_size, max_batch_size=max_batch_size,
-                    pld_discretization=pld_discretization, allow_large_delta=True)
+                    pld_discretization=pld_discretization, allow_large_delta=True, neighboring=neighboring)
         return math.log(e) if e > 0 else -math.inf
 
     top, floor = math.log(target_epsilon), math.log((1 - rtol) * target_epsilon)

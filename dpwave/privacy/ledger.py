@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dp_accounting import dp_event
 
 from dpwave.privacy.accounting import (
-    DEFAULT_PLD_DISCRETIZATION, check_accountant, check_delta, check_noise_multiplier,
-    check_sampling_prob, check_steps, check_target_epsilon, check_truncation, epsilon_of_event,
+    DEFAULT_NEIGHBORING, DEFAULT_PLD_DISCRETIZATION, check_accountant, check_delta, check_neighboring,
+    check_noise_multiplier, check_sampling_prob, check_steps, check_target_epsilon, check_truncation, epsilon_of_event,
     step_event)
 
 
@@ -29,7 +29,7 @@ class LedgerMismatchError(ValueError):
 _MISSING = object()
 # Fields whose change alters the guarantee; a resume must keep them or compose.
 _GUARANTEE_FIELDS = ("noise_multiplier", "sampling_prob", "delta", "accountant",
-                     "target_epsilon", "dataset_size", "max_batch_size", "pld_discretization")
+                     "target_epsilon", "dataset_size", "max_batch_size", "pld_discretization", "neighboring")
 
 
 def _read(config_like: object, name: str) -> object:
@@ -44,6 +44,7 @@ class DpParams:
 
     ``max_batch_size`` is the sampler's truncation cap B (None: never truncates).
     ``target_epsilon`` is the budget a BudgetGuard enforces.
+    ``neighboring`` is the neighbouring relation: "add_or_remove_one" or "replace_one" (PLD only).
     """
 
     noise_multiplier: float
@@ -55,11 +56,13 @@ class DpParams:
     max_batch_size: int | None = None
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
     allow_large_delta: bool = False
+    neighboring: str = DEFAULT_NEIGHBORING
 
     def __post_init__(self) -> None:
         check_noise_multiplier(self.noise_multiplier)
         check_sampling_prob(self.sampling_prob)
         check_accountant(self.accountant, self.pld_discretization)
+        check_neighboring(self.neighboring, self.accountant)
         check_truncation(self.dataset_size, self.max_batch_size)
         check_delta(self.delta, self.dataset_size, self.allow_large_delta)
         if self.target_epsilon is not None:
@@ -211,7 +214,7 @@ class PrivacyLedger:
     def _epsilon_of(self, events: list[dp_event.SelfComposedDpEvent]) -> float:
         p = self._params
         return epsilon_of_event(dp_event.ComposedDpEvent(events), p.delta, p.accountant,
-                                pld_discretization=p.pld_discretization)
+                                pld_discretization=p.pld_discretization, neighboring=p.neighboring)
 
     def epsilon(self) -> float:
         """Epsilon of everything recorded, at the ledger's delta."""

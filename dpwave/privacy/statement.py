@@ -1,4 +1,8 @@
-"""The privacy guarantee of a ledger, as a JSON-ready report and a human-readable statement."""
+"""The privacy guarantee of a ledger, as a JSON-ready report and a human-readable statement.
+
+`DEFAULT_NOT_COVERED` is the one list of what the guarantee does not cover: the README's
+"What is NOT covered" bullets are these strings (tests/privacy/test_statement.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,44 @@ from dpwave.privacy.accounting import truncation_probability
 from dpwave.privacy.ledger import PrivacyLedger
 
 DEFAULT_NOT_COVERED = (
-    "data declared public: pretraining data and the data of every component trained "
-    "without DP (e.g. tokenizers, refiners, evaluation feature networks)",
-    "hyperparameter tuning, model selection and repeated runs on the private data "
-    "(each extra run spends its own budget)",
-    "labels, captions or prompts supplied at generation time: covered only if they "
-    "come from public or held-out sources, never if taken from the private set",
-    "the dataset size N and the DP hyperparameters, which are treated as public",
-    "secrecy of the sampling seed and of the noise key: whoever knows them can undo "
-    "the sampling amplification and the noise",
-    "side channels (timing, memory, floating-point effects)",
+    "Public data and everything trained on it without DP: pretraining data, the tokenizer (trained on public "
+    "data; the DP stage only applies it to each private image), AR pretraining, the refiner and the evaluation "
+    "classifiers.",
+    "Hyperparameter tuning, model selection and repeated runs on the private data: this statement covers one "
+    "run, and every extra run spends its own epsilon.",
+    "The dataset size N and the DP hyperparameters: they are treated as public and written out (q = expected "
+    "batch size / N). Under add-or-remove-one, whoever knows every other example learns from the published N "
+    "whether one more is in the set; `dp.neighboring=replace_one` keeps N the same on both sides.",
+    "Sampling prompts: covered only because they are public, either balanced class labels or captions of the "
+    "held-out split (the `sample` stage refuses any other caption source); the `sampling prompts` line of "
+    "`privacy_statement.txt` names them.",
+    "The memorization check: the `evaluate` stage reads the private images to compute `memorization_ratio` "
+    "(in `metrics.json` and `report.md`). It is an operator-side diagnostic for the data owner and not DP: do "
+    "not publish it as part of a DP release.",
+    "Training metrics of the DP stage (loss, fraction clipped, realized batch size, non-finite count): they "
+    "are computed from private data without noise. They are off by default (`dp.log_private_metrics=False`: "
+    "only epsilon is logged); turning them on leaks outside the guarantee.",
+    "Secrecy of the DP seed: the Poisson draws, the noise and the per-example randomness of the DP stage come "
+    "from one secret seed, and whoever knows it, or holds the DP stage's directory (its checkpoints hold the "
+    "noise key), can undo the sampling and the noise. Publish parameters, never the workdir. The `sampling and "
+    "noise seed` line says where this run's seed came from; `dp.secret_seed` (reproducibility mode) is NOT "
+    "secret.",
+    "Timing and other side channels: the DP stage's wall time depends on the Poisson draws (batch sizes, "
+    "padding buckets), so it is kept out of `summary.json`, `metrics.json` and `report.md` (the operator finds "
+    "it in the owner-only `dp_finetune/private_timing.json`); step timestamps in the DP stage's logs and "
+    "TensorBoard events, memory use and floating-point effects are not covered either.",
 )
+
+_RELATIONS = {
+    "add_or_remove_one": (
+        "add or remove one example of the private training set",
+        "under add-or-remove-one the published N differs between the two neighbours, so the guarantee protects "
+        "what one example contributes to the model, not whether N counts it; `dp.neighboring=replace_one` "
+        "(PLD only) keeps N fixed at a larger epsilon"),
+    "replace_one": (
+        "replace one example of the private training set by another (the dataset size N stays the same)",
+        "under replace-one N is the same on both neighbours, so publishing it reveals nothing about one example"),
+}
 
 
 def _mechanism(event: dp_event.SelfComposedDpEvent) -> dict:
@@ -62,7 +93,10 @@ def privacy_report(ledger: PrivacyLedger,
         "expected_batch_size": p.expected_batch_size,
         "accountant": p.accountant,
         "pld_discretization": p.pld_discretization if p.accountant == "pld" else None,
-        "neighboring_relation": "add or remove one example of the private training set",
+        "neighboring": p.neighboring,
+        "neighboring_relation": _RELATIONS[p.neighboring][0],
+        "dataset_size_is_public": ("N is treated as public and written out (q = expected batch size / N); "
+                                   + _RELATIONS[p.neighboring][1]),
         "sampling": ("Poisson: each example joins each step independently with "
                      "probability sampling_prob; the draws are a deterministic function "
                      "of (seed, step)"),
@@ -87,6 +121,7 @@ def privacy_statement(ledger: PrivacyLedger,
         f"({r['epsilon']:.4g}, {r['delta']:g})-differential privacy"
         + (f", target epsilon {r['target_epsilon']:g}" if r["target_epsilon"] else ""),
         f"  unit of privacy: {r['neighboring_relation']}",
+        f"  dataset size: {r['dataset_size_is_public']}",
         f"  mechanism: {r['steps']} DP-SGD steps; {r['mechanism']}",
         f"  noise_multiplier: {r['noise_multiplier']:g}; sampling_prob q: "
         f"{r['sampling_prob']:.6g}; expected batch size: {batch}",

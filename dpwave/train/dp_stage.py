@@ -14,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import stat
 
 import jax
 import ml_collections
@@ -22,10 +23,11 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dpwave import data, privacy
+from dpwave.data.sampling import seed_commitment
 from dpwave.models import transformer as transformer_lib
 from dpwave.train import builders, distributed, dp_recipe, loop, steps
 from dpwave.train.public_stages import (encode_examples, init_pretrain, init_transformer, load_tokenizer,
-                                        local_slice, restore_params, stage_key)
+                                        local_slice, restore_params)
 
 
 def calibrated_noise(config: ml_collections.ConfigDict, dataset_size: int) -> float:
@@ -37,7 +39,7 @@ def calibrated_noise(config: ml_collections.ConfigDict, dataset_size: int) -> fl
     if math.isinf(dp.target_epsilon):
         return 0.0
     return privacy.calibrate_noise(dp.target_epsilon, dp.delta, dp.expected_batch_size / dataset_size, dp.steps,
-                                   accountant=dp.accountant)
+                                   accountant=dp.accountant, neighboring=dp.neighboring)
 
 
 def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: data.PoissonSampler) -> privacy.DpParams:
@@ -49,7 +51,7 @@ def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: dat
         delta=dp.delta, accountant=dp.accountant,
         target_epsilon=None if math.isinf(dp.target_epsilon) or dp.tuning else dp.target_epsilon,
         dataset_size=dataset_size, max_batch_size=sampler.truncated_max_batch_size,
-        allow_large_delta=dp.allow_large_delta)
+        allow_large_delta=dp.allow_large_delta, neighboring=dp.neighboring)
 
 
 def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float, expected_batch_size: float,
@@ -77,34 +79,119 @@ def final_transformer_params(config: ml_collections.ConfigDict, dp_dir: str):
     return state.extra if ema else state.params
 
 
-def secret_seed(config: ml_collections.ConfigDict, stage_dir: str) -> tuple[int, str]:
-    """The seed of the Poisson draws and the noise, and how it was chosen.
+SECRET_SEED_ENV = "DPWAVE_DP_SECRET_SEED"
+SECRET_SEED_FILE = "secret_seed.json"
+# Folded into jax.random.key(secret seed) for the DP step's per-example randomness (condition dropout): a
+# stream apart from the noise key (optimizers.NOISE_STREAM) and the Poisson draws (numpy Philox).
+DP_STEP_STREAM = 0x64707374  # "dpst"
+_MAX_SEED = 2**63 - 1
+_DRAW = "python -c 'import secrets; print(secrets.randbits(62))'"
 
-    Unless `dp.secret_seed` is set (reproducibility mode), it is drawn once from the OS and kept in
-    `<stage_dir>/secret_seed.json` (owner-only), so a resumed run continues the same draws.
+
+class SecretSeedError(ValueError):
+    """The DP secret seed's file or environment variable is missing, unreadable, not owner-only or malformed."""
+
+
+def _new_seed_file(path: str) -> str:
+    return f"(umask 077; {_DRAW} > {path})"
+
+
+def _parse_seed(text: str, where: str, fix: str) -> int:
+    """The decimal seed in `text`; the error never repeats the text (it may be a mistyped secret)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > _MAX_SEED:
+        raise SecretSeedError(f"{where} must hold one decimal integer in [0, 2**63) and nothing else (its content "
+                              f"is not shown); {fix}")
+    return int(text)
+
+
+def read_seed_file(path: str) -> int:
+    """The seed in the owner-only file `path`, which holds one decimal integer."""
+    where = f"dp.secret_seed_file {path!r}"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise SecretSeedError(f"{where} does not exist; create it with {_new_seed_file(path)}") from None
+    except OSError as e:
+        raise SecretSeedError(f"{where} cannot be read ({e.strerror}); make it a file you own and can read "
+                              f"(chmod 600 {path})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretSeedError(f"{where} is not a regular file; point dp.secret_seed_file at a file holding "
+                                  "the seed")
+        if info.st_mode & 0o077:
+            raise SecretSeedError(f"{where} has mode {stat.S_IMODE(info.st_mode):04o}: group or other users may "
+                                  f"access it; make it owner-only with chmod 600 {path}")
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    return _parse_seed(text, where, f"write a fresh one with {_new_seed_file(path)}")
+
+
+def seed_source(config: ml_collections.ConfigDict) -> tuple[int, str] | None:
+    """The DP secret seed given by `dp.secret_seed`, `dp.secret_seed_file` or the environment variable
+    DPWAVE_DP_SECRET_SEED, with how it was given; None when the stage draws its own (single host only).
+
+    Raises SecretSeedError for a bad file or variable, more than one source, or a multi-host run without one.
     """
+    given = [name for name, value in (("dp.secret_seed", config.dp.secret_seed),
+                                      ("dp.secret_seed_file", config.dp.secret_seed_file),
+                                      (SECRET_SEED_ENV, os.environ.get(SECRET_SEED_ENV))) if value is not None]
+    if len(given) > 1:
+        raise SecretSeedError(f"the DP secret seed is given more than once ({', '.join(given)}); keep only one")
     if config.dp.secret_seed is not None:
         return int(config.dp.secret_seed), "set in the config (reproducibility mode: NOT secret)"
-    path = os.path.join(stage_dir, "secret_seed.json")
+    if config.dp.secret_seed_file is not None:
+        return (read_seed_file(config.dp.secret_seed_file),
+                "read from the owner-only file dp.secret_seed_file (secret)")
+    if SECRET_SEED_ENV in os.environ:
+        seed = _parse_seed(os.environ[SECRET_SEED_ENV], SECRET_SEED_ENV,
+                           f"set it to the output of {_DRAW} (the same on every host)")
+        return seed, f"read from the environment variable {SECRET_SEED_ENV} (secret)"
+    if jax.process_count() > 1:
+        raise SecretSeedError(
+            "a multi-host DP run needs the same secret seed on every host: set dp.secret_seed_file to an owner-only "
+            f"file every host can read (write one with {_new_seed_file('FILE')}), or export {SECRET_SEED_ENV} on "
+            "every host")
+    return None
+
+
+def secret_seed(config: ml_collections.ConfigDict, stage_dir: str) -> tuple[int, str]:
+    """The seed of the Poisson draws, the noise and the DP step's per-example randomness, and how it was given.
+
+    Unless `seed_source` gives one, it is drawn once from the OS and kept in `<stage_dir>/secret_seed.json`
+    (owner-only, in an owner-only directory), so a resumed run continues the same draws.
+    """
+    given = seed_source(config)
+    if given is not None:
+        return given
+    path = os.path.join(stage_dir, SECRET_SEED_FILE)
     if not os.path.exists(path):
-        if jax.process_count() > 1:
-            raise ValueError("multi-host DP runs need dp.secret_seed shared by every process; draw one with "
-                             "`python -c 'import secrets; print(secrets.randbits(62))'` and keep it private")
-        os.makedirs(stage_dir, exist_ok=True)
+        loop.private_dir(stage_dir)
         tmp = f"{path}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"secret_seed": secrets.randbits(62)}, f)
         os.replace(tmp, path)
     with open(path) as f:
-        return int(json.load(f)["secret_seed"]), f"drawn from the OS, kept secret in {path}"
+        return (int(json.load(f)["secret_seed"]),
+                f"drawn from the OS, kept owner-only in the workdir ({os.path.basename(stage_dir)}/{SECRET_SEED_FILE})")
 
 
 def _draws(sampler_state: dict) -> dict:
     """The sampler settings that decide each step's examples. The padding (`bucket_multiple`, `buckets`)
     follows the device count, so a checkpoint may resume on another one; a changed truncation size
-    shows up in the ledger's `max_batch_size`."""
-    return {k: v for k, v in sampler_state.items() if k not in ("bucket_multiple", "buckets")}
+    shows up in the ledger's `max_batch_size`. The seed is compared through its commitment (checkpoints
+    written before it existed hold the plain seed)."""
+    draws = {k: v for k, v in sampler_state.items() if k not in ("bucket_multiple", "buckets")}
+    if "seed" in draws:
+        draws["seed_commitment"] = seed_commitment(draws.pop("seed"))
+    return draws
 
 
 class DpFinetune:
@@ -145,7 +232,7 @@ class DpFinetune:
                                                          trainable=trainable, use_ghost_norms=dp.use_ghost_norms))
         self.step_fn = dp_recipe.with_ema(self.step_fn, dp.ema_decay)
         self.mesh = mesh
-        self.key = stage_key(config, "dp_finetune")
+        self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
         self.last_epsilon = 0.0
 
     def step(self, state, i):
@@ -173,17 +260,20 @@ class DpFinetune:
         return {"epsilon": self.last_epsilon}
 
     def meta(self) -> dict:
-        return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.state_dict()}
+        return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.checkpoint_state()}
 
     def on_restore(self, meta: dict) -> None:
         saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
         differences = saved.check_compatible(self.params, compose=self.config.dp.compose_on_resume)
         if differences:
             logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
-        if not differences and _draws(meta["sampler"]) != _draws(self.sampler.state_dict()):
+        saved_sampler, sampler = _draws(meta["sampler"]), _draws(self.sampler.checkpoint_state())
+        if not differences and saved_sampler != sampler:
+            changed = sorted(k for k in saved_sampler.keys() | sampler.keys() if saved_sampler.get(k) != sampler.get(k))
             raise privacy.LedgerMismatchError(
-                f"the Poisson sampler differs from the checkpoint's: {meta['sampler']} (checkpoint) vs "
-                f"{self.sampler.state_dict()} (config); use a new workdir")
+                f"the Poisson sampler differs from the checkpoint's in {', '.join(changed)} (a different "
+                "seed_commitment means another DP secret seed); restore the original settings and seed, or use a new "
+                "workdir")
         self.ledger = saved
         self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
 
@@ -200,5 +290,5 @@ class DpFinetune:
         return loop.Task("dp_finetune", self.state, self.step, self.config.dp.steps,
                          params_of=lambda s: s.extra if ema else s.params,
                          meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
-                         after_step=self.after_step, summary_extra=self.summary)
+                         after_step=self.after_step, summary_extra=self.summary, private=True)
 

@@ -8,12 +8,13 @@ killed at any step and rerun restores the newest checkpoint and continues bit-id
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 from absl import logging
@@ -23,6 +24,7 @@ from dpwave.train.checkpoint import Checkpointer, PreemptionGuard
 from dpwave.train.metrics import MetricWriter, Progress
 
 SUMMARY = "summary.json"
+PRIVATE_TIMING = "private_timing.json"
 
 
 class StopStage(Exception):
@@ -31,7 +33,11 @@ class StopStage(Exception):
 
 @dataclasses.dataclass
 class Task:
-    """What a stage trains. `params_of(state)` picks the parameters hashed in the summary."""
+    """What a stage trains. `params_of(state)` picks the parameters hashed in the summary.
+
+    A `private` stage reads private data: its directory and every file it writes are owner-only, and its
+    wall time (which depends on its private draws) goes to the owner-only PRIVATE_TIMING, not the summary.
+    """
 
     name: str
     init_state: Any
@@ -43,6 +49,7 @@ class Task:
     before_step: Callable[[int], None] = lambda step: None
     after_step: Callable[[int], Mapping[str, Any]] = lambda step: {}
     summary_extra: Callable[[], dict] = dict
+    private: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +91,40 @@ def write_json_atomic(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def private_dir(path: str) -> None:
+    """Creates `path` if needed and makes it owner-only (0700)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+@contextlib.contextmanager
+def _owner_only_files(enabled: bool) -> Iterator[None]:
+    """umask 077 (process-wide) while a private stage runs, so its checkpoints and logs are owner-only."""
+    previous = os.umask(0o077) if enabled else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            os.umask(previous)
+
+
 def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
         postfix: Callable[[], Mapping[str, Any]] = dict) -> LoopResult:
     """Runs `task` in `stage_dir` from its newest checkpoint to `task.total_steps`.
 
-    Writes `summary.json` (final step, wall time, params_sha256, plus `task.summary_extra()`) when the
-    stage finishes or is stopped by `StopStage`; on SIGTERM it saves and returns `finished=False`.
+    Writes `summary.json` (final step, wall time unless `task.private`, params_sha256, plus
+    `task.summary_extra()`) when the stage finishes or is stopped by `StopStage`; on SIGTERM it saves and
+    returns `finished=False`.
     """
+    if task.private:
+        private_dir(stage_dir)
+    with _owner_only_files(task.private):
+        return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                    log_every=log_every, postfix=postfix)
+
+
+def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
+         postfix: Callable[[], Mapping[str, Any]]) -> LoopResult:
     is_process0 = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=max_to_keep,
                         save_interval_steps=max(1, checkpoint_every))
@@ -131,7 +165,11 @@ def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, 
     wall = wall_before + time.time() - t0
     ckpt.save(step, state, meta=_meta(task, wall), final=True)
     ckpt.close()
-    summary = {"stage": task.name, "final_step": step, "wall_time_s": round(wall, 3),
+    timing = {"wall_time_s": round(wall, 3)}
+    if task.private:
+        write_json_atomic(os.path.join(stage_dir, PRIVATE_TIMING), {"stage": task.name, **timing})
+        timing = {}
+    summary = {"stage": task.name, "final_step": step, **timing,
                "params_sha256": hashing.params_sha256(task.params_of(state)),
                "stopped_early": stopped_early, **task.summary_extra()}
     write_json_atomic(os.path.join(stage_dir, SUMMARY), summary)

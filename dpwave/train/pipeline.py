@@ -28,7 +28,7 @@ from absl import logging
 
 from dpwave.train import builders, distributed, dp_recipe, loop, public_stages, report_stages
 from dpwave.train.checkpoint import config_fingerprint
-from dpwave.train.dp_stage import DpFinetune
+from dpwave.train.dp_stage import DpFinetune, seed_source
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "jaxwt", "tensorflow-datasets", "ml-collections",
             "orbax-checkpoint", "numpy", "dpwave")
@@ -165,6 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if jax.config.jax_enable_x64:
         raise ValueError("dpwave expects float32 defaults; unset JAX_ENABLE_X64")
     workdir = os.path.abspath(workdir)
+    if loop.read_summary(os.path.join(workdir, "dp_finetune")) is None:
+        seed_source(config)  # a bad DP secret seed file or variable fails before anything runs or is written
     os.makedirs(workdir, exist_ok=True)
     fps = stage_fingerprints(config)
     check_finished_stages(config, workdir, fps)

@@ -100,9 +100,14 @@ def base_config() -> ml_collections.ConfigDict:
         # Exact per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost):
         # 1.25x the non-DP step with microbatch 32 vs 1.97-2.88x for vmap (experiments/bench/bench_dp_step.py).
         use_ghost_norms=False,
-        # None: the Poisson draws and the noise come from a fresh secret seed (os.urandom) kept in
-        # <workdir>/dp_finetune/secret_seed.json. Set it only to reproduce runs bit for bit (tests):
-        # whoever knows it can undo the noise.
+        # Neighbouring relation: add_or_remove_one, or replace_one (N fixed on both sides; accountant pld only).
+        neighboring="add_or_remove_one",
+        # The secret seed of the Poisson draws, the noise and the DP step's per-example randomness. By default a
+        # fresh one is drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
+        # host). secret_seed_file: an owner-only (chmod 600) file holding the seed, the same on every host; or
+        # set the environment variable DPWAVE_DP_SECRET_SEED. secret_seed: reproducibility mode (tests), NOT
+        # secret: it is written to config.json and the logs, and whoever knows it can undo the noise.
+        secret_seed_file=config_dict.placeholder(str),
         secret_seed=config_dict.placeholder(int)))
 
     c.refiner = ml_collections.ConfigDict(dict(

@@ -319,7 +319,7 @@ def test_privacy_statement_says_what_is_and_is_not_covered(params):
                    "sampling_prob q: 0.02", "expected batch size: 100 of N=5000",
                    "add or remove one example", "Poisson", "(seed, step)",
                    "PLD (value_discretization_interval=0.001", "truncation: none",
-                   "NOT covered", "hyperparameter tuning", "pretraining", "prompts"]:
+                   "NOT covered", "Hyperparameter tuning", "pretraining", "prompts"]:
         assert needle in text, needle
 
 

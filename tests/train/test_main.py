@@ -13,6 +13,8 @@ _CASES = {
     "no_workdir": ([_CONFIG], ["--workdir", "must have a value"]),
     "bad_value": ([_CONFIG, "--config.dp.steps=ten"], ["--config.dp.steps", "ten"]),
     "no_config": ([], ["--config", "must have a value"]),
+    "bad_seed_file": ([_CONFIG, "--config.dp.secret_seed_file=/nonexistent/dp_seed"],
+                      ["dp.secret_seed_file '/nonexistent/dp_seed' does not exist", "umask 077"]),
 }
 
 
@@ -43,3 +45,9 @@ def test_bad_command_line_gives_a_clean_error(outcomes, case):
     for fragment in _CASES[case][1]:
         assert fragment in stderr, stderr
     assert not created  # failed before touching the workdir
+
+
+def test_a_bad_secret_seed_file_is_one_line(outcomes):
+    stderr = outcomes["bad_seed_file"][1]
+    assert stderr.strip().splitlines()[-1].startswith("dpwave.main: dp.secret_seed_file '/nonexistent/dp_seed' does "
+                                                      "not exist; create it with (umask 077;")

@@ -1,0 +1,200 @@
+"""What the DP stage keeps secret and what it writes out: the secret seed (file, environment variable, bad
+inputs), the DP step key, owner-only files, checkpoints without a plain seed, and no DP wall time in the
+released files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from absl import logging as absl_logging
+
+from dpwave import data, privacy
+from dpwave.data.sampling import seed_commitment
+from dpwave.train import dp_stage, pipeline, public_stages, report_stages
+from dpwave.train.dp_stage import SECRET_SEED_ENV, SecretSeedError
+
+SEED = secrets.randbits(62) | 1 << 61  # 19 decimal digits: no accidental match in the files
+
+
+def _write_seed(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _seed_encodings(seed: int) -> dict[str, bytes]:
+    """Ways a plain copy of the seed could sit in a file."""
+    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
+    return {"decimal": str(seed).encode(), "hex": f"{seed:x}".encode(), "int64 le": seed.to_bytes(8, "little"),
+            "int64 be": seed.to_bytes(8, "big"), "key data": key_data.tobytes(),
+            "key data be": key_data.byteswap().tobytes()}
+
+
+@pytest.fixture(scope="module")
+def seeded_run(helpers, base_workdir, tmp_path_factory) -> tuple[Path, str]:
+    """A finished TINY DP stage whose seed came from an owner-only file; (workdir, log text of the run)."""
+    root = tmp_path_factory.mktemp("secret")
+    workdir = Path(shutil.copytree(base_workdir, root / "run"))
+    seed_file = _write_seed(root / "dp_seed", f"{SEED}\n")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        config = helpers.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(seed_file)})
+        assert helpers.run_dp(config, workdir).finished
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        logging.getLogger().removeHandler(handler)
+    return workdir, "\n".join(records)
+
+
+def test_no_file_and_no_log_line_holds_a_plain_copy_of_the_seed(seeded_run):
+    workdir, log = seeded_run
+    encodings = _seed_encodings(SEED)
+    files = [p for p in workdir.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "meta" for p in files)  # the checkpoints' metadata is among them
+    for path in files:
+        content = path.read_bytes()
+        for name, encoded in encodings.items():
+            assert encoded not in content, f"{path} holds the seed ({name})"
+    assert str(SEED) not in log and log
+
+
+def test_dp_stage_directory_and_files_are_owner_only(seeded_run):
+    stage = seeded_run[0] / "dp_finetune"
+    assert stage.stat().st_mode & 0o777 == 0o700
+    for path in stage.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path}: {mode:o}"
+
+
+def test_checkpoints_store_a_commitment_instead_of_the_seed(seeded_run):
+    metas = list((seeded_run[0] / "dp_finetune" / "checkpoints").glob("*/meta/metadata"))
+    assert metas
+    for path in metas:
+        sampler = json.loads(path.read_text())["sampler"]
+        assert "seed" not in sampler and sampler["seed_commitment"] == seed_commitment(SEED)
+    sampler = data.PoissonSampler(400, 0.04, seed=SEED)
+    assert "seed" not in sampler.checkpoint_state() and "seed" in sampler.state_dict()
+    assert seed_commitment(SEED) != seed_commitment(SEED + 1)
+
+
+def test_summary_has_no_wall_time_and_the_statement_calls_the_file_seed_secret(seeded_run):
+    stage = seeded_run[0] / "dp_finetune"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert "wall_time_s" not in summary
+    assert json.loads((stage / "private_timing.json").read_text())["wall_time_s"] > 0
+    line = summary["statement"].splitlines()[-1]
+    assert line == "  sampling and noise seed: read from the owner-only file dp.secret_seed_file (secret)"
+    assert "reproducibility mode: NOT secret" not in summary["statement"]
+
+
+def test_the_environment_variable_resumes_the_file_seeds_run_and_another_seed_is_refused(
+        helpers, seeded_run, tmp_path, monkeypatch):
+    workdir = Path(shutil.copytree(seeded_run[0], tmp_path / "run"))
+    config = helpers.tiny_config({"dp.secret_seed": None, "dp.steps": 12})
+    other = SEED ^ 1 << 40
+    monkeypatch.setenv(SECRET_SEED_ENV, str(other))
+    with pytest.raises(privacy.LedgerMismatchError) as error:
+        helpers.run_dp(config, workdir)
+    message = str(error.value)
+    assert "seed_commitment" in message and str(SEED) not in message and str(other) not in message
+    monkeypatch.setenv(SECRET_SEED_ENV, str(SEED))
+    summary = helpers.run_dp(config, workdir).summary
+    assert summary["final_step"] == 12
+    assert summary["privacy"]["seed"] == f"read from the environment variable {SECRET_SEED_ENV} (secret)"
+
+
+def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(helpers, base_workdir):
+    def key(overrides):
+        return np.asarray(jax.random.key_data(helpers.dp_stage(helpers.tiny_config(overrides), base_workdir).key))
+
+    seven = key({"seed": 0, "dp.secret_seed": 7})
+    np.testing.assert_array_equal(seven, key({"seed": 1, "dp.secret_seed": 7}))
+    assert not np.array_equal(seven, key({"seed": 0, "dp.secret_seed": 8}))
+    for other in (public_stages.stage_key(helpers.tiny_config({"seed": 0}), "dp_finetune"), privacy.noise_key(7)):
+        assert not np.array_equal(seven, np.asarray(jax.random.key_data(other)))
+
+
+_BAD_FILES = {  # case -> (file content or None for no file, mode, fragments of the error)
+    "missing": (None, 0o600, ["does not exist", "umask 077"]),
+    "unreadable": ("12345\n", 0o000, ["cannot be read", "chmod 600"]),
+    "group_readable": ("12345\n", 0o640, ["mode 0640", "chmod 600"]),
+    "world_readable": ("12345\n", 0o644, ["mode 0644", "chmod 600"]),
+    "malformed": ("98765x\n", 0o600, ["one decimal integer", "umask 077"]),
+    "negative": ("-98765\n", 0o600, ["one decimal integer"]),
+    "too_large": (f"{2**64}\n", 0o600, ["one decimal integer"]),
+    "empty": ("", 0o600, ["one decimal integer"]),
+    "directory": (None, 0o700, ["not a regular file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FILES))
+def test_a_bad_seed_file_stops_the_run_before_anything_is_written(helpers, tmp_path, monkeypatch, case):
+    content, mode, fragments = _BAD_FILES[case]
+    path = tmp_path / "dp_seed"
+    if case == "directory":
+        path.mkdir(mode=mode)
+    elif content is not None:
+        _write_seed(path, content, mode)
+    if case == "unreadable" and os.geteuid() == 0:  # root reads any file: simulate the refusal
+        real_open = os.open
+
+        def refusing_open(name, *args, **kwargs):
+            if str(name) == str(path):
+                raise PermissionError(13, "Permission denied")
+            return real_open(name, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+    workdir = tmp_path / "run"
+    with pytest.raises(SecretSeedError) as error:
+        pipeline.train_and_evaluate(helpers.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
+                                    str(workdir))
+    message = str(error.value)
+    assert "\n" not in message and "dp.secret_seed_file" in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+    if content:
+        assert content.strip() not in message
+    assert not workdir.exists()
+
+
+def test_bad_environment_variable_and_ambiguous_or_missing_sources(helpers, tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_SEED_ENV, "0x1f3a9b")
+    with pytest.raises(SecretSeedError, match=SECRET_SEED_ENV) as error:
+        dp_stage.seed_source(helpers.tiny_config({"dp.secret_seed": None}))
+    assert "0x1f3a9b" not in str(error.value)
+    monkeypatch.setenv(SECRET_SEED_ENV, "123")
+    with pytest.raises(SecretSeedError, match="more than once"):
+        dp_stage.seed_source(helpers.tiny_config())  # TINY also sets dp.secret_seed
+    assert dp_stage.seed_source(helpers.tiny_config({"dp.secret_seed": None}))[0] == 123
+    monkeypatch.delenv(SECRET_SEED_ENV)
+    config = helpers.tiny_config({"dp.secret_seed": None})
+    assert dp_stage.seed_source(config) is None  # single host: the stage draws its own
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(SecretSeedError, match=f"dp.secret_seed_file.*{SECRET_SEED_ENV}"):
+        dp_stage.seed_source(config)
+
+
+def test_report_leaves_out_the_dp_wall_time(helpers, tmp_path):
+    for name in ("tokenizer", "pretrain", "dp_finetune", "sample"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"stage": name, "wall_time_s": 4321.0}))
+    metrics = {"epsilon": 1.0, "mode": "dp", "reasons": {}, "dp_steps": 10, "dp_step_flops": 1e6,
+               **{m: 0.5 for m in report_stages.evaluate.METRICS}}
+    report = {"names": {m: m for m in report_stages.evaluate.METRICS}, "notes": []}
+    text = report_stages.report_markdown(helpers.tiny_config(), str(tmp_path), metrics, report, "statement")
+    assert "DP stage wall time" not in text
+    line = next(line for line in text.splitlines() if line.startswith("Stage wall times"))
+    assert "tokenizer 4321" in line and "dp_finetune 4321" not in line
