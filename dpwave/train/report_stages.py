@@ -187,6 +187,8 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
         dp = {**dp, "statement": dp_recipe.tuning_banner(config, builders.dataset_spec(config, "private").label,
                                                          len(private)) + dp["statement"]}
         epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.tuning): no privacy claim"
+        metrics["memorization_ratio"] = None  # the stand-in may be the heldout reference itself
+        reasons["memorization_ratio"] = "tuning run: its DP input is public, there is nothing private to memorize"
     metrics.update(
         epsilon=epsilon, delta=dp["delta"], target_epsilon=config.dp.target_epsilon
         if np.isfinite(config.dp.target_epsilon) else None, noise_multiplier=dp["noise_multiplier"],

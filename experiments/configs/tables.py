@@ -84,6 +84,9 @@ TABLES: dict[str, tuple[Row, ...]] = {
     "mnist_curve": grid(SHIFT, ("dpwave", "full_dp"), CURVE_EPSILONS),
     # How much private data the DP stage needs to earn its epsilon (the shift variant's recipe).
     "mnist_scaling": _scaling(SHIFT),
+    # The public stand-in of the shift table's DP stage (docs/tuning.md): run recipes with --set, no private
+    # epsilon spent. Its public-only control is the shift table's (the stand-in changes only the DP stage).
+    "mnist_tune": grid("experiments/configs/mnist.py:tune", ("dpwave", "full_dp"), ("1", "10", "inf")),
     "mnist_tiny": grid("experiments/configs/mnist.py:tiny", common.METHODS, EPSILONS),
     "celeba_paper": _paper("experiments/configs/mm_celeba_hq.py"),
     "coco_paper": _paper("experiments/configs/coco.py"),

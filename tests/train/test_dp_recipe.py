@@ -89,8 +89,10 @@ def test_trainable_cond_moves_only_the_class_table(helpers, base_workdir, tmp_pa
     assert moved(pretrained(config, workdir), result.state.params) == {"['class_embed'].value"}
 
 
-def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, base_workdir, tmp_path):
-    config = helpers.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp"})
+@pytest.mark.parametrize("ghost", [False, True])
+def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, base_workdir, tmp_path, ghost):
+    config = helpers.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
+                                  "dp.use_ghost_norms": ghost})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     stage = helpers.dp_stage(config, workdir)
     base = pretrained(config, workdir)
