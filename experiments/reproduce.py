@@ -39,6 +39,7 @@ from pathlib import Path
 
 import ml_collections
 from absl import flags
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
@@ -314,31 +315,43 @@ def to_json(table: str, results: Sequence[RowResult]) -> dict:
 CONTROL_STYLES = {"inf": ("--", "ε = ∞ (no noise)"), PUBLIC: (":", "public only (no DP stage)")}
 
 
+def _control_line(ax: Axes, result: RowResult, key: str, colour: str, name: str) -> None:
+    """A control row's mean as a horizontal line, its std as a band around it."""
+    stat = result.stats[key]
+    if stat.mean is None:
+        return
+    style, what = CONTROL_STYLES[result.row.epsilon]
+    ax.axhline(stat.mean, color=colour, linestyle=style, label=f"{name}: {what}")
+    if stat.std:
+        ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=colour, alpha=0.1)
+
+
 def figure(table: str, results: Sequence[RowResult]) -> Figure:
     """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method (and setting),
     std as error bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their
-    std as a band. A public-only control without a setting serves every setting of its method."""
+    std as a band. A public-only control without a setting (it reads no private data) is drawn once per method,
+    in black when the method has lines for several settings."""
     keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
     epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        groups = dict.fromkeys((r.row.method, r.row.setting) for r in results)
-        for i, (method, setting) in enumerate(groups):
-            color, name = f"C{i}", " ".join(filter(None, (method, setting)))
-            mine = [r for r in results if r.row.method == method and r.row.setting in (setting, "")
-                    and r.stats[key].mean is not None]
+        shared = [r for r in results if r.row.epsilon == PUBLIC and not r.row.setting]
+        groups = list(dict.fromkeys((r.row.method, r.row.setting) for r in results if r not in shared))
+        colours = {group: f"C{i}" for i, group in enumerate(groups)}
+        for (method, setting), colour in colours.items():
+            name = " ".join(filter(None, (method, setting)))
+            mine = [r for r in results if (r.row.method, r.row.setting) == (method, setting) and r not in shared]
             points = sorted((r.row.epsilon_value, r.stats[key]) for r in mine
-                            if not r.row.is_control and r.row.setting == setting)
+                            if not r.row.is_control and r.stats[key].mean is not None)
             if points:
                 ax.errorbar([e for e, _ in points], [s.mean for _, s in points], yerr=[s.std or 0.0 for _, s in points],
-                            marker="o", capsize=3, color=color, label=name)
+                            marker="o", capsize=3, color=colour, label=name)
             for r in mine:
-                if r.row.is_control and (r.row.setting == setting or r.row.epsilon == PUBLIC):
-                    style, what = CONTROL_STYLES[r.row.epsilon]
-                    stat = r.stats[key]
-                    ax.axhline(stat.mean, color=color, linestyle=style, label=f"{name}: {what}")
-                    if stat.std:
-                        ax.axhspan(stat.mean - stat.std, stat.mean + stat.std, color=color, alpha=0.1)
+                if r.row.is_control:
+                    _control_line(ax, r, key, colour, name)
+        for r in shared:
+            own = [group for group in groups if group[0] == r.row.method]
+            _control_line(ax, r, key, colours[own[0]] if len(own) == 1 else "k", r.row.method)
         if ax.has_data():
             ax.legend(fontsize="small")
         else:

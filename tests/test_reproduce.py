@@ -355,3 +355,13 @@ def test_dp_wall_time_comes_from_the_owner_only_timing_file(tmp_path):
     stage.mkdir()
     (stage / "private_timing.json").write_text(json.dumps({"stage": "dp_finetune", "wall_time_s": 12.5}))
     assert reproduce.read_metrics(tmp_path / "dpwave_eps1" / "seed0" / "metrics.json")["dp_wall_time_s"] == 12.5
+
+
+def test_a_shared_public_control_is_drawn_once_per_method(tmp_path):
+    rows = get_table("mnist_scaling")
+    for r in rows:
+        write_run(tmp_path, r.label, 0, fake_metrics(0, 10.0 if r.epsilon == "public" else 20.0, 0.5))
+    ax = reproduce.figure("s", reproduce.aggregate(rows, reproduce.plan(rows, tmp_path, [0]))).axes[0]
+    dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and dotted[0].get_color() == "k" and dotted[0].get_ydata()[0] == 10.0
+    assert len([line for line in ax.get_lines() if line.get_marker() == "o"]) == 3  # one line per N
