@@ -233,6 +233,7 @@ def report_markdown(config: ml_collections.ConfigDict, workdir: str, metrics: di
               f"Stage wall times (s): {', '.join(walls)}; the DP stage's is left out (it depends on the Poisson "
               "draws: a timing side channel).", "",
               "## Privacy", "", "```", statement.rstrip(), "```", "",
-              "The memorization ratio reads the private images at evaluation time: it is an audit for the data "
-              "owner and is not covered by the guarantee above. " + " ".join(report["notes"]), ""]
+              ("The memorization ratio reads the private images at evaluation time: it is an audit for the data "
+               "owner and is not covered by the guarantee above. " if metrics["mode"] == "dp" else "")
+              + " ".join(report["notes"]), ""]
     return "\n".join(lines)

@@ -220,6 +220,8 @@ def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(help
     assert metrics["memorization_ratio"] is None and "never read" in metrics["reasons"]["memorization_ratio"]
     statement = (workdir / "privacy_statement.txt").read_text()
     assert statement.startswith("(0, 0)-differential privacy") and "no private data was read" in statement
+    report = (workdir / "report.md").read_text()
+    assert "epsilon 0 (public-only control)" in report and "reads the private images" not in report
     # The samples come from the pretrained weights.
     dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain")}
     assert moved(pretrained(config, workdir), report_stages.transformer_params(config, dirs)[1]) == set()
