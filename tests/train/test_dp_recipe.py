@@ -15,7 +15,6 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from dpwave import data
-from dpwave.models import transformer as transformer_lib
 from dpwave.train import builders, dp_recipe, loop, pipeline, public_stages, report_stages
 from dpwave.train.steps import TrainState
 
