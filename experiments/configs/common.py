@@ -97,9 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
         # DP stage refuses private data then). tuning_private_size: the private N it simulates (same q and
         # noise per step sigma/B as that run); 0: the stand-in's own size.
         tuning=False, tuning_private_size=0,
-        # Exact per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost):
-        # 1.25x the non-DP step with microbatch 32 vs 1.97-2.88x for vmap (experiments/bench/bench_dp_step.py).
-        use_ghost_norms=False,
+        # Certified per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost),
+        # the default; False: materialized per-example gradients (vmap), the reference path. Timing and
+        # memory of both: experiments/bench/bench_dp_step.py.
+        use_ghost_norms=True,
         # Neighbouring relation: add_or_remove_one, or replace_one (N fixed on both sides; accountant pld only).
         neighboring="add_or_remove_one",
         # The secret seed of the Poisson draws, the noise and the DP step's per-example randomness. By default a
