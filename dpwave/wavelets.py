@@ -23,6 +23,8 @@ import jaxwt
 import numpy as np
 import pywt
 
+from dpwave.validation import check_divisible_by_levels
+
 SUPPORTED_MODES = ("symmetric", "reflect", "zero")
 
 Bands = tuple[jax.Array, jax.Array, jax.Array]
@@ -129,12 +131,7 @@ def _validate(images: jax.Array, levels: int, wavelet: str, mode: str) -> None:
     if not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be an int >= 1, got {levels!r}")
     _, h, w, _ = images.shape
-    step = 2**levels
-    if h % step or w % step:
-        raise ValueError(
-            f"image size {h}x{w} is not divisible by 2^levels = {step}; resize/pad to a multiple of {step} "
-            "or use fewer levels"
-        )
+    check_divisible_by_levels(h, w, levels)
     most = max_levels(h, w, wavelet)
     if levels > most:
         raise ValueError(f"{levels} levels is beyond what {h}x{w} images allow with {wavelet!r}: at most {most}")

@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from dpwave.evaluate.batches import apply_in_batches
-from dpwave.evaluate.images import LabeledImages, check_labels, to_float
+from dpwave.evaluate.images import LabeledImages, check_labels
+from dpwave.validation import float_images
 
 
 def _lecun_normal_flat(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -85,7 +86,7 @@ class FitResult(NamedTuple):
 
 
 def _prepare(images: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    x = to_float(images, name=name)
+    x = float_images(images, name=name)
     if x.shape[1:] != tuple(shape):
         raise ValueError(f"{name} have shape {x.shape[1:]} per image; the classifier expects {tuple(shape)}")
     return x
@@ -125,7 +126,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, num_classes: int
                      config: TrainConfig = TrainConfig(),
                      validation: LabeledImages | None = None) -> FitResult:
     """Trains a `Classifier` on labeled images (uint8 or [-1, 1] NHWC); see module docstring."""
-    x = to_float(images, name="training images")
+    x = float_images(images, name="training images")
     y = check_labels(labels, len(x), name="training labels")
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
     if y.max() >= num_classes:

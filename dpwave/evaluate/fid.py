@@ -7,15 +7,15 @@ import numpy as np
 
 from dpwave.evaluate.batches import apply_in_batches
 from dpwave.evaluate.frechet import frechet_distance
-from dpwave.evaluate.images import to_float
 from dpwave.evaluate.inception import InceptionV3
 from dpwave.evaluate.inception_weights import load_inception
+from dpwave.validation import float_images
 
 
 def inception_features(images: np.ndarray, model: InceptionV3, *, batch_size: int = 50,
                        name: str = "images") -> np.ndarray:
     """(N, 2048) float32 pool3 features; grayscale images are repeated to 3 channels."""
-    x = to_float(images, name=name)
+    x = float_images(images, name=name)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     elif x.shape[-1] != 3:

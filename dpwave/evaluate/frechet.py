@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpwave.validation import check_finite
+
 
 def _check_features(features: np.ndarray, name: str) -> np.ndarray:
     f = np.asarray(features, dtype=np.float64)
@@ -26,9 +28,7 @@ def _check_features(features: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be (N, D), got shape {f.shape}")
     if f.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 rows for a covariance, got {f.shape[0]}")
-    if not np.all(np.isfinite(f)):
-        raise ValueError(f"{name} contains NaN or inf")
-    return f
+    return check_finite(f, name)
 
 
 def gaussian_stats(features: np.ndarray, *, name: str = "features") -> tuple[np.ndarray, np.ndarray]:
@@ -52,8 +52,7 @@ def frechet_distance_from_stats(mu_a: np.ndarray, sigma_a: np.ndarray,
                               ("sigma_a", sigma_a, (d, d)), ("sigma_b", sigma_b, (d, d))):
         if arr.shape != shape:
             raise ValueError(f"{label} must have shape {shape} (feature dim of mu_a), got {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{label} contains NaN or inf")
+        check_finite(arr, label)
     for label, s in (("sigma_a", sigma_a), ("sigma_b", sigma_b)):
         if not np.allclose(s, s.T, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(s).max())):
             raise ValueError(f"{label} must be a symmetric covariance matrix")

@@ -1,8 +1,8 @@
-"""Input checks shared by the evaluation metrics.
+"""Input checks shared by the evaluation metrics: labels and the (images, labels) forms they accept.
 
-Images arrive as NHWC numpy arrays, either uint8 in [0, 255] or floating point in [-1, 1]
-(the generator's output range). Every metric converts them with `to_float` so a bad array
-fails once, here, with a message that names the fix.
+Images arrive as NHWC numpy arrays, either uint8 in [0, 255] or floating point in [-1, 1] (the generator's
+output range). Every metric converts them with `dpwave.validation.float_images`, so a bad array fails once,
+with a message that names the fix.
 """
 from __future__ import annotations
 
@@ -12,31 +12,6 @@ from typing import Any
 import numpy as np
 
 LabeledImages = tuple[np.ndarray, np.ndarray]
-
-
-def to_float(images: Any, *, name: str = "images") -> np.ndarray:
-    """Returns `images` as float32 NHWC in [-1, 1] (uint8 maps 0 -> -1, 255 -> 1)."""
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(
-            f"{name} must be NHWC (4-D), got shape {x.shape}; add a channel axis for "
-            f"grayscale (images[..., None]) or a batch axis for one image (images[None])")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape}); pass at least one image")
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 127.5 - 1.0
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(
-            f"{name} has dtype {x.dtype}; pass uint8 in [0, 255] (e.g. images.astype(np.uint8)) "
-            f"or floats in [-1, 1]")
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} values)")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-        raise ValueError(
-            f"float {name} must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]; clip them "
-            f"(np.clip(images, -1, 1)) or rescale uint8 data with images / 127.5 - 1")
-    return x.astype(np.float32)
 
 
 def check_labels(labels: Any, num_images: int, *, name: str = "labels") -> np.ndarray:

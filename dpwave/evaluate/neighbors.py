@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from dpwave.validation import check_finite
+
 _CHUNK = 512
 
 
@@ -13,10 +15,7 @@ def as_points(x: np.ndarray, *, name: str) -> np.ndarray:
     p = np.asarray(x, dtype=np.float64)
     if p.ndim < 2 or p.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty (N, ...) array, got shape {p.shape}")
-    p = p.reshape(p.shape[0], -1)
-    if not np.all(np.isfinite(p)):
-        raise ValueError(f"{name} contains NaN or inf")
-    return p
+    return check_finite(p.reshape(p.shape[0], -1), name)
 
 
 def _distance_chunks(queries: np.ndarray, reference: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:

@@ -19,11 +19,12 @@ from dpwave.evaluate.classifier import Classifier, TrainConfig, classifier_featu
 from dpwave.evaluate.downstream import downstream_accuracy
 from dpwave.evaluate.fid import inception_features
 from dpwave.evaluate.frechet import frechet_distance
-from dpwave.evaluate.images import as_images, as_labeled, check_labels, to_float
+from dpwave.evaluate.images import as_images, as_labeled, check_labels
 from dpwave.evaluate.inception_weights import load_inception
 from dpwave.evaluate.memorization import memorization
 from dpwave.evaluate.precision_recall import precision_recall
 from dpwave.evaluate.surrogate import FD_CLS_NAME, train_feature_classifier
+from dpwave.validation import float_images
 
 METRICS = ("fd_cls", "precision", "recall", "downstream_accuracy", "memorization_ratio", "fid")
 
@@ -53,10 +54,10 @@ def evaluate_samples(samples: np.ndarray, sample_labels: np.ndarray | None, *, r
     a metric is None), "details", and "notes". The memorization check reads private data;
     its output is an audit for the data owner and is not differentially private.
     """
-    x = to_float(samples, name="samples")
+    x = float_images(samples, name="samples")
     y = None if sample_labels is None else check_labels(sample_labels, len(x), name="sample_labels")
     test_images, test_labels = as_labeled(real_test, name="real_test")
-    test_x = to_float(test_images, name="real_test images")
+    test_x = float_images(test_images, name="real_test images")
     held = None if heldout is None else as_labeled(heldout, name="heldout")
     if num_classes is None:
         num_classes = int(max(test_labels.max(), -1 if held is None else held[1].max())) + 1
@@ -93,8 +94,8 @@ def evaluate_samples(samples: np.ndarray, sample_labels: np.ndarray | None, *, r
     if private_train is None or held is None or len(held[0]) < 2:
         reasons["memorization_ratio"] = "needs private_train and at least 2 heldout images"
     else:
-        private_x = to_float(as_images(private_train, name="private_train"), name="private_train images")
-        mem = memorization(x, private_x, to_float(held[0], name="heldout images"))
+        private_x = float_images(as_images(private_train, name="private_train"), name="private_train images")
+        mem = memorization(x, private_x, float_images(held[0], name="heldout images"))
         report["memorization_ratio"] = mem.memorization_ratio
         details["memorization"] = mem._asdict()
 
