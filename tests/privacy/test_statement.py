@@ -1,4 +1,4 @@
-"""The privacy statement: the one NOT-covered list (the README's is the code's), N as public, and the
+"""The privacy statement: the one NOT-covered list (docs/privacy.md's is the code's), N as public, and the
 neighbouring relation (add/remove one, or replace one under PLD)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dpwave.privacy import accounting as acc
 from dpwave.privacy.ledger import DpParams, LedgerMismatchError, PrivacyLedger
 from dpwave.privacy.statement import DEFAULT_NOT_COVERED, privacy_report, privacy_statement
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+PRIVACY_DOC = Path(__file__).resolve().parents[2] / "docs" / "privacy.md"
 
 
-def _readme_not_covered() -> list[str]:
-    lines = README.read_text(encoding="utf-8").splitlines()
+def _documented_not_covered() -> list[str]:
+    lines = PRIVACY_DOC.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("**What is NOT covered.**"))
     items = []
     for line in lines[start + 1:]:
@@ -28,8 +28,8 @@ def _readme_not_covered() -> list[str]:
     return items
 
 
-def test_readme_not_covered_list_is_the_statements():
-    assert _readme_not_covered() == list(DEFAULT_NOT_COVERED)
+def test_documented_not_covered_list_is_the_statements():
+    assert _documented_not_covered() == list(DEFAULT_NOT_COVERED)
 
 
 @pytest.mark.parametrize("needle", [
