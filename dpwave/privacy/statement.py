@@ -1,6 +1,6 @@
 """The privacy guarantee of a ledger, as a JSON-ready report and a human-readable statement.
 
-`DEFAULT_NOT_COVERED` is the one list of what the guarantee does not cover: the README's
+`DEFAULT_NOT_COVERED` is the one list of what the guarantee does not cover: docs/privacy.md's
 "What is NOT covered" bullets are these strings (tests/privacy/test_statement.py checks it).
 """
 
