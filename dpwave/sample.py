@@ -18,16 +18,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageDraw, ImageFont
 
 from dpwave import wavelets
 from dpwave.data import to_uint8
@@ -35,7 +31,6 @@ from dpwave.models import transformer as transformer_lib
 from dpwave.models.refiner import Refiner, refine
 from dpwave.models.text import TEXT_PAD
 from dpwave.models.tokenizer import SpectralTokenizer
-from dpwave.train.metrics import image_grid, save_png
 
 METHODS = ("dpwave", "full_dp", "bicubic")
 IMAGE_KEYS = ("images", "coarse_images", "unrefined")
@@ -277,51 +272,3 @@ def generate_many(generator: Generator, conds: Any, key: jax.Array, batch_size: 
         pending = (out, count)
     collect(*pending)
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
-
-
-def _grid_rows(rows: Mapping[str, np.ndarray], ncol: int) -> tuple[np.ndarray, int, int]:
-    """All rows' first ``ncol`` images (zero-padded to ncol), as one (len(rows) * ncol, H, W, C) array."""
-    arrays = []
-    for label, images in rows.items():
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0 \
-                or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-            raise ValueError(f"row {label!r}: need uint8 images (N, H, W) or (N, H, W, 1|3) with N >= 1, got "
-                             f"{images.dtype} {images.shape}; convert with dpwave.data.to_uint8")
-        arrays.append(images if images.ndim == 4 else images[..., None])
-    sizes = {a.shape[1:3] for a in arrays}
-    if len(sizes) > 1:
-        raise ValueError(f"rows have different image sizes {sorted(sizes)}; resize them to one size first")
-    channels = max(a.shape[-1] for a in arrays)
-    cells = []
-    for a in arrays:
-        a = np.repeat(a[:ncol], channels // a.shape[-1], axis=-1)
-        cells.append(np.concatenate([a, np.zeros((ncol - len(a), *a.shape[1:]), np.uint8)]))
-    h, w = sizes.pop()
-    return np.concatenate(cells), h, channels
-
-
-def sample_grid(rows: Mapping[str, np.ndarray], path: str | os.PathLike[str], ncol: int, *,
-                padding: int = 2) -> Path:
-    """One PNG with one labelled row per entry (e.g. real / coarse / refined / generated).
-
-    Each row shows its first ``ncol`` uint8 images (fewer are padded with black); grayscale rows are
-    shown as RGB when another row is RGB. Labels are drawn left of the rows in PIL's default font.
-    """
-    if not rows:
-        raise ValueError("sample_grid needs at least one row, e.g. {'generated': images}")
-    if isinstance(ncol, bool) or not isinstance(ncol, int) or ncol < 1:
-        raise ValueError(f"ncol (images per row) must be an int >= 1, got {ncol!r}")
-    cells, h, channels = _grid_rows(rows, ncol)
-    grid = image_grid(cells, ncol, padding=padding)
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    boxes = [measure.textbbox((0, 0), str(label), font=font) for label in rows]
-    label_width = max(box[2] for box in boxes) + 2 * padding
-    canvas = Image.new("RGB" if channels == 3 else "L", (label_width + grid.shape[1], grid.shape[0]), 0)
-    canvas.paste(Image.fromarray(grid if channels == 3 else grid[..., 0]), (label_width, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (label, box) in enumerate(zip(rows, boxes)):
-        top = padding + i * (h + padding) + (h - (box[3] - box[1])) // 2 - box[1]
-        draw.text((padding, top), str(label), fill=(255, 255, 255) if channels == 3 else 255, font=font)
-    return save_png(path, np.asarray(canvas))

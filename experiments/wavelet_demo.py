@@ -16,7 +16,7 @@ import skimage.data
 import skimage.transform
 
 from dpwave import data, wavelets
-from dpwave.train.metrics import image_grid, save_png
+from dpwave.grids import image_grid, save_png
 
 
 def real_images(size: int) -> dict[str, np.ndarray]:

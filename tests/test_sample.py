@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 from dpwave import sample, wavelets
 from dpwave.data import to_uint8
@@ -14,7 +13,6 @@ from dpwave.models.refiner import Refiner, RefinerConfig, refine_fn
 from dpwave.models.text import encode_captions
 from dpwave.models.tokenizer import SpectralTokenizer, TokenizerConfig
 from dpwave.models.transformer import ARTransformer, TransformerConfig
-from dpwave.train.metrics import image_grid
 
 TOK = TokenizerConfig(image_size=(32, 32), channels=1, levels=2, patch_sizes=(2, 2, 4), codebook_size=16,
                       code_dim=4, width=8, depth=1)
@@ -193,28 +191,3 @@ def test_generate_rejects_bad_conditions(cond, match):
         sample.generate(generator("bicubic"), cond, KEY)
     with pytest.raises(ValueError, match="num_samples"):
         sample.generate(generator("bicubic"), LABELS, KEY, num_samples=4)
-
-
-def test_sample_grid_writes_labelled_rows(tmp_path):
-    rng = np.random.default_rng(0)
-    rows = {"real": rng.integers(0, 256, (5, 32, 32, 1), np.uint8),
-            "coarse": rng.integers(0, 256, (3, 32, 32), np.uint8),
-            "generated": rng.integers(0, 256, (2, 32, 32, 3), np.uint8)}
-    path = sample.sample_grid(rows, tmp_path / "grid.png", ncol=3)
-    png = np.asarray(Image.open(path))
-    cells = np.concatenate([np.repeat(rows["real"][:3], 3, -1), np.repeat(rows["coarse"][..., None], 3, -1),
-                            rows["generated"], np.zeros((1, 32, 32, 3), np.uint8)])
-    grid = image_grid(cells, 3)
-    assert grid.shape == (3 * 34 + 2, 3 * 34 + 2, 3) and png.shape[0] == grid.shape[0] and png.ndim == 3
-    label_width = png.shape[1] - grid.shape[1]
-    assert label_width > 10
-    np.testing.assert_array_equal(png[:, label_width:], grid)
-    for row in range(3):  # every row has its label drawn in the left column
-        assert png[2 + 34 * row: 34 + 34 * row, :label_width].max() > 128
-
-    gray = np.asarray(Image.open(sample.sample_grid({"real": rows["real"]}, tmp_path / "g.png", ncol=5)))
-    assert gray.ndim == 2 and gray.shape[0] == 36
-    with pytest.raises(ValueError, match="different image sizes"):
-        sample.sample_grid({"a": rows["real"], "b": rows["real"][:, :16]}, tmp_path / "x.png", ncol=2)
-    with pytest.raises(ValueError, match="uint8"):
-        sample.sample_grid({"a": rows["real"].astype(np.float32)}, tmp_path / "x.png", ncol=2)

@@ -1,33 +1,31 @@
 """Metrics: TensorBoard events (tensorboardX, no TensorFlow), a JSONL log, PNG grids, a progress bar.
 
-Files under `workdir` (written by process 0 only):
+Files under `workdir` (a local folder or a bucket; written by process 0 only, through `dpwave.files`):
 
     tensorboard/events.out.tfevents.*   scalars and images; tags are "<stage>/<name>"; one file
                                         per writer
     metrics.jsonl                       one {"step": .., "stage": .., **scalars} object per line,
-                                        appended and flushed per write (NaN/Infinity as Python's
-                                        json writes them)
+                                        appended per write (strict JSON: NaN/Infinity as strings)
     images/<stage>_<name>_<step:08d>.png
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from etils import epath
 from tqdm import tqdm
 
-__all__ = ["MetricWriter", "Progress", "image_grid", "save_png"]
+from dpwave import files, validation
+from dpwave.grids import save_png
+
+__all__ = ["MetricWriter", "Progress"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
@@ -48,66 +46,14 @@ def _to_scalar(name: str, value: Any) -> int | float:
     return int(item) if array.dtype.kind in "biu" else float(item)
 
 
-def _check_image(image: np.ndarray, what: str) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8, got {image.dtype}; convert with "
-                         "np.clip(np.round(x * 255), 0, 255).astype(np.uint8).")
-    return image
+class _EventFiles:
+    """tensorboardX's writer factory for a bucket URI: event files are `files.Appender`s (epath)."""
 
+    def open(self, path: str) -> files.Appender:
+        return files.Appender(path, binary=True)
 
-def _check_single_image(image: np.ndarray, what: str) -> np.ndarray:
-    image = _check_image(image, what)
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"{what} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-                         f"got {image.shape}.")
-    return image
-
-
-def image_grid(images: np.ndarray, nrow: int, *, padding: int = 2,
-               pad_value: int = 0) -> np.ndarray:
-    """Tiles `images` (N, H, W) or (N, H, W, C), uint8, into one (H', W', C) uint8 image.
-
-    `nrow` is the number of images per row (as in torchvision); missing cells are `pad_value`.
-    """
-    images = _check_image(images, "images")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"images must have shape (N, H, W) or (N, H, W, C) with N >= 1 and C in "
-                         f"(1, 3, 4), got {images.shape}.")
-    if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow (images per row) must be an int >= 1, got {nrow!r}.")
-    if padding < 0 or not 0 <= pad_value <= 255:
-        raise ValueError(f"need padding >= 0 and 0 <= pad_value <= 255, got {padding}, {pad_value}.")
-    n, h, w, c = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), pad_value,
-                   np.uint8)
-    for i in range(n):
-        top = padding + (i // cols) * (h + padding)
-        left = padding + (i % cols) * (w + padding)
-        grid[top:top + h, left:left + w] = images[i]
-    return grid
-
-
-def save_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
-    """Writes a uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array as PNG, atomically."""
-    array = _check_single_image(array, "PNG array")
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    def directory_check(self, path: str) -> None:
+        files.makedirs(path)
 
 
 class MetricWriter:
@@ -118,22 +64,24 @@ class MetricWriter:
 
     def __init__(self, workdir: str | os.PathLike[str], *, is_process0: bool,
                  stage: str = "") -> None:
-        self._workdir = Path(workdir)
+        self._workdir = files.as_path(workdir)
         self._stage = _check_name(stage, "stage") if stage else ""
         self._is_process0 = is_process0
         self._tb = None
         self._jsonl = None
         if is_process0:
-            from tensorboardX import SummaryWriter  # Imported lazily: only process 0 needs it.
-            self._workdir.mkdir(parents=True, exist_ok=True)
+            from tensorboardX import SummaryWriter, record_writer  # Imported lazily: only process 0 needs it.
+            files.makedirs(self._workdir)
+            if not files.is_local(self._workdir):
+                record_writer.register_writer_factory(str(self._workdir).split("://")[0], _EventFiles())
             # tensorboardX names event files by the second: a unique suffix keeps two writers opened
             # in the same second (consecutive stages, a quick resume) from overwriting each other.
             self._tb = SummaryWriter(logdir=str(self._workdir / "tensorboard"), flush_secs=30,
                                      filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
-            self._jsonl = open(self._workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = files.Appender(self.jsonl_path)
 
     @property
-    def jsonl_path(self) -> Path:
+    def jsonl_path(self) -> epath.Path:
         return self._workdir / "metrics.jsonl"
 
     def _tag(self, name: str) -> str:
@@ -152,13 +100,12 @@ class MetricWriter:
         for name, value in values.items():
             self._tb.add_scalar(self._tag(name), value, step)
         record = {"step": int(step), "stage": self._stage, **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(files.dumps_json(record) + "\n")
 
-    def write_images(self, step: int, name: str, grid_uint8: np.ndarray) -> Path | None:
+    def write_images(self, step: int, name: str, grid_uint8: np.ndarray) -> epath.Path | None:
         """Records one uint8 image (H, W[, C]) at `step`; returns its PNG path (None off process 0)."""
         _check_name(name, "image name")
-        grid = _check_single_image(grid_uint8, "image")
+        grid = validation.single_image(grid_uint8, "image")
         if not self._is_process0:
             logging.info("[%s] step %d: image %s %s", self._stage or "-", step, name, grid.shape)
             return None

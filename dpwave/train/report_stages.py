@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dpwave import data, evaluate, privacy, sample, wavelets
+from dpwave import data, evaluate, grids, privacy, sample, wavelets
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.text import encode_captions
 from dpwave.train import builders, dp_recipe, loop, public_stages
@@ -108,7 +108,7 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str
     if "unrefined" in out:
         rows["generated, bicubic"] = out["unrefined"][:GRID_COLUMNS]
     rows["generated"] = out["images"][:GRID_COLUMNS]
-    sample.sample_grid(rows, os.path.join(workdir, "samples.png"), GRID_COLUMNS)
+    grids.sample_grid(rows, os.path.join(workdir, "samples.png"), GRID_COLUMNS)
     loop.write_json_atomic(os.path.join(stage_dir, loop.SUMMARY), {
         "stage": "sample", "num_samples": int(len(out["images"])), "wall_time_s": round(time.time() - start, 3),
         "samples_sha256": hashlib.sha256(out["images"].tobytes()).hexdigest(), "prompts": source,

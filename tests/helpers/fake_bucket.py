@@ -23,6 +23,12 @@ class _MemoryFileSystem(MemoryFileSystem):
         self.store = {}
         self.pseudo_dirs = [""]
 
+    @classmethod
+    def _strip_protocol(cls, path):
+        """'gs://bucket/a' -> 'bucket/a', as gcsfs does (epath adds 'gs://' back to listed paths)."""
+        path = str(path)
+        return (path[len("gs://"):] if path.startswith("gs://") else path).strip("/")
+
 
 class MemoryBackend(backend._FileSystemSpecBackend):  # noqa: SLF001 (epath's fsspec backend, minus gcsfs)
     """epath's fsspec backend with an in-memory file system for every path."""

@@ -1,24 +1,25 @@
-"""Metric writer (TensorBoard events + JSONL + PNG), image grids, atomic PNGs, progress bar."""
+"""Metric writer (TensorBoard events + JSONL + PNG, locally and on a fake bucket), progress bar."""
 
 import io
 import json
 import logging
 import struct
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.fake_bucket import fake_bucket
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from dpwave.train.metrics import MetricWriter, Progress, image_grid, save_png
+from dpwave import files
+from dpwave.train.metrics import MetricWriter, Progress
 
 
-def _read_events(workdir: Path) -> tuple[dict, dict]:
+def _read_events(workdir) -> tuple[dict, dict]:
     """Parses the TFRecord event files: ({tag: [(step, value)]}, {tag: [(step, png_bytes)]})."""
     scalars, images = {}, {}
-    for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+    for path in sorted(files.as_path(workdir / "tensorboard").glob("events.out.tfevents.*")):
         data = path.read_bytes()
         pos = 0
         while pos < len(data):
@@ -44,7 +45,7 @@ def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
         {"step": 1, "stage": "dp", "loss": 2.5, "epsilon": 0.25, "n": 3},
         {"step": 2, "stage": "dp", "loss": 1.5}]
     last = json.loads(lines[2])
-    assert (last["step"], last["stage"]) == (5, "refiner") and np.isnan(last["loss"])
+    assert (last["step"], last["stage"], last["loss"]) == (5, "refiner", "NaN")  # strict JSON
     assert isinstance(json.loads(lines[0])["n"], int)
     scalars, _ = _read_events(tmp_path)
     assert scalars["dp/loss"] == [(1, 2.5), (2, 1.5)]
@@ -69,6 +70,19 @@ def test_images_go_to_png_and_tensorboard(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), grid)
 
 
+def test_a_bucket_workdir_gets_every_file():
+    with fake_bucket():
+        root = files.as_path("gs://bucket/run/dp")
+        with MetricWriter(root, is_process0=True, stage="dp") as writer:
+            writer.write_scalars(1, {"loss": 2.5, "epsilon": float("inf")})
+            png = writer.write_images(1, "grid", np.full((4, 4), 9, np.uint8))
+        assert json.loads((root / "metrics.jsonl").read_text()) == {"step": 1, "stage": "dp", "loss": 2.5,
+                                                                     "epsilon": "Infinity"}
+        assert png == root / "images" / "dp_grid_00000001.png" and png.exists()
+        scalars, images = _read_events(root)
+        assert scalars["dp/loss"] == [(1, 2.5)] and [s for s, _ in images["dp/grid"]] == [1]
+
+
 def test_other_processes_only_log(tmp_path, caplog):
     with caplog.at_level(logging.INFO), MetricWriter(tmp_path / "w", is_process0=False,
                                                      stage="dp") as writer:
@@ -86,38 +100,6 @@ def test_bad_scalars_are_rejected(tmp_path, scalars, match):
     with MetricWriter(tmp_path, is_process0=True) as writer:
         with pytest.raises(ValueError, match=match):
             writer.write_scalars(1, scalars)
-
-
-def test_image_grid_layout():
-    images = np.stack([np.full((2, 3), v, np.uint8) for v in (10, 20, 30)])
-    grid = image_grid(images, nrow=2, padding=1, pad_value=255)
-    assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1) and grid.dtype == np.uint8
-    expected = np.full((7, 9), 255, np.uint8)
-    expected[1:3, 1:4], expected[1:3, 5:8], expected[4:6, 1:4] = 10, 20, 30
-    np.testing.assert_array_equal(grid[..., 0], expected)
-    rgb = image_grid(np.zeros((5, 4, 4, 3), np.uint8), nrow=8, padding=0)
-    assert rgb.shape == (4, 20, 3)  # nrow is capped at the number of images
-
-
-@pytest.mark.parametrize("images,nrow,match", [(np.zeros((2, 4, 4), np.float32), 2, "uint8"),
-                                               (np.zeros((0, 4, 4), np.uint8), 2, "N >= 1"),
-                                               (np.zeros((2, 4, 4, 2), np.uint8), 2, "C in"),
-                                               (np.zeros((2, 4, 4), np.uint8), 0, "nrow")])
-def test_image_grid_rejects_bad_input(images, nrow, match):
-    with pytest.raises(ValueError, match=match):
-        image_grid(images, nrow)
-
-
-def test_save_png_round_trip_is_atomic(tmp_path):
-    gray = np.arange(20, dtype=np.uint8).reshape(4, 5, 1)
-    path = save_png(tmp_path / "sub" / "g.png", gray)
-    np.testing.assert_array_equal(np.asarray(Image.open(path)), gray[..., 0])
-    save_png(path, np.zeros((4, 5), np.uint8))  # replaces in place
-    assert np.asarray(Image.open(path)).max() == 0
-    assert [p.name for p in path.parent.iterdir()] == ["g.png"]  # no temporary files left
-    with pytest.raises(ValueError, match="uint8"):
-        save_png(tmp_path / "f.png", np.zeros((4, 5)))
-    assert not (tmp_path / "f.png").exists()
 
 
 def test_progress_touches_tqdm_every_k_steps(capsys):
