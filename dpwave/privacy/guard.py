@@ -3,12 +3,13 @@
 Epsilon grows monotonically with the number of steps of a fixed mechanism, so the
 guard computes once (a growth phase, then interpolation search in the bracket:
 O(log T) accountant calls, ~8 in practice) the largest number of further steps the
-budget allows, and each ``can_step`` is an integer comparison. The budget is recomputed only when the ledger's mechanism or
-parameters change (``PrivacyLedger.revision``).
+budget allows, and each ``can_step`` is an integer comparison. The budget is recomputed only
+when the ledger's mechanism or parameters change (``PrivacyLedger.revision``).
 
     guard = BudgetGuard(ledger)            # target from ledger.params.target_epsilon
     for step in ...:
-        guard.check_step()                 # raises BudgetExhausted before overspending
+        if not guard.can_step(1):          # the DP stage stops cleanly here (loop.StopStage)
+            break
         ...train one step...
         ledger.record_steps(1)
 """
@@ -20,28 +21,10 @@ import numbers
 
 from dpwave.privacy.accounting import check_target_epsilon
 from dpwave.privacy.ledger import PrivacyLedger
-from dpwave.privacy.statement import privacy_statement
 
 # Beyond this many further steps the budget is treated as unlimited (epsilon of a
 # Gaussian mechanism with sigma > 0 grows without bound, but slowly).
 _MAX_STEPS = 2**40
-
-
-class BudgetExhausted(RuntimeError):
-    """The next step(s) would exceed the target epsilon; carries the privacy statement."""
-
-    def __init__(self, *, steps_taken: int, steps_requested: int, epsilon: float,
-                 epsilon_if_taken: float, target_epsilon: float, statement: str) -> None:
-        self.steps_taken = steps_taken
-        self.steps_requested = steps_requested
-        self.epsilon = epsilon
-        self.epsilon_if_taken = epsilon_if_taken
-        self.target_epsilon = target_epsilon
-        self.statement = statement
-        super().__init__(
-            f"privacy budget exhausted after {steps_taken} steps: {steps_requested} more "
-            f"would reach epsilon={epsilon_if_taken:.6g} > target {target_epsilon:g} "
-            f"(now {epsilon:.6g}).\n{statement}")
 
 
 class BudgetGuard:
@@ -130,13 +113,3 @@ class BudgetGuard:
         if not (isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1):
             raise ValueError(f"n={n!r} must be an integer >= 1.")
         return n <= self.remaining_steps
-
-    def check_step(self, n: int = 1) -> None:
-        """Raises BudgetExhausted (with the privacy statement) if n steps do not fit."""
-        if self.can_step(n):
-            return
-        ledger = self._ledger
-        raise BudgetExhausted(
-            steps_taken=ledger.steps, steps_requested=n, epsilon=ledger.epsilon(),
-            epsilon_if_taken=ledger.epsilon_after(n), target_epsilon=self.target_epsilon,
-            statement=privacy_statement(ledger))

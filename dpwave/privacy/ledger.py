@@ -26,16 +26,9 @@ class LedgerMismatchError(ValueError):
     """Resuming with DP hyperparameters that differ from the ledger's."""
 
 
-_MISSING = object()
 # Fields whose change alters the guarantee; a resume must keep them or compose.
 _GUARANTEE_FIELDS = ("noise_multiplier", "sampling_prob", "delta", "accountant",
                      "target_epsilon", "dataset_size", "max_batch_size", "pld_discretization", "neighboring")
-
-
-def _read(config_like: object, name: str) -> object:
-    if isinstance(config_like, Mapping):
-        return config_like.get(name, _MISSING)
-    return getattr(config_like, name, _MISSING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,30 +68,6 @@ class DpParams:
         for name in ("dataset_size", "max_batch_size"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
-
-    @classmethod
-    def from_config(cls, config_like: object) -> DpParams:
-        """Reads the fields above from a mapping or attribute object (e.g. ConfigDict).
-
-        ``sampling_prob`` may instead be given as ``expected_batch_size`` together with
-        ``dataset_size``. Unrelated fields are ignored.
-        """
-        if isinstance(config_like, DpParams):
-            return config_like
-        values = {f.name: _read(config_like, f.name) for f in dataclasses.fields(cls)}
-        batch = _read(config_like, "expected_batch_size")
-        if values["sampling_prob"] is _MISSING and batch is not _MISSING:
-            size = values["dataset_size"]
-            if size is _MISSING or not size:
-                raise ValueError("expected_batch_size given without dataset_size: cannot "
-                                 "derive sampling_prob = expected_batch_size / dataset_size.")
-            values["sampling_prob"] = batch / size
-        missing = [n for n in ("noise_multiplier", "sampling_prob", "delta")
-                   if values[n] is _MISSING]
-        if missing:
-            raise ValueError(f"DP config lacks {missing}; it needs noise_multiplier, delta "
-                             "and sampling_prob (or expected_batch_size + dataset_size).")
-        return cls(**{k: v for k, v in values.items() if v is not _MISSING})
 
     @property
     def expected_batch_size(self) -> float | None:
@@ -169,10 +138,6 @@ class PrivacyLedger:
         self._revision = 0
         self._cache: tuple[tuple[int, int], float] | None = None
 
-    @classmethod
-    def from_config(cls, config_like: object) -> PrivacyLedger:
-        return cls(DpParams.from_config(config_like))
-
     @property
     def params(self) -> DpParams:
         return self._params
@@ -228,15 +193,14 @@ class PrivacyLedger:
         check_steps(n)
         return self._epsilon_of(self._extended(n))
 
-    def check_compatible(self, config_like: object, *, compose: bool = False) -> tuple[str, ...]:
-        """Refuses a resume whose DP hyperparameters differ, unless ``compose=True``.
+    def check_compatible(self, new: DpParams, *, compose: bool = False) -> tuple[str, ...]:
+        """Refuses a resume whose DP hyperparameters ``new`` differ, unless ``compose=True``.
 
         With ``compose=True`` the new parameters replace the old ones: later steps are
         recorded as a new mechanism composed after the old events, which stay, and
         epsilon is recomputed over all of them (under the new delta/accountant).
         Returns the differences (empty when compatible).
         """
-        new = DpParams.from_config(config_like)
         diffs = self._params.differences(new)
         if diffs and not compose:
             raise LedgerMismatchError(

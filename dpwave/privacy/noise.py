@@ -3,8 +3,7 @@
 `noise_and_normalize` takes the SUM of clipped per-example gradients (from
 `clipping.clipped_grad`), adds N(0, (sigma * C)^2) to every coordinate once and divides by the
 EXPECTED batch size q * N, a public constant (never the realized batch size, which is private
-under Poisson sampling). `dp_aggregate` does the same from per-example gradients with a leading
-batch axis and a padding mask, in the spirit of `optax.contrib.differentially_private_aggregate`.
+under Poisson sampling).
 
 The noise of step t is drawn from `fold_in(key, t)`: keys never repeat across steps and a
 restored state continues the exact noise sequence. `noise_multiplier=0` is the non-private
@@ -18,8 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from dpwave.privacy.clipping import clip_and_sum
 
 PyTree = Any
 
@@ -102,32 +99,3 @@ def noise_and_normalize(
         return _add_noise(updates, state, std, expected_batch_size, impl)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def dp_aggregate(
-    *, l2_clip: float, noise_multiplier: float, expected_batch_size: float, key: int | jax.Array
-) -> optax.GradientTransformationExtraArgs:
-    """Per-example gradients (leading batch axis) -> clip each, sum, then `noise_and_normalize`.
-
-    Pass the padding mask as an extra argument: `tx.update(per_example_grads, state, params,
-    mask=mask)` with mask (B,) (nonzero: real, 0: padding; default: all real). NaN/inf rows are
-    zeroed. Gives the same result as `clipped_grad` + `noise_and_normalize` for the same key.
-    """
-    init_fn, impl = _init(key, l2_clip, noise_multiplier, expected_batch_size)
-    std = float(noise_multiplier) * float(l2_clip)
-
-    def update_fn(
-        updates: PyTree, state: NoiseState, params: PyTree = None, *, mask: jax.Array | None = None, **extra_args: Any
-    ):
-        del params, extra_args
-        leaves = jax.tree.leaves(updates)
-        if not leaves or any(jnp.ndim(g) == 0 for g in leaves):
-            raise ValueError("dp_aggregate expects per-example gradients with a leading batch axis.")
-        batch = leaves[0].shape[0]
-        mask = jnp.ones((batch,), jnp.float32) if mask is None else jnp.asarray(mask)
-        if mask.shape != (batch,):
-            raise ValueError(f"mask must have shape ({batch},) to match the batch axis, got {mask.shape}.")
-        sums, _, _ = clip_and_sum(updates, mask, l2_clip)
-        return _add_noise(sums, state, std, expected_batch_size, impl)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

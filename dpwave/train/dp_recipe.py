@@ -26,6 +26,7 @@ import optax
 from dpwave.models import transformer as transformer_lib
 
 SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def public_only(config: ml_collections.ConfigDict) -> bool:
@@ -45,6 +46,11 @@ def check(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} applies only with dp.tuning=True")
     if dp.tuning_private_size < 0:
         raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} must be >= 0 (0: the proxy's own size)")
+    if dp.optimizer not in OPTIMIZERS:
+        raise ValueError(f"dp.optimizer={dp.optimizer!r}; use one of {OPTIMIZERS}")
+    if dp.weight_decay and dp.optimizer != "adamw":
+        raise ValueError(f"dp.weight_decay={dp.weight_decay} applies only to dp.optimizer='adamw' (got "
+                         f"{dp.optimizer!r}); set it to 0 or use adamw")
     if dp.lr_schedule not in SCHEDULES:
         raise ValueError(f"dp.lr_schedule={dp.lr_schedule!r}; use one of {SCHEDULES}")
     if not 0 <= dp.warmup_steps <= dp.steps:
@@ -71,6 +77,14 @@ def learning_rate(dp: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
     if not warmup:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def inner_optimizer(dp: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The optimizer the DP chain feeds with the noised mean gradient (`DpSgdMechanism.optimizer`)."""
+    lr = learning_rate(dp)
+    if dp.optimizer == "adamw":  # decay acts on the parameters: post-processing, no privacy cost
+        return optax.adamw(lr, weight_decay=dp.weight_decay)
+    return {"sgd": optax.sgd, "adam": optax.adam}[dp.optimizer](lr)
 
 
 def with_ema(step_fn: Callable, decay: float) -> Callable:

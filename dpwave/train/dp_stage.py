@@ -42,25 +42,16 @@ def calibrated_noise(config: ml_collections.ConfigDict, dataset_size: int) -> fl
                                    accountant=dp.accountant, neighboring=dp.neighboring)
 
 
-def dp_params(config: ml_collections.ConfigDict, dataset_size: int, sampler: data.PoissonSampler) -> privacy.DpParams:
+def mechanism(config: ml_collections.ConfigDict, dataset_size: int) -> privacy.DpSgdMechanism:
+    """The DP stage's mechanism over a DP input of `dataset_size` examples (config -> mechanism, built once)."""
     dp = config.dp
-    return privacy.DpParams(
+    simulated = dp_recipe.simulated_private_size(config, dataset_size)
+    return privacy.DpSgdMechanism(dp.l2_clip, privacy.DpParams(
         # A tuning run keeps the noise per step sigma/B of the private run it simulates (dp_recipe.noise_scale).
-        noise_multiplier=calibrated_noise(config, dp_recipe.simulated_private_size(config, dataset_size))
-        * dp_recipe.noise_scale(config, dataset_size), sampling_prob=sampler.sampling_prob,
-        delta=dp.delta, accountant=dp.accountant,
+        noise_multiplier=calibrated_noise(config, simulated) * dp_recipe.noise_scale(config, dataset_size),
+        sampling_prob=float(dp.expected_batch_size / simulated), delta=dp.delta, accountant=dp.accountant,
         target_epsilon=None if math.isinf(dp.target_epsilon) or dp.tuning else dp.target_epsilon,
-        dataset_size=dataset_size, max_batch_size=sampler.truncated_max_batch_size,
-        allow_large_delta=dp.allow_large_delta, neighboring=dp.neighboring)
-
-
-def dp_optimizer(config: ml_collections.ConfigDict, noise_multiplier: float, expected_batch_size: float,
-                 seed: int) -> optax.GradientTransformation:
-    dp = config.dp
-    return privacy.dp_optimizer(ml_collections.ConfigDict(dict(
-        name=dp.optimizer, learning_rate=dp_recipe.learning_rate(dp), l2_clip=dp.l2_clip,
-        noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size, seed=seed, weight_decay=dp.weight_decay)))
+        dataset_size=dataset_size, allow_large_delta=dp.allow_large_delta, neighboring=dp.neighboring))
 
 
 def init_dp_state(params, trainable, optimizer: optax.GradientTransformation, ema: bool = False) -> steps.TrainState:
@@ -73,8 +64,9 @@ def final_transformer_params(config: ml_collections.ConfigDict, dp_dir: str):
     DP stage's state (the template's noise settings do not change its structure)."""
     _, params = init_transformer(config, finetune=True)
     ema = bool(config.dp.ema_decay)
-    template = init_dp_state(params, transformer_lib.trainable_mask(params, config.dp.trainable),
-                             dp_optimizer(config, 0.0, 1.0, 0), ema)
+    optimizer = privacy.dp_optimizer(dp_recipe.inner_optimizer(config.dp), l2_clip=1.0, noise_multiplier=0.0,
+                                     expected_batch_size=1.0, key=0)
+    template = init_dp_state(params, transformer_lib.trainable_mask(params, config.dp.trainable), optimizer, ema)
     state = restore_params(dp_dir, template)
     return state.extra if ema else state.params
 
@@ -208,28 +200,29 @@ class DpFinetune:
             raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
                                     f"{' (dp.tuning)' if dp.tuning else ''}, got {source.privacy}")
         self.examples = encode_examples(config, load_tokenizer(config, tokenizer_dir), source)
-        n = len(source)
-        bucket = (dp.microbatch_size or 1) * jax.device_count()
-        q = dp.expected_batch_size / dp_recipe.simulated_private_size(config, n)
-        self.sampler = data.PoissonSampler(n, q, seed=seed, bucket_multiple=bucket)
-        self.params = dp_params(config, n, self.sampler)
-        self.ledger = privacy.PrivacyLedger(self.params)
-        self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
+        self.mechanism = mechanism(config, len(source))
+        selection = self.mechanism.selection
+        self.sampler = data.PoissonSampler(selection.dataset_size, selection.sampling_prob, seed=seed,
+                                           bucket_multiple=(dp.microbatch_size or 1) * jax.device_count())
+        self.params = self.mechanism.params
+        self.ledger = self.mechanism.ledger()
+        self.guard = self.mechanism.guard(self.ledger)
 
         # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
         graphdef, params = init_transformer(config, finetune=True)
         params = dp_recipe.load_pretrained(params, restore_params(pretrain_dir, init_pretrain(config)[1]).params)
         trainable = transformer_lib.trainable_mask(params, dp.trainable)
-        self.optimizer = dp_optimizer(config, self.params.noise_multiplier, self.sampler.expected_batch_size, seed)
+        self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp), privacy.noise_key(seed))
         self.state = distributed.replicate(init_dp_state(params, trainable, self.optimizer, bool(dp.ema_decay)), mesh)
 
         def example_loss(params, example, key):
             return transformer_lib.per_example_loss(graphdef, params, example, key)
 
         # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
-        self.step_fn = steps.fold_step_key(steps.dp_step(example_loss, self.optimizer, mesh, l2_clip=dp.l2_clip,
-                                                         microbatch_size=dp.microbatch_size or None,
-                                                         trainable=trainable, use_ghost_norms=dp.use_ghost_norms))
+        clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=dp.microbatch_size or None,
+                                                 trainable=trainable, use_ghost_norms=dp.use_ghost_norms)
+        self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh,
+                                                         l2_clip=self.mechanism.l2_clip, trainable=trainable))
         self.step_fn = dp_recipe.with_ema(self.step_fn, dp.ema_decay)
         self.mesh = mesh
         self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
@@ -275,14 +268,15 @@ class DpFinetune:
                 "seed_commitment means another DP secret seed); restore the original settings and seed, or use a new "
                 "workdir")
         self.ledger = saved
-        self.guard = None if self.params.target_epsilon is None else privacy.BudgetGuard(self.ledger)
+        self.guard = self.mechanism.guard(self.ledger)
 
     def summary(self) -> dict:
         report = privacy.privacy_report(self.ledger)
         return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
                 "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
                 "steps": self.ledger.steps, "privacy": {**report, "seed": self.seed_origin},
-                "statement": privacy.privacy_statement(self.ledger) + f"\n  sampling and noise seed: {self.seed_origin}",
+                "statement": (privacy.privacy_statement(self.ledger)
+                              + f"\n  sampling and noise seed: {self.seed_origin}"),
                 "ledger": self.ledger.to_dict()}
 
     def task(self) -> loop.Task:

@@ -25,7 +25,6 @@ from dpwave.train.distributed import DATA_AXIS
 
 PyTree = Any
 BatchLoss = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
-ExampleLoss = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -79,23 +78,20 @@ def fold_step_key(step_fn: Callable) -> Callable:
     return fn
 
 
-def dp_step(example_loss: ExampleLoss, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-            l2_clip: float, microbatch_size: int | None, trainable: PyTree = None,
-            use_ghost_norms: bool = False) -> Callable:
+def dp_step(clipped_sum: clipping.ClippedGradFn, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+            l2_clip: float, trainable: PyTree = None) -> Callable:
     """`step(state, batch, mask, rng) -> (state, metrics)`: one DP-SGD/DP-Adam step.
 
-    `example_loss(params, example, key)` is the loss of one example. `batch` and `mask` are the
-    padded Poisson batch (leading axis a multiple of the device count). `rng` is the step's key and
-    must be secret (from the DP secret seed); example i's key is `keys.content_key(rng, batch[i])`.
-    `optimizer` must be a DP chain from `dpwave.privacy` (noise once on the global sum, normalized by
-    the expected batch size). With `trainable`, the optimizer state covers `clipping.partition(params, trainable)[0]`.
+    `clipped_sum(params, batch, mask, keys)` is the mechanism's clipped aggregation
+    (`DpSgdMechanism.clipped_sum`, clipping to `l2_clip`). `batch` and `mask` are the padded Poisson batch
+    (leading axis a multiple of the device count). `rng` is the step's key and must be secret (from the DP
+    secret seed); example i's key is `keys.content_key(rng, batch[i])`. `optimizer` must be the mechanism's
+    (`DpSgdMechanism.optimizer`: noise once on the global sum, normalized by the expected batch size). With
+    `trainable`, the optimizer state covers `clipping.partition(params, trainable)[0]`.
     """
 
-    clipped = clipping.clipped_grad(example_loss, l2_clip=l2_clip, microbatch_size=microbatch_size,
-                                    trainable=trainable, use_ghost_norms=use_ghost_norms)
-
     def local_sum(params, batch, mask, rng):
-        grad_sum, aux = clipped(params, batch, mask, keys.example_keys(rng, batch))
+        grad_sum, aux = clipped_sum(params, batch, mask, keys.example_keys(rng, batch))
         valid = mask.astype(jnp.float32)
         stats = {"loss_sum": jnp.sum(aux.losses * valid), "clipped_frac_sum": jnp.sum((aux.norms > l2_clip) * valid),
                  "num_nonfinite": aux.num_nonfinite, "batch_size": jnp.sum(valid)}

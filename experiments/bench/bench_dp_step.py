@@ -41,7 +41,7 @@ from dpwave.models.transformer import ARTransformer, TransformerConfig, batch_lo
 from dpwave.privacy import ghost
 from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.keys import example_keys
-from dpwave.privacy.optimizers import dp_adam
+from dpwave.privacy.optimizers import dp_optimizer
 from experiments.bench.common import print_table, write_json
 
 MALLOC = {"default": {}, "tuned": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}}
@@ -92,7 +92,7 @@ def _step_fn(mode: str, graphdef: nnx.GraphDef, batch_size: int):
             del mask
             return jax.value_and_grad(lambda p: batch_loss(graphdef, p, batch, rng))(params)
     else:
-        opt = dp_adam(1e-4, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=batch_size, key=0)
+        opt = dp_optimizer(optax.adam(1e-4), l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=batch_size, key=0)
         uncertified = options.pop("uncertified", False)
         clipped = clipped_grad(lambda p, ex, r: per_example_loss(graphdef, p, ex, r), l2_clip=1.0, **options)
 

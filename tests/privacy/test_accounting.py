@@ -1,10 +1,10 @@
 """Accounting: epsilon, noise calibration, truncated Poisson, ledger, privacy statement."""
 
+import dataclasses
 import json
 import math
 
 import dp_accounting
-import ml_collections
 import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
@@ -196,7 +196,7 @@ def test_record_steps_merges_consecutive_identical_steps(params):
 def test_ledger_json_round_trip(params):
     ledger = PrivacyLedger(params)
     ledger.record_steps(120)
-    ledger.check_compatible(dict(noise_multiplier=1.5, sampling_prob=0.01, delta=1e-5,
+    ledger.check_compatible(DpParams(noise_multiplier=1.5, sampling_prob=0.01, delta=1e-5,
                                  target_epsilon=3.0, dataset_size=5000), compose=True)
     ledger.record_steps(30)
     text = ledger.to_json()
@@ -229,10 +229,9 @@ def test_ledger_json_refuses_foreign_classes_and_corruption(params):
 def test_resume_with_changed_hyperparameters_is_refused_with_the_difference(params):
     ledger = PrivacyLedger(params)
     ledger.record_steps(10)
-    same = ml_collections.ConfigDict(dict(noise_multiplier=1.1, sampling_prob=0.02, delta=1e-5,
-                                          target_epsilon=3.0, dataset_size=5000, lr=0.1))
+    same = DpParams(noise_multiplier=1.1, sampling_prob=0.02, delta=1e-5, target_epsilon=3.0, dataset_size=5000)
     assert ledger.check_compatible(same) == ()
-    changed = dict(same.to_dict(), noise_multiplier=1.0, delta=1e-6, accountant="rdp")
+    changed = dataclasses.replace(same, noise_multiplier=1.0, delta=1e-6, accountant="rdp")
     with pytest.raises(LedgerMismatchError) as err:
         ledger.check_compatible(changed)
     message = str(err.value)
@@ -249,7 +248,7 @@ def test_compose_mode_is_honest(params):
     ledger.record_steps(200)
     before = ledger.epsilon()
     diffs = ledger.check_compatible(
-        dict(noise_multiplier=0.9, sampling_prob=0.03, delta=1e-5, target_epsilon=3.0,
+        DpParams(noise_multiplier=0.9, sampling_prob=0.03, delta=1e-5, target_epsilon=3.0,
              dataset_size=5000), compose=True)
     assert len(diffs) == 2
     assert ledger.epsilon() == before  # nothing new spent yet
@@ -264,16 +263,10 @@ def test_compose_mode_is_honest(params):
     assert ledger.epsilon() > acc.epsilon(0.9, 0.03, 100, 1e-5)
 
 
-def test_params_from_config_variants():
-    cfg = ml_collections.ConfigDict(dict(noise_multiplier=1.0, expected_batch_size=64,
-                                         dataset_size=2000, delta=1e-5, seed=3))
-    p = DpParams.from_config(cfg)
-    assert p.sampling_prob == 64 / 2000 and p.expected_batch_size == pytest.approx(64)
+def test_params_defaults_and_checks():
+    p = DpParams(1.0, 64 / 2000, 1e-5, dataset_size=2000)
+    assert p.expected_batch_size == pytest.approx(64)
     assert p.accountant == "pld" and p.pld_discretization == 1e-3
-    with pytest.raises(ValueError, match=r"lacks \['delta'\]"):
-        DpParams.from_config(dict(noise_multiplier=1.0, sampling_prob=0.1))
-    with pytest.raises(ValueError, match="without dataset_size"):
-        DpParams.from_config(dict(noise_multiplier=1.0, expected_batch_size=8, delta=1e-5))
     with pytest.raises(ValueError, match="target_epsilon=-1"):
         DpParams(1.0, 0.1, 1e-5, target_epsilon=-1)
 
@@ -327,7 +320,7 @@ def test_privacy_statement_lists_truncation_and_history():
     ledger = PrivacyLedger(DpParams(1.0, 0.01, 1e-5, accountant="rdp",
                                     dataset_size=5000, max_batch_size=100))
     ledger.record_steps(10)
-    ledger.check_compatible(dict(noise_multiplier=2.0, sampling_prob=0.01, delta=1e-5,
+    ledger.check_compatible(DpParams(noise_multiplier=2.0, sampling_prob=0.01, delta=1e-5,
                                  accountant="rdp", dataset_size=5000, max_batch_size=100),
                             compose=True)
     ledger.record_steps(5)

@@ -3,7 +3,7 @@
 The experiment trains logistic regression with DP-SGD written inline in plain JAX
 (Poisson sampling, per-example clipping, one Gaussian noise draw per step,
 normalisation by the expected batch size) -- and again through dpwave's own
-``dp_sgd(per_example=True)`` -- on synthetic data plus m "dirac"
+``dp_optimizer(optax.sgd(lr))`` fed the clipped sum -- on synthetic data plus m "dirac"
 canaries: canary i is the point c * e_(d+i) with label 1, in a feature dimension
 no other example touches, each included with probability 1/2. Its score is the
 trained weight w[d+i]. A correctly noised run must audit below its accounted
@@ -19,7 +19,8 @@ from scipy import special, stats
 
 from dpwave.privacy import accounting as acc
 from dpwave.privacy import audit
-from dpwave.privacy.optimizers import dp_sgd
+from dpwave.privacy.clipping import clip_and_sum
+from dpwave.privacy.optimizers import dp_optimizer
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -151,16 +152,17 @@ def _dp_sgd(x, y, steps_keys, sampling_prob, noise_multiplier, l2_clip, lr):
 
 
 def _dpwave_dp_sgd(x, y, steps_keys, sampling_prob, noise_multiplier, l2_clip, lr):
-    """The same training through dpwave's own DP-SGD (per-example clip + noise transform)."""
-    tx = dp_sgd(lr, l2_clip=l2_clip, noise_multiplier=noise_multiplier, per_example=True,
-                expected_batch_size=sampling_prob * x.shape[0], key=jax.random.key(7))
+    """The same training through dpwave's own DP-SGD (per-example clip, then its noise and Optax chain)."""
+    tx = dp_optimizer(optax.sgd(lr), l2_clip=l2_clip, noise_multiplier=noise_multiplier,
+                      expected_batch_size=sampling_prob * x.shape[0], key=jax.random.key(7))
 
     @jax.jit
     def train(x, y, steps_keys):
         def step(carry, k):
             w, state = carry
             mask = jax.random.bernoulli(k, sampling_prob, (x.shape[0],)).astype(jnp.float32)
-            updates, state = tx.update(per_example_grads(w, x, y), state, w, mask=mask)
+            clipped_sum = clip_and_sum(per_example_grads(w, x, y), mask, l2_clip)[0]
+            updates, state = tx.update(clipped_sum, state, w)
             return (optax.apply_updates(w, updates), state), None
 
         w0 = jnp.zeros(x.shape[1] + 1, jnp.float32)

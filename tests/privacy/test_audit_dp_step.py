@@ -1,7 +1,8 @@
 """One-run audit (Steinke, Nasr & Jagielski 2023) of the DP stage's own jitted step on the AR transformer.
 
-The mechanism is built as `dp_stage.DpFinetune` builds it: `steps.fold_step_key(steps.dp_step(...))` with a
-`privacy.dp_optimizer` ('sgd'), on a 1-device data mesh, fed the padded Poisson batches of
+The step is built as the DP stage builds it: `steps.fold_step_key(steps.dp_step(...))` with the clipped sum and
+the optimizer of a `privacy.DpSgdMechanism` (inner `optax.sgd`), on a 1-device data mesh, fed the padded Poisson
+batches of
 `data.PoissonSampler`, once with per-example gradients (vmap) and once with ghost norms. The model is a small
 `transformer.ARTransformer`; the per-example loss is `transformer.per_example_loss` plus white-box gradient
 canary terms, which are zero for the real examples.
@@ -21,8 +22,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -115,14 +116,15 @@ def train_and_score(seed: int, setting: Setting, noise_multiplier: float,
     mesh = distributed.make_data_mesh(jax.devices()[:1])
     sampler = data.PoissonSampler(len(examples["label"]), setting.sampling_prob, seed=seed,
                                   bucket_multiple=setting.microbatch_size)
-    expected_batch = setting.sampling_prob * (setting.num_real + setting.num_canaries / 2)
-    optimizer = privacy.dp_optimizer(ml_collections.ConfigDict(dict(
-        name="sgd", learning_rate=setting.learning_rate, l2_clip=setting.l2_clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch, seed=seed)))
+    # Accounted over the expected set (the real examples and half the canaries): a normalizer free of the coins.
+    mechanism = privacy.DpSgdMechanism(setting.l2_clip, privacy.DpParams(
+        noise_multiplier, setting.sampling_prob, DELTA, dataset_size=setting.num_real + setting.num_canaries // 2))
+    optimizer = mechanism.optimizer(optax.sgd(setting.learning_rate), privacy.noise_key(seed))
     trainable = transformer_lib.trainable_mask(params, "all")
-    step_fn = steps.fold_step_key(steps.dp_step(canary_loss(graphdef), optimizer, mesh, l2_clip=setting.l2_clip,
-                                                microbatch_size=setting.microbatch_size, trainable=trainable,
-                                                use_ghost_norms=use_ghost_norms))
+    clipped_sum = mechanism.clipped_sum(canary_loss(graphdef), microbatch_size=setting.microbatch_size,
+                                        trainable=trainable, use_ghost_norms=use_ghost_norms)
+    step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, optimizer, mesh, l2_clip=mechanism.l2_clip,
+                                                trainable=trainable))
     state = steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]))
     state = distributed.replicate(state, mesh)
     key = jax.random.key(seed + 1)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.keys import example_keys
-from dpwave.privacy.optimizers import dp_adam
+from dpwave.privacy.optimizers import dp_optimizer
 
 EPSILON, DELTA = 8.0, 1e-5
 EXPECTED_BATCH, EPOCHS, L2_CLIP, LR = 200, 8, 1.0, 3e-3
@@ -77,9 +77,8 @@ def test_dp_adam_learns_mnist_at_epsilon_8():
         return -jax.nn.log_softmax(logits)[example["y"]]
 
     grad_fn = clipped_grad(loss_fn, l2_clip=L2_CLIP, use_ghost_norms=True)
-    opt = dp_adam(
-        LR, l2_clip=L2_CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED_BATCH, key=jax.random.key(1)
-    )
+    opt = dp_optimizer(optax.adam(LR), l2_clip=L2_CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED_BATCH,
+                       key=jax.random.key(1))
     opt_state = opt.init(params)
 
     @jax.jit

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from dpwave import privacy
@@ -28,9 +29,10 @@ def _setup(ghost: bool):
     graphdef, params = public_stages.init_transformer(config)
     model = builders.transformer_config(config, builders.tokenizer_config(config))
     # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
-    optimizer = privacy.dp_sgd(1.0, l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
-    step = steps.dp_step(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key), optimizer,
-                         distributed.make_data_mesh(), l2_clip=CLIP, microbatch_size=8, use_ghost_norms=ghost)
+    optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
+    clipped_sum = privacy.clipped_grad(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key),
+                                       l2_clip=CLIP, microbatch_size=8, use_ghost_norms=ghost)
+    step = steps.dp_step(clipped_sum, optimizer, distributed.make_data_mesh(), l2_clip=CLIP)
     return step, optimizer, params, model
 
 

@@ -66,6 +66,8 @@ def test_learning_rate_schedule_values(helpers, schedule, warmup, expected):
     ({"dp.tuning": True, "dp.target_epsilon": 0.0}, "public-only"),
     ({"dp.target_epsilon": -1.0}, "target_epsilon"),
     ({"dp.trainable": "cond+mlps"}, "mlps"),
+    ({"dp.optimizer": "rmsprop"}, "dp.optimizer='rmsprop'"),
+    ({"dp.optimizer": "adam", "dp.weight_decay": 0.1}, "weight_decay"),
 ])
 def test_inconsistent_recipe_options_are_refused_before_any_stage(helpers, overrides, message):
     with pytest.raises(ValueError, match=message):

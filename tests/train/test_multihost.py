@@ -12,7 +12,7 @@ import pytest
 # contiguous share (`local_slice`) and builds the global arrays with `shard_batch`.
 _WORKER = """
 import json
-import numpy as np, jax, jax.numpy as jnp
+import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from dpwave import data, privacy
 from dpwave.train import distributed, hashing, steps
@@ -38,8 +38,9 @@ def example_loss(p, example, key):
   return 0.5 * jnp.sum((pred - example["y"]) ** 2)
 
 sampler = data.PoissonSampler(N, 0.25, seed=11, bucket_multiple=4)
-opt = privacy.dp_adam(0.05, l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=sampler.expected_batch_size, key=3)
-step = steps.dp_step(example_loss, opt, mesh, l2_clip=1.0, microbatch_size=None)
+opt = privacy.dp_optimizer(optax.adam(0.05), l2_clip=1.0, noise_multiplier=1.0,
+                           expected_batch_size=sampler.expected_batch_size, key=3)
+step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=1.0), opt, mesh, l2_clip=1.0)
 state = distributed.replicate(steps.TrainState(params, opt.init(params)), mesh)
 sizes = []
 for i in range(3):

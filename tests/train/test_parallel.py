@@ -64,9 +64,10 @@ def test_dp_checkpoint_saved_on_4_devices_resumes_on_2_and_1(helpers, base_workd
 # sum computed independently from `jax.vmap(jax.grad(...))` and numpy.
 _UPDATES = """
 import json
-import numpy as np, jax, jax.numpy as jnp
+import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from dpwave import privacy
+from dpwave.privacy.keys import example_keys
 from dpwave.train import distributed, steps
 
 D, B, REAL, EXPECTED, SIGMA = 64, 16, 13, 16.0, 100.0
@@ -89,7 +90,7 @@ def example_loss(p, example, k):
   return 0.5 * jnp.sum((pred - example["y"]) ** 2)
 
 flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(tree))])
-keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B))
+keys = example_keys(key, batch)  # each example's key is a keyed hash of its content (dpwave.privacy.keys)
 grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, batch, keys)
 per_example = np.stack([flat(jax.tree.map(lambda g: g[i], grads)) for i in range(B)])
 norms = np.linalg.norm(per_example.astype(np.float64), axis=1)
@@ -99,9 +100,9 @@ expected = -clipped_sum / EXPECTED
 
 def update(devices, sigma):
   mesh = distributed.make_data_mesh(jax.devices()[:devices])
-  opt = privacy.dp_sgd(1.0, l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED, key=3)
+  opt = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED, key=3)
   state = distributed.replicate(steps.TrainState(params, opt.init(params)), mesh)
-  step = steps.dp_step(example_loss, opt, mesh, l2_clip=CLIP, microbatch_size=2)
+  step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=CLIP, microbatch_size=2), opt, mesh, l2_clip=CLIP)
   new, metrics = step(state, distributed.shard_batch(batch, mesh), distributed.shard_batch(mask, mesh), key)
   assert int(metrics["batch_size"]) == REAL
   return flat(new.params) - flat(params)

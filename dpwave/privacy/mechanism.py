@@ -1,0 +1,115 @@
+"""The DP mechanism of a run, built once from its settings (in the spirit of jax_privacy's `DPExecutionPlan`).
+
+`DpSgdMechanism` is one DP-SGD step repeated: Poisson batch selection, the sum of per-example gradients
+clipped to L2 norm C, Gaussian noise of std sigma * C added once to that sum and normalized by the expected
+batch size, and the `DpEvent` of that step. Everything in it is public; the secret seed enters only where
+randomness is drawn (the sampler's draws, the noise key), so the object can be built, logged and compared
+before any private data is read. The DP stage, the ledger (`params`), the budget guard (`guard`) and the
+statement (through the ledger) all read the same object.
+
+A new mechanism (fixed-size batches, correlated noise) is a new class with the same members: `selection`,
+`sensitivity`, `clipped_sum`, `noise`, `optimizer`, `step_event` and `params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import jax
+import optax
+from dp_accounting import dp_event
+
+from dpwave.privacy import clipping
+from dpwave.privacy.guard import BudgetGuard
+from dpwave.privacy.ledger import DpParams, PrivacyLedger
+from dpwave.privacy.optimizers import dp_optimizer
+from dpwave.privacy.noise import noise_and_normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSelection:
+    """Each of `dataset_size` examples joins each step independently with probability `sampling_prob`.
+
+    The draws take the secret seed: `dpwave.data.PoissonSampler(dataset_size, sampling_prob, seed=secret)`
+    draws exactly this distribution (it lives in `dpwave.data`, whose package loads TFDS, which the privacy
+    package does not need).
+    """
+
+    dataset_size: int
+    sampling_prob: float
+
+    @property
+    def expected_batch_size(self) -> float:
+        """q N: the public normalizer of the noised sum (never the realized batch size, which is private)."""
+        return self.sampling_prob * self.dataset_size
+
+
+@dataclasses.dataclass(frozen=True)
+class DpSgdMechanism:
+    """Poisson-subsampled Gaussian DP-SGD with per-example clipping to `l2_clip` over the whole trainable tree.
+
+    `params` holds what the accountant and the ledger need (sigma, q, delta, accountant, N, target, relation).
+    """
+
+    l2_clip: float
+    params: DpParams
+
+    def __post_init__(self) -> None:
+        if isinstance(self.l2_clip, bool) or not (isinstance(self.l2_clip, (int, float)) and math.isfinite(self.l2_clip)
+                                                  and self.l2_clip > 0):
+            raise ValueError(f"l2_clip={self.l2_clip!r} must be a finite number > 0")
+        if self.params.dataset_size is None:
+            raise ValueError("a DP-SGD mechanism needs params.dataset_size (q N normalizes the noised sum)")
+        object.__setattr__(self, "l2_clip", float(self.l2_clip))
+
+    @property
+    def selection(self) -> PoissonSelection:
+        return PoissonSelection(self.params.dataset_size, self.params.sampling_prob)
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.selection.expected_batch_size
+
+    @property
+    def sensitivity(self) -> float:
+        """The largest L2 change of the clipped sum between neighbouring datasets: C when one example is added
+        or removed, 2 C when one is replaced (provided each example's key depends on that example only,
+        `dpwave.privacy.keys`)."""
+        return self.l2_clip * (2.0 if self.params.neighboring == "replace_one" else 1.0)
+
+    @property
+    def noise_std(self) -> float:
+        """Std of the Gaussian noise added to each coordinate of the clipped sum: sigma * C."""
+        return self.params.noise_multiplier * self.l2_clip
+
+    def clipped_sum(self, loss_fn: clipping.LossFn, *, microbatch_size: int | None = None,
+                    trainable: clipping.Trainable = None, use_ghost_norms: bool = False) -> clipping.ClippedGradFn:
+        """`fn(params, batch, mask, keys) -> (sum of clipped grads, ClipAux)` (`clipping.clipped_grad`).
+
+        `microbatch_size` and `use_ghost_norms` choose how the sum is computed (memory, speed), not what:
+        every path clips the same per-example norms to C (tests/privacy/test_clipping.py, test_ghost.py).
+        """
+        return clipping.clipped_grad(loss_fn, l2_clip=self.l2_clip, microbatch_size=microbatch_size,
+                                     trainable=trainable, use_ghost_norms=use_ghost_norms)
+
+    def noise(self, key: int | jax.Array) -> optax.GradientTransformation:
+        """The clipped sum -> (sum + N(0, (sigma C)^2)) / q N, with the noise of step t from fold_in(key, t)."""
+        return noise_and_normalize(l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
+                                   expected_batch_size=self.expected_batch_size, key=key)
+
+    def optimizer(self, inner: optax.GradientTransformation, key: int | jax.Array) -> optax.GradientTransformation:
+        """`optax.chain(self.noise(key), inner)`: the DP optimizer over the clipped sum."""
+        return dp_optimizer(inner, l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
+                            expected_batch_size=self.expected_batch_size, key=key)
+
+    def step_event(self) -> dp_event.DpEvent:
+        """The DpEvent of one step (the ledger composes it once per step taken)."""
+        return self.params.step_event()
+
+    def ledger(self) -> PrivacyLedger:
+        """A fresh ledger of this mechanism (no step recorded)."""
+        return PrivacyLedger(self.params)
+
+    def guard(self, ledger: PrivacyLedger) -> BudgetGuard | None:
+        """The budget guard of `ledger` at this mechanism's target epsilon; None without a target."""
+        return None if self.params.target_epsilon is None else BudgetGuard(ledger)
