@@ -181,7 +181,7 @@ class Appender:
         self._local = is_local(self.path)
         makedirs(self.path.parent)
         if self._local:
-            self._file = open(self.path, "ab" if binary else "a", encoding=None if binary else "utf-8")
+            self._file = open(self.path, "ab" if binary else "a", encoding=None if binary else "utf-8")  # noqa: SIM115
         else:
             self._content = bytearray(self.path.read_bytes() if self.path.exists() else b"")
             self._dirty = False

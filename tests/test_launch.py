@@ -135,7 +135,7 @@ def test_tpu_vm_copies_an_owner_only_seed_file_and_refuses_a_readable_one(tmp_pa
     args = ["--dry-run", "--name=t", "--zone=z", f"--secret-seed-file={seed}", "--config=c.py", "--workdir=gs://b/r"]
     result = _run("tpu_vm.sh", *args)
     assert result.returncode == 0, result.stderr
-    tar, scp, mkdir, copy, ssh = _commands(result.stdout)
+    _, _, mkdir, copy, ssh = _commands(result.stdout)
     assert mkdir[-1] == "--command=install -d -m 700 ~/.dpwave_secret"
     assert copy[5:7] == [str(seed), "t:.dpwave_secret/dp_seed"]
     remote = ssh[-1][len("--command="):]

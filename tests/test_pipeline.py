@@ -68,7 +68,8 @@ def test_mnist_tiny_end_to_end_and_rerun_skips(tmp_path):
     result = run_main("experiments/configs/mnist.py:tiny", workdir, seed)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = check_run(workdir, target_epsilon=10.0)
-    digests = {name: json.loads((workdir / name / "summary.json").read_text())["params_sha256"] for name in PINNED_PARAMS}
+    digests = {name: json.loads((workdir / name / "summary.json").read_text())["params_sha256"]
+               for name in PINNED_PARAMS}
     assert digests == PINNED_PARAMS
     assert {k: metrics[k] for k in PINNED_METRICS} == pytest.approx(PINNED_METRICS, rel=1e-9)
     for key in METRICS:  # every metric is computable on labeled MNIST

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from concurrent import futures
 
 import numpy as np
 from absl import logging
 
+from dpwave import files
 from dpwave.data.errors import PrivateOverlapError
 from dpwave.data.source import Source
 
@@ -54,14 +55,15 @@ def image_digest(image: np.ndarray) -> bytes:
 def dataset_fingerprint(source: Source) -> str | None:
     """SHA-256 of the hash scheme, the pixel-relevant spec fields and the data files' identity; None
     when the source reads no local files."""
-    files = source.data_files
-    if not files or any("://" in path for path, _, _ in files):
+    data_files = source.data_files
+    if not data_files or any("://" in path for path, _, _ in data_files):
         return None
     try:
-        stats = [os.stat(path) for path, _, _ in files]
+        stats = [os.stat(path) for path, _, _ in data_files]
     except OSError:
         return None
-    identity = [[path, skip, take, st.st_size, st.st_mtime_ns] for (path, skip, take), st in zip(files, stats)]
+    identity = [[path, skip, take, st.st_size, st.st_mtime_ns]
+                for (path, skip, take), st in zip(data_files, stats)]
     spec = source.spec
     record = {"scheme": HASH_SCHEME, "name": spec.name, "split": spec.split, "resolution": spec.resolution,
               "channels": spec.channels, "labels": None if spec.labels is None else list(spec.labels),
@@ -79,7 +81,7 @@ def cache_path(source: Source) -> str | None:
 
 def _read_cache(path: str, size: int) -> np.ndarray | None:
     try:
-        table = np.load(path, allow_pickle=False)
+        table = np.load(io.BytesIO(files.read_bytes(path)), allow_pickle=False)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -93,18 +95,13 @@ def _read_cache(path: str, size: int) -> np.ndarray | None:
 
 
 def _write_cache(path: str, digests: np.ndarray) -> None:
-    """Owner-only, atomic (a temporary file renamed over the target); a failure only costs a re-hash."""
-    folder = os.path.dirname(path)
+    """Owner-only, atomic (`dpwave.files`); every process caches beside its own copy of the data; a failure
+    only costs a re-hash."""
+    buffer = io.BytesIO()
+    np.save(buffer, digests.view(np.uint8).reshape(-1, DIGEST_SIZE))
     try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")  # mode 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, digests.view(np.uint8).reshape(-1, DIGEST_SIZE))
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        files.makedirs(os.path.dirname(path), private=True)
+        files.write_bytes(path, buffer.getvalue(), private=True, all_processes=True)
     except OSError as e:
         logging.warning("could not cache pixel hashes at %s (%s); the next run hashes again", path, e)
 

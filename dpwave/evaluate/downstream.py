@@ -28,7 +28,7 @@ def split_synthetic(num: int, val_fraction: float, seed: int) -> tuple[np.ndarra
     """Seed-fixed (train, val) index split of `num` synthetic images; both non-empty."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    num_val = int(round(num * val_fraction))
+    num_val = round(num * val_fraction)
     if num_val < 1 or num - num_val < 1:
         raise ValueError(f"{num} synthetic images cannot be split with val_fraction={val_fraction}; "
                          f"generate more samples")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpwave import files
 from dpwave.evaluate.inception import INPUT_SIZE, InceptionV3, check_input_size
 
 TORCH_WEIGHTS_URL = (
@@ -74,11 +74,10 @@ def inception_from_arrays(arrays: Mapping[str, np.ndarray], *, input_size: int =
 def load_inception(path: str | os.PathLike, *, input_size: int = INPUT_SIZE) -> InceptionV3:
     """Loads the FID InceptionV3 from a weights .npz (see module docstring for the format)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InceptionWeightsError(f"InceptionV3 weights file not found: {path!r}. {WEIGHTS_HELP}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        arrays = files.read_npz(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise InceptionWeightsError(f"InceptionV3 weights file not found: {path!r}. {WEIGHTS_HELP}") from None
     except (OSError, ValueError) as e:
         raise InceptionWeightsError(f"cannot read InceptionV3 weights {path!r} as .npz ({e}). {WEIGHTS_HELP}") from e
     return inception_from_arrays(arrays, input_size=input_size)
@@ -91,16 +90,8 @@ def inception_arrays(model: InceptionV3) -> dict[str, np.ndarray]:
 
 
 def save_arrays(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Writes named arrays to `path` as .npz atomically (temp file, then rename)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes named arrays to `path` as .npz atomically (`dpwave.files`)."""
+    files.write_npz(path, arrays, all_processes=True)
 
 
 def arrays_from_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

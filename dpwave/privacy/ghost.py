@@ -22,7 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend  # noqa: F401  (registers jax.extend.core)
+import jax.extend  # registers jax.extend.core
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 import jax.numpy as jnp

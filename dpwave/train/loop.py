@@ -2,16 +2,16 @@
 
 A stage provides a `Task`: its initial state (a pytree), a pure `step(state, step_index) -> (state,
 metrics)` whose randomness and data are functions of (seed, step_index) only, and JSON `meta`
-(sampler state, privacy ledger, config fingerprint) saved beside the state. Because of that, a run
-killed at any step and rerun restores the newest checkpoint and continues bit-identically.
+(sampler state, privacy ledger) saved beside the state together with the stage's `inputs` (the settings it
+reads and the fingerprints of the stages it consumes). Because of that, a run killed at any step and rerun
+restores the newest checkpoint and continues bit-identically, and a rerun under other inputs is refused
+(`fingerprints.StaleStageError`) instead of continuing a different computation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 from absl import logging
 
-from dpwave.train import hashing
+from dpwave import files
+from dpwave.train import fingerprints, hashing
 from dpwave.train.checkpoint import Checkpointer, PreemptionGuard
 from dpwave.train.metrics import MetricWriter, Progress
 
@@ -37,6 +38,9 @@ class Task:
 
     A `private` stage reads private data: its directory and every file it writes are owner-only, and its
     wall time (which depends on its private draws) goes to the owner-only PRIVATE_TIMING, not the summary.
+    `inputs` (JSON, `fingerprints`) go into every checkpoint and the summary; a checkpoint written under other
+    inputs is refused, except in the paths of `reconciled_on_resume`, which `on_restore` checks itself.
+    `postfix()` is shown beside the progress bar.
     """
 
     name: str
@@ -50,6 +54,9 @@ class Task:
     after_step: Callable[[int], Mapping[str, Any]] = lambda step: {}
     summary_extra: Callable[[], dict] = dict
     private: bool = False
+    inputs: Mapping[str, Any] | None = None
+    reconciled_on_resume: tuple[str, ...] = ()
+    postfix: Callable[[], Mapping[str, Any]] = dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,40 +68,43 @@ class LoopResult:
 
 
 def read_summary(stage_dir: str) -> dict | None:
-    path = os.path.join(stage_dir, SUMMARY)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _strict_json(value: Any) -> Any:
-    """Non-finite floats (epsilon of a non-private run) as the strings "Infinity"/"NaN": strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value).replace("inf", "Infinity").replace("nan", "NaN")
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
+    return files.read_json(os.path.join(stage_dir, SUMMARY), None)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Writes strict JSON (see `_strict_json`) via a temporary file and a rename; process 0 only."""
-    if jax.process_index() != 0:
+    """Strict JSON (non-finite floats as "Infinity"/"NaN" strings), atomically, on process 0 (`dpwave.files`)."""
+    files.write_json(path, data)
+
+
+def write_summary(stage_dir: str, inputs: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> dict:
+    """Writes `<stage_dir>/summary.json`: `summary` plus the stage's `inputs` and their `inputs_sha256`."""
+    if inputs is not None:
+        summary = {**summary, "inputs_sha256": fingerprints.sha256(inputs), "inputs": inputs}
+    write_json_atomic(os.path.join(stage_dir, SUMMARY), summary)
+    return dict(summary)
+
+
+def check_resume(task: Task, meta: Mapping[str, Any]) -> None:
+    """Refuses a checkpoint whose recorded inputs differ from `task.inputs` outside `task.reconciled_on_resume`
+    (a checkpoint without recorded inputs, written by an older dpwave, is only warned about)."""
+    if task.inputs is None:
         return
-    data = _strict_json(data)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, path)
+    if "inputs" not in meta:
+        logging.warning("[%s] the checkpoint records no inputs (written by an older dpwave); it cannot be checked "
+                        "against this config and is resumed as is", task.name)
+        return
+    recorded = fingerprints.without(meta["inputs"], task.reconciled_on_resume)
+    current = fingerprints.without(task.inputs, task.reconciled_on_resume)
+    if recorded != current:
+        raise fingerprints.StaleStageError(
+            f"stage {task.name!r} was checkpointed under other inputs than this config gives (changed: "
+            f"{', '.join(fingerprints.changed(recorded, current))}); an unfinished stage never resumes under changed "
+            "inputs: restore the original values, or rerun with a new --workdir")
 
 
 def private_dir(path: str) -> None:
-    """Creates `path` if needed and makes it owner-only (0700)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Creates `path` if needed and makes it owner-only (0700 on a local disk)."""
+    files.makedirs(path, private=True)
 
 
 @contextlib.contextmanager
@@ -108,23 +118,20 @@ def _owner_only_files(enabled: bool) -> Iterator[None]:
             os.umask(previous)
 
 
-def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
-        postfix: Callable[[], Mapping[str, Any]] = dict) -> LoopResult:
+def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int) -> LoopResult:
     """Runs `task` in `stage_dir` from its newest checkpoint to `task.total_steps`.
 
     Writes `summary.json` (final step, wall time unless `task.private`, params_sha256, plus
-    `task.summary_extra()`) when the stage finishes or is stopped by `StopStage`; on SIGTERM it saves and
-    returns `finished=False`.
+    `task.summary_extra()` and the inputs) when the stage finishes or is stopped by `StopStage`; on SIGTERM
+    it saves and returns `finished=False`.
     """
     if task.private:
         private_dir(stage_dir)
     with _owner_only_files(task.private):
-        return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-                    log_every=log_every, postfix=postfix)
+        return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, log_every=log_every)
 
 
-def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
-         postfix: Callable[[], Mapping[str, Any]]) -> LoopResult:
+def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int) -> LoopResult:
     is_process0 = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=max_to_keep,
                         save_interval_steps=max(1, checkpoint_every))
@@ -133,6 +140,7 @@ def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int,
     if restored is not None:
         step, state, meta = restored
         wall_before = float(meta.get("wall_time_s", 0.0))
+        check_resume(task, meta)
         task.on_restore(meta)
         logging.info("[%s] resumed from step %d", task.name, step)
     t0 = time.time()
@@ -153,7 +161,7 @@ def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int,
             if step % log_every == 0 or step == task.total_steps:
                 writer.write_scalars(step, {**jax.device_get(metrics), **extra})
             bar.update()
-            bar.set_postfix(**postfix())
+            bar.set_postfix(**task.postfix())
             preempted = guard.should_stop(step)
             if step % checkpoint_every == 0 or preempted:
                 ckpt.save(step, state, meta=_meta(task, wall_before + time.time() - t0), force=preempted)
@@ -169,13 +177,13 @@ def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int,
     if task.private:
         write_json_atomic(os.path.join(stage_dir, PRIVATE_TIMING), {"stage": task.name, **timing})
         timing = {}
-    summary = {"stage": task.name, "final_step": step, **timing,
-               "params_sha256": hashing.params_sha256(task.params_of(state)),
-               "stopped_early": stopped_early, **task.summary_extra()}
-    write_json_atomic(os.path.join(stage_dir, SUMMARY), summary)
+    summary = write_summary(stage_dir, task.inputs, {
+        "stage": task.name, "final_step": step, **timing, "params_sha256": hashing.params_sha256(task.params_of(state)),
+        "stopped_early": stopped_early, **task.summary_extra()})
     return LoopResult(state, step, True, summary)
 
 
 def _meta(task: Task, wall_time: float) -> dict:
-    return {"stage": task.name, "wall_time_s": wall_time, **task.meta()}
+    inputs = {} if task.inputs is None else {"inputs": task.inputs}
+    return {"stage": task.name, "wall_time_s": wall_time, **inputs, **task.meta()}
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dpwave import data, evaluate, grids, privacy, sample, wavelets
+from dpwave import data, evaluate, files, grids, privacy, sample, wavelets
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.text import encode_captions
 from dpwave.train import builders, dp_recipe, loop, public_stages
@@ -95,14 +95,10 @@ def sample_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str
     out = sample.generate_many(generator, conds, key, config.sample.batch_size,
                                num_samples=None if conds is not None else config.sample.num_samples)
     stage_dir = dirs["sample"]
-    os.makedirs(stage_dir, exist_ok=True)
     arrays = {"images": out["images"], "coarse_images": out["coarse_images"]}
     if labels is not None:
         arrays["labels"] = labels
-    path = os.path.join(stage_dir, "samples.npz")
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    files.write_npz(os.path.join(stage_dir, "samples.npz"), arrays, compressed=True)
     rows = _real_rows(config, generator, jax.random.fold_in(key, 10**6))
     rows["generated coarse"] = out["coarse_images"][:GRID_COLUMNS]
     if "unrefined" in out:
@@ -152,8 +148,7 @@ def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarr
 def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[str, str], *,
                    inputs_sha256: str) -> None:
     start = time.time()
-    with np.load(os.path.join(dirs["sample"], "samples.npz")) as f:
-        samples = {k: f[k] for k in f.files}
+    samples = files.read_npz(os.path.join(dirs["sample"], "samples.npz"))
     test = _images(builders.load(config, "test"), config.eval.num_real)
     heldout = _images(builders.load(config, "heldout"))
     # The memorization check is an operator-side audit: it reads the private images (not their labels),
@@ -198,20 +193,11 @@ def evaluate_stage(config: ml_collections.ConfigDict, workdir: str, dirs: dict[s
     metrics["mode"] = mode
     loop.write_json_atomic(os.path.join(workdir, "metrics.json"), metrics)
     statement = dp["statement"] + f"\n  sampling prompts: {loop.read_summary(dirs['sample'])['prompts']}\n"
-    _write_text(os.path.join(workdir, "privacy_statement.txt"), statement)
-    _write_text(os.path.join(workdir, "report.md"), report_markdown(config, workdir, metrics, report, statement))
+    files.write_text(os.path.join(workdir, "privacy_statement.txt"), statement)
+    files.write_text(os.path.join(workdir, "report.md"), report_markdown(config, workdir, metrics, report, statement))
     loop.write_json_atomic(os.path.join(dirs["evaluate"], loop.SUMMARY),
                            {"stage": "evaluate", "wall_time_s": round(time.time() - start, 3),
                             "inputs_sha256": inputs_sha256})
-
-
-def _write_text(path: str, text: str) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def report_markdown(config: ml_collections.ConfigDict, workdir: str, metrics: dict, report: dict,

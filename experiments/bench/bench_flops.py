@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import time
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpwave import files
 from dpwave.models.transformer import ARTransformer, TransformerConfig, per_example_loss
 
 
@@ -177,8 +177,7 @@ def main() -> None:
                 f"{r['xla_forward_flops'] / 1e9:9.3f}G {r['xla_train_flops'] / 1e9:9.3f}G "
                 f"{r['analytic_train_flops'] / 1e9:10.3f}G {r['train_flops_ratio_vs_coarse']:6.2f}"
             )
-    with open(args.out, "w") as f:
-        json.dump({"backend": jax.default_backend(), "rows": rows}, f, indent=2)
+    files.write_json(args.out, {"backend": jax.default_backend(), "rows": rows}, sort_keys=False)
     print(f"ratio = all-scales / coarse-only training FLOPs per example; wrote {args.out}")
 
 

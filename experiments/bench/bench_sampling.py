@@ -11,7 +11,7 @@ and logits within 1e-4. Goal: cached >= 5x the uncached throughput at sequence 2
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import time
 
 import jax
@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpwave.models.transformer import ARTransformer, TransformerConfig, sample, sample_uncached
+from dpwave import files
+from dpwave.models.transformer import ARTransformer, TransformerConfig, sample
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, float, object]:
@@ -57,7 +58,7 @@ def main() -> None:
     )
     model = ARTransformer(cfg, rngs=nnx.Rngs(0))
     functional = nnx.split(model, nnx.Param, ...)[:2]
-    samplers = {"kv_cache": sample, "uncached": sample_uncached}
+    samplers = {"kv_cache": sample, "uncached": functools.partial(sample, cached=False)}
     rows = []
     header = (
         f"{'batch':>5} {'sampler':9} {'1st call s':>10} {'median s':>9} {'CPU s':>8} "
@@ -107,17 +108,8 @@ def main() -> None:
                 f"{cpu_ratio:8.1f}x"
             )
         print(f"      same tokens: {tokens_match}, max |logit diff|: {max_logit_diff:.2e}")
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "backend": jax.default_backend(),
-                "config": {**vars(args)},
-                "model": {k: v for k, v in vars(cfg).items()},
-                "rows": rows,
-            },
-            f,
-            indent=2,
-        )
+    files.write_json(args.out, {"backend": jax.default_backend(), "config": {**vars(args)},
+                                "model": {k: v for k, v in vars(cfg).items()}, "rows": rows}, sort_keys=False)
     print(f"wrote {args.out}")
 
 

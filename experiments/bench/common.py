@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+
+from dpwave import files
 
 
 def block(x: Any) -> Any:
@@ -47,9 +49,5 @@ def write_json(path: str, name: str, rows: Sequence[dict], **extra: Any) -> None
                     "devices": [str(d) for d in jax.devices()]},
         **extra,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    files.write_json(path, record, sort_keys=False)
     print(f"wrote {path}")

@@ -71,7 +71,7 @@ def test_padding_and_mask(draws):
 
 
 def test_deterministic_from_seed_and_step(draws):
-    sampler, batches = draws
+    _, batches = draws
     fresh = PoissonSampler(N, Q, seed=7)
     for t in (0, 1, 1234, STEPS - 1):
         for a, b in zip(fresh.batch(t), batches[t]):

@@ -30,13 +30,13 @@ class _MemoryFileSystem(MemoryFileSystem):
         return (path[len("gs://"):] if path.startswith("gs://") else path).strip("/")
 
 
-class MemoryBackend(backend._FileSystemSpecBackend):  # noqa: SLF001 (epath's fsspec backend, minus gcsfs)
+class MemoryBackend(backend._FileSystemSpecBackend):
     """epath's fsspec backend with an in-memory file system for every path."""
 
     def __init__(self) -> None:
         self.memory = _MemoryFileSystem()
 
-    def fs(self, path):  # noqa: ARG002 (one file system for every bucket)
+    def fs(self, path):
         return self.memory
 
 

@@ -11,6 +11,8 @@ from flax import nnx
 
 from dpwave.models import transformer as tr
 from dpwave.models.text import TEXT_PAD, decode_caption, encode_captions
+from dpwave.models.transformer import losses, sampler
+from dpwave.models.transformer import model as model_lib
 
 V, T, L, B = 11, 8, 6, 4
 TINY = dict(vocab_size=V, seq_len=T, width=16, depth=2, num_heads=2, mlp_dim=32, text_depth=1)
@@ -29,7 +31,7 @@ def build(cfg: tr.TransformerConfig, seed: int = 0):
     return graphdef, params
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def built(name: str):
     return build(CONFIGS[name])
 
@@ -59,7 +61,8 @@ def random_tokens(seed, batch=B, length=T):
 
 def map_leaves(params, name, fn):
     """Applies fn to the leaves whose parameter name is ``name``."""
-    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if tr._path_names(path)[-2] == name else x, params)
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x) if losses._path_names(path)[-2] == name else x,
+                                            params)
 
 
 def copy_shared(target, source):
@@ -102,7 +105,7 @@ def test_shapes_and_dtypes(dtype, kind):
 
 
 def test_scale_ids_and_scale_embedding_used():
-    np.testing.assert_array_equal(tr._scale_ids((2, 4, 8)), [0, 0, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(model_lib._scale_ids((2, 4, 8)), [0, 0, 1, 1, 2, 2, 2, 2])
     graphdef, params = built("scales")
     tokens = random_tokens(3)
     params2 = map_leaves(params, "scale_embed", lambda x: x.at[2].add(1.0))
@@ -186,7 +189,7 @@ def test_kv_cache_matches_full_recomputation(name, scale, prefix_len):
     if prefix is not None:
         np.testing.assert_array_equal(tokens[:, :prefix_len], prefix)
     if name == "text":  # the uncached reference sampler draws the same tokens from the same key
-        ref_tokens, ref_logits = tr.sample_uncached(model, cond, key, **kw)
+        ref_tokens, ref_logits = tr.sample(model, cond, key, cached=False, **kw)
         np.testing.assert_array_equal(tokens, ref_tokens)
         np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
     # Along the sampled sequence, the cached logits equal one full forward pass.
@@ -201,7 +204,7 @@ def test_guidance_scale_zero_is_the_conditional_model():
     cond, key, prefix = cond_for(CONFIGS["class"]), jax.random.key(3), jnp.zeros((B, 0), jnp.int32)
     kw = dict(num_tokens=T, top_k=None, top_p=None, cached=True, return_logits=True)
     # The batched cond+null path (guided=True) at scale 0 ...
-    tokens, logits = tr._sample_jit(graphdef, params, cond, key, prefix, 1.0, 0.0, guided=True, **kw)
+    tokens, logits = sampler._sample_jit(graphdef, params, cond, key, prefix, 1.0, 0.0, guided=True, **kw)
     # ... equals sampling the conditional model alone.
     ref_tokens, ref_logits = tr.sample((graphdef, params), cond, key, return_logits=True)
     np.testing.assert_array_equal(tokens, ref_tokens)
@@ -281,7 +284,7 @@ def test_lora_is_identity_at_init_and_mask_selects_adapters(targets, adapted_per
     cfg = tr.TransformerConfig(**TINY, num_classes=3, lora_rank=2, lora_targets=targets)
     graphdef, params = build(cfg, seed=1)
     mask = tr.trainable_mask(params, "lora")
-    selected = [tr._path_names(p)[-2] for p, m in jax.tree_util.tree_leaves_with_path(mask) if m]
+    selected = [losses._path_names(p)[-2] for p, m in jax.tree_util.tree_leaves_with_path(mask) if m]
     assert sorted(set(selected)) == ["lora_a", "lora_b"]
     assert len(selected) == 2 * adapted_per_layer * cfg.depth
     # The base model with the LoRA model's base weights gives identical logits while B == 0.
@@ -295,10 +298,10 @@ def test_lora_is_identity_at_init_and_mask_selects_adapters(targets, adapted_per
 
 
 def test_trainable_mask_modes():
-    graphdef, params = built("text")
+    _, params = built("text")
     assert all(jax.tree.leaves(tr.trainable_mask(params, "all")))
     attention = tr.trainable_mask(params, "attention")
-    paths = [tr._path_names(p) for p, m in jax.tree_util.tree_leaves_with_path(attention) if m]
+    paths = [losses._path_names(p) for p, m in jax.tree_util.tree_leaves_with_path(attention) if m]
     cfg = CONFIGS["text"]
     assert len(paths) == 8 * (cfg.depth + cfg.text_depth)  # q/k/v/o kernels and biases
     assert all("attn" in p for p in paths)
@@ -313,7 +316,7 @@ def test_trainable_mask_modes():
 
 def selected_names(mask) -> set[tuple[str, ...]]:
     """The parameter paths (without the trailing 'value') a mask selects."""
-    return {tuple(tr._path_names(p)[:-1]) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    return {tuple(losses._path_names(p)[:-1]) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
 
 
 def test_trainable_groups_compose_and_select_what_they_name():

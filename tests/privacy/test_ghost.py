@@ -75,7 +75,8 @@ def test_ghost_equals_materialized_per_example_gradients():
     loss_fn, params, batch = _zoo()
     mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])
     ref, ref_aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0))(params, batch, mask, example_keys(RNG, batch))
-    got, aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0, use_ghost_norms=True))(params, batch, mask, example_keys(RNG, batch))
+    got, aux = jax.jit(clipped_grad(loss_fn, l2_clip=13.0, use_ghost_norms=True))(params, batch, mask,
+                                                                                  example_keys(RNG, batch))
     assert np.any(ref_aux.norms > 13.0) and np.any(ref_aux.norms < 13.0)
     # Ghost norms are certified upper bounds, within 1e-4 of the materialized norms.
     assert np.all(aux.norms >= ref_aux.norms * (1 - 1e-6))
@@ -93,7 +94,8 @@ def test_dense_per_example_gradients_are_never_materialized():
         return jnp.sum(jnp.tanh(x @ p["w"]))
 
     x = jnp.ones((5, 3, 64))
-    text = lambda **kw: str(jax.make_jaxpr(clipped_grad(loss_fn, l2_clip=1.0, **kw))({"w": w}, x, jnp.ones(5), example_keys(RNG, x)))
+    text = lambda **kw: str(jax.make_jaxpr(clipped_grad(loss_fn, l2_clip=1.0, **kw))({"w": w}, x, jnp.ones(5),
+                                                                                   example_keys(RNG, x)))
     assert "f32[5,64,48]" in text()  # the vmap path holds B x |W| ...
     assert "f32[5,64,48]" not in text(use_ghost_norms=True)  # ... the ghost path never does
 

@@ -192,7 +192,7 @@ def test_saves_are_atomic_and_stale_tmp_dirs_are_ignored_and_removed(tmp_path):
     (stale / "state").mkdir(parents=True)
     (stale / "state" / "garbage").write_bytes(b"\x00" * 10)
     with Checkpointer(tmp_path) as ckpt:
-        step, state, meta = ckpt.restore_latest({"x": jnp.zeros(3)})
+        step, _, meta = ckpt.restore_latest({"x": jnp.zeros(3)})
         assert (step, meta) == (1, {"a": 1})
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["1"]

@@ -165,8 +165,8 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_local_cpu_processes_psum_and_checkpoint(helpers, tmp_path):
     port = _free_port()
-    jobs = [(["-c", _WORKER, str(tmp_path)], _env(DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", DPWAVE_NUM_PROCESSES="2",
-                                                  DPWAVE_PROCESS_ID=str(i),
+    jobs = [(["-c", _WORKER, str(tmp_path)], _env(DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                                  DPWAVE_NUM_PROCESSES="2", DPWAVE_PROCESS_ID=str(i),
                                                   XLA_FLAGS="--xla_force_host_platform_device_count=2"))
             for i in range(2)]
     reports = helpers.run_workers(jobs, timeout=120)

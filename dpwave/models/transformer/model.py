@@ -1,4 +1,4 @@
-"""Decoder-only autoregressive transformer over wavelet tokens (Flax NNX).
+"""The model: a decoder-only autoregressive transformer over wavelet tokens (Flax NNX).
 
 Sequence layout, with P condition-prefix positions and T tokens::
 
@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpwave.models.lora import LORA_LEAF_NAMES, Dense
+from dpwave.models.lora import Dense
 from dpwave.models.text import TEXT_PAD, TEXT_VOCAB_SIZE
+from dpwave.validation import check_int
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _NORMS = ("layernorm", "rmsnorm")
@@ -39,15 +40,12 @@ _NORMS = ("layernorm", "rmsnorm")
 # ("q+v"); "qv" and "all" (every projection and the MLP) are aliases.
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 _LORA_ALIASES = {"qv": ("q", "v"), "all": LORA_TARGETS}
-# Named parameter groups of `trainable_mask`, '+'-joined ("cond+lora").
-TRAINABLE_GROUPS = ("all", "attention", "mlp", "norm", "embed", "cond", "head", "lora")
 _INIT_STD = 0.02
 _MASKED = float(np.finfo(np.float32).min)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"TransformerConfig.{name} must be an int >= {minimum}, got {value!r}")
+    check_int(f"TransformerConfig.{name}", value, minimum)
 
 
 def _check_rate(name: str, value: float) -> None:
@@ -177,7 +175,7 @@ def lora_targets(spec: str) -> frozenset[str]:
     return frozenset(names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scale_ids(boundaries: tuple[int, ...]) -> np.ndarray:
     """Scale index of each token position, from cumulative boundaries."""
     return np.searchsorted(np.asarray(boundaries), np.arange(boundaries[-1]), side="right").astype(np.int32)
@@ -473,282 +471,3 @@ def _cache_mask(key_valid: jax.Array, start: jax.Array | int, num_queries: int) 
     queries = start + jnp.arange(num_queries)
     causal = jnp.arange(key_valid.shape[1])[None, :] <= queries[:, None]
     return causal[None, None] & key_valid[:, None, None, :]
-
-
-# ---- losses (functional: pure params pytrees, explicit keys) ---------------------------------
-def _example_cond(cfg: TransformerConfig, batch: Mapping[str, jax.Array]) -> jax.Array | None:
-    name = {"class": "label", "text": "caption_bytes", "none": None}[cfg.conditioning]
-    if name is not None and name not in batch:
-        raise ValueError(
-            f"a {cfg.conditioning}-conditioned model needs {name!r} in the example; got keys {sorted(batch)}"
-        )
-    return None if name is None else batch[name]
-
-
-def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Mean next-token negative log-likelihood per sequence: (B, T, V), (B, T) -> (B,) float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0].mean(-1)
-
-
-def batch_losses(
-    model: ARTransformer, batch: Mapping[str, jax.Array], rng: jax.Array | None, *, train: bool = True
-) -> jax.Array:
-    """Per-example losses (B,) of a batch {"tokens": (B, T), "label" | "caption_bytes": ...}."""
-    logits = model(batch["tokens"], _example_cond(model.config, batch), train=train, key=rng)
-    return token_nll(logits, batch["tokens"])
-
-
-def per_example_loss(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    example: Mapping[str, jax.Array],
-    rng: jax.Array | None,
-    *,
-    train: bool = True,
-) -> jax.Array:
-    """Scalar loss of ONE example (no batch axis), for ``jax.vmap(jax.grad(...))``."""
-    model = nnx.merge(graphdef, params)
-    return batch_losses(model, jax.tree.map(lambda x: x[None], dict(example)), rng, train=train)[0]
-
-
-def batch_loss(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array | None,
-    *,
-    train: bool = True,
-) -> jax.Array:
-    """Mean loss over a batch (non-private training, evaluation)."""
-    return batch_losses(nnx.merge(graphdef, params), batch, rng, train=train).mean()
-
-
-# ---- trainable subsets ---------------------------------------------------------------------
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
-_EMBEDDINGS = ("token_embed", "pos_embed", "bos", "scale_embed")
-_CONDITION = ("class_embed", "null_embed", "text_encoder")
-
-
-def _in_group(group: str, names: list[str]) -> bool:
-    """Whether the leaf at path ``names`` belongs to the named parameter group."""
-    is_lora = any(n in LORA_LEAF_NAMES for n in names)
-    if group in ("all", "lora"):
-        return group == "all" or is_lora
-    if is_lora:
-        return False
-    return {
-        "attention": "attn" in names,
-        "mlp": "mlp" in names,
-        "norm": any(n.endswith("norm") for n in names),
-        "embed": names[0] in _EMBEDDINGS,
-        "cond": names[0] in _CONDITION,
-        "head": names[0] == "head",
-    }[group]
-
-
-def trainable_groups(spec: str) -> tuple[str, ...]:
-    """The groups of a '+'-joined ``trainable_mask`` spec, e.g. ``"cond+lora"`` -> ("cond", "lora")."""
-    groups = tuple(spec.split("+")) if isinstance(spec, str) else ()
-    if not groups or any(g not in TRAINABLE_GROUPS for g in groups):
-        raise ValueError(f"trainable_mask mode {spec!r}: use a '+'-joined subset of {TRAINABLE_GROUPS}")
-    return groups
-
-
-def trainable_mask(params: Any, mode: str) -> Any:
-    """Bool pytree with ``params``' structure selecting the leaves to finetune.
-
-    ``mode`` is a '+'-joined union of named groups (LoRA adapters belong only to ``lora`` and ``all``):
-    ``all`` every leaf; ``attention`` the q/k/v/output projections of every self-attention layer
-    (decoder and text encoder); ``mlp`` the MLP layers; ``norm`` every LayerNorm/RMSNorm; ``embed``
-    the token, position, BOS and scale embeddings; ``cond`` the condition encoders (class table incl.
-    its null row, or the caption encoder and null embedding); ``head`` the output layer; ``lora`` the
-    LoRA adapters (needs ``lora_rank > 0``). Training few coordinates under DP shrinks the noise, whose
-    norm grows with the square root of their number (Yu et al. 2022, "Differentially Private
-    Fine-tuning of Language Models"; Li et al. 2022, "Large Language Models Can Be Strong Differentially
-    Private Learners"). Each group must select at least one leaf.
-    """
-    groups = trainable_groups(mode)
-    for group in groups:
-        if not any(_in_group(group, _path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)):
-            raise ValueError(
-                f"trainable_mask group {group!r} (of {mode!r}) selects no parameter"
-                + (" (build the model with lora_rank > 0)" if group == "lora" else "")
-            )
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(_in_group(g, _path_names(path)) for g in groups), params
-    )
-
-
-# ---- sampling --------------------------------------------------------------------------------
-def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """Sets logits outside the top-k, then outside the top-p nucleus, to -inf (ties kept)."""
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it < top_p.
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-        cutoff = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
-
-
-def scale_vocab_mask(cfg: TransformerConfig, position: jax.Array | int) -> jax.Array:
-    """Tokens position ``position`` may take: with ``scale_boundaries`` (the all-scales model), only its
-    own scale's ids ``[s*K, (s+1)*K)``, K = vocab_size / scales (the tokenizer's per-scale offsets)."""
-    ids = jnp.arange(cfg.vocab_size)
-    if cfg.scale_boundaries is None:
-        return jnp.ones_like(ids, bool)
-    per_scale = cfg.vocab_size // len(cfg.scale_boundaries)
-    scale = jnp.searchsorted(jnp.asarray(cfg.scale_boundaries), position, side="right")
-    return ids // per_scale == scale
-
-
-def guide(cond_logits: jax.Array, uncond_logits: jax.Array, scale: jax.Array | float) -> jax.Array:
-    """Classifier-free guidance ``cond + s * (cond - uncond)``: s = 0 is the conditional model.
-
-    (Equivalently ``uncond + (1 + s) * (cond - uncond)``, Ho & Salimans' w = s.)
-    """
-    return cond_logits + scale * (cond_logits - uncond_logits)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "num_tokens", "top_k", "top_p", "guided", "cached", "return_logits")
-)
-def _sample_jit(
-    graphdef,
-    params,
-    cond,
-    key,
-    prefix,
-    temperature,
-    guidance_scale,
-    *,
-    num_tokens,
-    top_k,
-    top_p,
-    guided,
-    cached,
-    return_logits,
-):
-    model = nnx.merge(graphdef, params)
-    batch, start = prefix.shape
-    double = (lambda x: jnp.concatenate([x, x])) if guided else (lambda x: x)
-    cond = None if cond is None else double(cond)
-    drop = double(jnp.zeros((batch,), bool))
-    if guided:
-        drop = drop.at[batch:].set(True)
-
-    def pick(logits, t):
-        if guided:
-            logits = guide(logits[:batch], logits[batch:], guidance_scale)
-        step_key = jax.random.fold_in(key, t)
-        allowed = jnp.where(scale_vocab_mask(model.config, t), logits / temperature, -jnp.inf)
-        token = jax.random.categorical(step_key, filter_logits(allowed, top_k, top_p))
-        return token.astype(jnp.int32), logits
-
-    tokens = jnp.zeros((batch, num_tokens), jnp.int32).at[:, :start].set(prefix)
-    if cached:
-        ctx = model.condition(cond, drop)
-        cache = model.init_cache(drop.shape[0], num_tokens)
-        logits, cache, key_valid = model.prefill(ctx, double(prefix), cache)
-
-        def step(carry, t):
-            tokens, logits, cache = carry
-            token, used = pick(logits, t)
-            logits, cache = model.decode_step(double(token), t + 1, cache, key_valid)
-            return (tokens.at[:, t].set(token), logits, cache), used
-
-        (tokens, logits, _), used = jax.lax.scan(step, (tokens, logits, cache), jnp.arange(start, num_tokens - 1))
-        token, last = pick(logits, num_tokens - 1)
-        tokens = tokens.at[:, -1].set(token)
-        used = jnp.concatenate([used, last[None]])
-    else:
-
-        def step(tokens, t):
-            logits = model.forward(double(tokens), cond, drop)[:, t]
-            token, used = pick(logits, t)
-            return tokens.at[:, t].set(token), used
-
-        tokens, used = jax.lax.scan(step, tokens, jnp.arange(start, num_tokens))
-    return (tokens, jnp.swapaxes(used, 0, 1)) if return_logits else tokens
-
-
-def sample(
-    model: ARTransformer | tuple[nnx.GraphDef, nnx.State],
-    cond: jax.Array | None,
-    key: jax.Array,
-    *,
-    num_tokens: int | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    guidance_scale: float = 0.0,
-    prefix: jax.Array | None = None,
-    batch_size: int | None = None,
-    return_logits: bool = False,
-    cached: bool = True,
-):
-    """Samples tokens (B, num_tokens) int32 with a preallocated KV cache (one jitted scan).
-
-    ``cond``: labels (B,), caption bytes (B, L) or None (then ``batch_size``). ``prefix``
-    (B, K): given first tokens (e.g. coarse scales). ``guidance_scale`` s != 0 batches the
-    conditional and null-conditioned passes together and samples from ``guide``. Step t
-    draws with ``fold_in(key, t)``. ``return_logits`` also returns the (guided, untempered)
-    logits of the generated positions, (B, num_tokens - K, V). ``cached=False`` recomputes the
-    full sequence at every step instead (the reference; same draws).
-    """
-    if isinstance(model, tuple):
-        graphdef, params = model
-        cfg = nnx.merge(graphdef, params).config
-    else:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise ValueError("ARTransformer should hold parameters only; found non-Param state")
-        cfg = model.config
-    num_tokens = cfg.seq_len if num_tokens is None else int(num_tokens)
-    if not 1 <= num_tokens <= cfg.seq_len:
-        raise ValueError(f"num_tokens must be in [1, {cfg.seq_len}], got {num_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}] or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if guidance_scale and cfg.conditioning == "none":
-        raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model")
-    if cond is not None:
-        batch = int(np.shape(cond)[0])
-    elif prefix is not None:
-        batch = int(np.shape(prefix)[0])
-    elif batch_size is not None:
-        batch = int(batch_size)
-    else:
-        raise ValueError("an unconditional model needs batch_size= (or a prefix) to sample")
-    prefix = jnp.zeros((batch, 0), jnp.int32) if prefix is None else jnp.asarray(prefix, jnp.int32)
-    if prefix.ndim != 2 or prefix.shape[0] != batch or prefix.shape[1] >= num_tokens:
-        raise ValueError(f"prefix must be int ({batch}, K) with K < num_tokens={num_tokens}, got {prefix.shape}")
-    return _sample_jit(
-        graphdef,
-        params,
-        None if cond is None else jnp.asarray(cond),
-        key,
-        prefix,
-        jnp.float32(temperature),
-        jnp.float32(guidance_scale),
-        num_tokens=num_tokens,
-        top_k=top_k,
-        top_p=None if top_p is None else float(top_p),
-        guided=bool(guidance_scale),
-        cached=cached,
-        return_logits=return_logits,
-    )
-
-
-sample_uncached = functools.partial(sample, cached=False)
