@@ -44,14 +44,18 @@ README's CPU table gives each row's spread over seeds and the command that regen
 
 import ml_collections
 
-from experiments.configs import common
+from experiments.configs import common, recipes
 
 PRIVATE_SIZE = 2000  # digits in the mnist5k private split
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, variant="demo", method="dpwave", epsilon="10", seed=0, n_private=0)
+    args = common.parse_arg(arg, variant="demo", method="dpwave", epsilon="10", seed=0, n_private=0, recipe="")
     c = common.base_config()
+    # MNIST-5k: 32x32 grey digits, ten classes, one mnist5k split per role.
+    c.data.update(image_size=32, channels=1, num_classes=10)
+    for role, privacy in (("public", "public"), ("private", "private"), ("heldout", "public"), ("test", "public")):
+        c.data[role].update(name="mnist5k", split=role, privacy=privacy)
     c.seed = args.seed
     c.method = args.method
     c.dp.target_epsilon = common.epsilon_value(args.epsilon)
@@ -64,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args.variant in ("demo", "shift", "tune"):
         c.tokenizer.update(steps=600, batch_size=64)
         c.pretrain.update(steps=800, batch_size=64)
-        c.dp.update(steps=150, expected_batch_size=256, microbatch_size=8, learning_rate=5e-4)
+        c.dp.update(steps=150, expected_batch_size=256, learning_rate=5e-4)
+        c.perf.microbatch_size = 8
         # At this CPU budget the regression objective gives cleaner details than flow matching (see
         # experiments/bench/bench_refiner.py); the paper configs keep flow.
         c.refiner.model.update(widths=(32, 32), num_blocks=2, objective="regression")
@@ -84,7 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tokenizer.update(steps=30, batch_size=32)
         c.transformer.update(width=32, depth=1, num_heads=2, mlp_dim=64)
         c.pretrain.update(steps=30, batch_size=32)
-        c.dp.update(steps=12, expected_batch_size=64, microbatch_size=8)
+        c.dp.update(steps=12, expected_batch_size=64)
+        c.perf.microbatch_size = 8
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
         c.sample.update(num_samples=100, batch_size=50)
@@ -93,5 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 10
     else:
         raise ValueError(f"unknown mnist variant {args.variant!r}; use demo, shift, tune or tiny")
+    if args.recipe:
+        recipes.apply(c, args.recipe)
     c.lock()
     return c
