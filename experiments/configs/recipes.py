@@ -11,10 +11,42 @@ noise multiplier recalibrated (De et al. 2022; Sander et al. 2023, TAN); an EMA 
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
-# Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling).
+from dpwave import privacy
+
+
+
+def noise_scaled_lr(base: float, reference_epsilon: float) -> Callable[[Any, int], float]:
+    """A DP-SGD learning rate for any epsilon: `base` at or above `reference_epsilon` (and without noise),
+    `base * (sigma_ref / sigma)^2` below it, sigma calibrated for the run's own q and steps.
+
+    With noise-dominated updates, the noise's damage to the model grows as (lr sigma / B)^2 per coordinate
+    while the useful drift grows as lr, so the best learning rate falls as (B / sigma)^2; the rule keeps
+    lower epsilons from drowning the pretrained model (chosen on the public stand-in, docs/tuning.md).
+    """
+
+    def learning_rate(config: Any, dataset_size: int) -> float:
+        dp = config.dp
+        if dp.target_epsilon == 0 or not math.isfinite(dp.target_epsilon) or dp.target_epsilon >= reference_epsilon:
+            return base
+        q = dp.expected_batch_size / dataset_size
+        sigma = lambda eps: privacy.calibrate_noise(eps, dp.delta, q, dp.steps, accountant=dp.accountant)
+        return base * (sigma(reference_epsilon) / sigma(dp.target_epsilon)) ** 2
+
+    return learning_rate
+
+
+# Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling); a
+# callable value is evaluated on the config and the private set's size.
 RECIPES: dict[str, dict[str, Any]] = {
+    # The tuned recipe (docs/tuning.md): every parameter, plain DP-SGD (Adam's per-coordinate scaling turns
+    # noise-dominated coordinates into full-size random steps), sampling rate q = 0.512 (expected batch 1,024
+    # of 2,000: sigma/B 4x lower than batch 256 at the same steps), no condition dropout, learning rate 0.3
+    # at epsilon >= 10 and scaled by (sigma_10 / sigma)^2 below.
+    "sgd": dict(trainable="all", optimizer="sgd", expected_batch_size=lambda config, n: round(0.512 * n),
+                learning_rate=noise_scaled_lr(0.3, 10.0), cond_dropout=0.0),
     # The landed recipe: every parameter, Adam 5e-4, condition dropout 0.1 (pretraining's).
     "all": dict(trainable="all", learning_rate=5e-4),
     "all_nodrop": dict(trainable="all", learning_rate=5e-4, cond_dropout=0.0),
@@ -47,7 +79,6 @@ RECIPES: dict[str, dict[str, Any]] = {
                                  cond_dropout=0.0),
     "all_sgd_b1024_ema": dict(trainable="all", optimizer="sgd", learning_rate=0.3, expected_batch_size=1024,
                               cond_dropout=0.0, ema_decay=0.98),
-    "all_cfg2": {"trainable": "all", "learning_rate": 5e-4, "sample.guidance_scale": 2.0},
     "lora16_b1024": dict(trainable="cond+lora", lora_rank=16, lora_targets="q+k+v+o+mlp", learning_rate=3e-3,
                          cond_dropout=0.0, expected_batch_size=1024),
     "lora16_b1024_lr1e2": dict(trainable="cond+lora", lora_rank=16, lora_targets="q+k+v+o+mlp", learning_rate=1e-2,
@@ -55,11 +86,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def apply(config: Any, name: str) -> None:
-    """Applies recipe `name` to the (unlocked) config; an unknown name lists the known ones."""
+def apply(config: Any, name: str, dataset_size: int) -> None:
+    """Applies recipe `name` to the (unlocked) config of a run whose private set has `dataset_size`
+    examples; an unknown name lists the known ones."""
     if name not in RECIPES:
         raise ValueError(f"unknown DP recipe {name!r}; known recipes: {sorted(RECIPES)}")
-    for key, value in RECIPES[name].items():
+    # Plain values first: a callable (e.g. a noise-scaled learning rate) reads the batch size and steps.
+    for key, value in sorted(RECIPES[name].items(), key=lambda item: callable(item[1])):
+        if callable(value):
+            value = value(config, dataset_size)
         *path, leaf = (key if "." in key else f"dp.{key}").split(".")
         node = config
         for part in path:

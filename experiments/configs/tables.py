@@ -106,7 +106,6 @@ TUNE_SEARCH = (
     ("dpwave", "all_sgd_b256", ("10",)),
     ("dpwave", "cond_sgd_b1024", ("1", "10")),
     ("dpwave", "cond_lora4_sgd_b1024", ("1", "10")),
-    ("dpwave", "all_cfg2", ("1", "10")),
     ("full_dp", "all", ("10", "inf")),
     ("full_dp", "all_sgd_b1024", ("10",)),
 )
