@@ -102,7 +102,8 @@ def read_image_file(path: str | os.PathLike, example_id: str) -> np.ndarray:
                 return np.asarray(pil.convert("L"))
             return np.asarray(pil.convert("RGB"))
     except (OSError, Image.DecompressionBombError) as e:
-        raise InvalidExampleError(f"example {example_id!r}: cannot decode image {os.fspath(path)!r}: {e}") from e
+        raise InvalidExampleError(f"example {example_id!r}: cannot decode image {os.fspath(path)!r}: {e}; repair or "
+                                  "remove that file and rerun the same command") from e
 
 
 def prepare_image(pixels: Any, example_id: str, resolution: int, channels: int) -> np.ndarray:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Any, Mapping
 
 import jax
@@ -40,16 +39,11 @@ import optax
 from flax import nnx
 
 from dpwave import wavelets
-from dpwave.data import ShuffleSampler, require_public, to_float
+from dpwave.validation import check_int
 
 OBJECTIVES = ("flow", "regression")
 _DTYPES = ("float32", "bfloat16", "float16")
 _TIME_FEATURES = 64
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +78,11 @@ class RefinerConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_int("RefinerConfig.image_size", self.image_size, 2)
-        _check_int("RefinerConfig.channels", self.channels, 1)
-        _check_int("RefinerConfig.levels", self.levels, 1)
-        _check_int("RefinerConfig.num_blocks", self.num_blocks, 1)
-        _check_int("RefinerConfig.sample_steps", self.sample_steps, 1)
+        check_int("RefinerConfig.image_size", self.image_size, 2)
+        check_int("RefinerConfig.channels", self.channels, 1)
+        check_int("RefinerConfig.levels", self.levels, 1)
+        check_int("RefinerConfig.num_blocks", self.num_blocks, 1)
+        check_int("RefinerConfig.sample_steps", self.sample_steps, 1)
         if not isinstance(self.wavelet, str):
             raise ValueError(f"RefinerConfig.wavelet must be a PyWavelets name such as 'haar', got {self.wavelet!r}")
         if self.mode not in wavelets.SUPPORTED_MODES:
@@ -103,10 +97,10 @@ class RefinerConfig:
             raise ValueError(
                 f"RefinerConfig.widths={self.widths!r} needs one width per level ({self.levels}), coarse level first")
         for w in widths:
-            _check_int("RefinerConfig.widths[i]", w, 8)
+            check_int("RefinerConfig.widths[i]", w, 8)
         object.__setattr__(self, "widths", widths)
         if self.num_classes is not None:
-            _check_int("RefinerConfig.num_classes", self.num_classes, 1)
+            check_int("RefinerConfig.num_classes", self.num_classes, 1)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"RefinerConfig.objective={self.objective!r} is unknown; use one of {OBJECTIVES}")
         if not (isinstance(self.cond_noise, (int, float)) and 0.0 <= self.cond_noise < 1.0):
@@ -126,7 +120,7 @@ class RefinerConfig:
         return cls(**dict(values))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def band_shapes(config: RefinerConfig) -> tuple[tuple[int, int], ...]:
     """Spatial shape of the approximation band fed to each level, level L first, then the image's."""
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.channels), jnp.float32)
@@ -260,7 +254,7 @@ def refine(model: Refiner, coarse: jax.Array, key: jax.Array, label: jax.Array |
     """
     config = model.config
     steps = config.sample_steps if sample_steps is None else sample_steps
-    _check_int("sample_steps", steps, 1)
+    check_int("sample_steps", steps, 1)
     shapes = band_shapes(config)
     want = (shapes[0][0], shapes[0][1], config.channels)
     if coarse.ndim != 4 or tuple(coarse.shape[1:]) != want:
@@ -289,9 +283,9 @@ def refine_fn(graphdef: nnx.GraphDef, params: nnx.State, coarse: jax.Array, key:
 
 
 def as_float_images(images: jax.Array) -> jax.Array:
-    """uint8 pixels -> float32 in [-1, 1] (`dpwave.data.to_float`); float images pass through as float32."""
+    """uint8 pixels -> float32 in [-1, 1] (as `dpwave.data.to_float`); float images pass through as float32."""
     if getattr(images, "dtype", None) == np.uint8:
-        return jnp.asarray(to_float(images))
+        return jnp.asarray(images.astype(np.float32) / 127.5 - 1.0)
     images = jnp.asarray(images)
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images must be uint8 or float in [-1, 1], got {images.dtype}; see dpwave.data.to_float")
@@ -333,71 +327,12 @@ def refiner_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: Mapping[str, 
     return total, aux
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
-def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: nnx.State,
-               opt_state: optax.OptState, batch: Mapping[str, jax.Array],
-               rng: jax.Array) -> tuple[nnx.State, optax.OptState, dict[str, jax.Array]]:
-    """One optimizer step on `refiner_loss`; pure (donates params and opt_state)."""
-    (loss, aux), grads = jax.value_and_grad(refiner_loss, argnums=1, has_aux=True)(graphdef, params, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, **aux}
-
-
 def make_optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay, after global-norm clipping at 1."""
     warmup = max(1, min(200, steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1),
                                                   end_value=learning_rate * 0.05)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
-
-
-def _training_batch(raw: Mapping[str, np.ndarray], config: RefinerConfig) -> dict[str, np.ndarray]:
-    """The image (and label) columns of a source batch, checked against the config."""
-    want = (config.image_size, config.image_size, config.channels)
-    if tuple(raw["image"].shape[1:]) != want:
-        raise ValueError(f"source images have shape {tuple(raw['image'].shape[1:])} but the refiner is configured "
-                         f"for {want}; set RefinerConfig.image_size/channels or the DatasetSpec's resolution/channels")
-    batch = {"image": raw["image"]}
-    if config.num_classes is not None:
-        if "label" not in raw:
-            raise ValueError("RefinerConfig.num_classes is set but the source has no 'label' column")
-        label = np.asarray(raw["label"], np.int32)
-        if label.min() < 0 or label.max() >= config.num_classes:
-            raise ValueError(f"labels span [{label.min()}, {label.max()}], outside [0, {config.num_classes}); "
-                             "set RefinerConfig.num_classes to the dataset's class count")
-        batch["label"] = label
-    return batch
-
-
-def train_refiner(source: Any, config: RefinerConfig, *, steps: int, batch_size: int = 64, seed: int = 0,
-                  learning_rate: float = 2e-3, log_every: int = 100) -> tuple[Refiner, dict[str, Any]]:
-    """Trains a refiner on a PUBLIC source (`get_batch(indices)`, `len()`); refuses private data.
-
-    Returns the model and metrics: {"loss": [(step, loss), ...], "final": {...}, "train_seconds": ...}.
-    """
-    require_public(source, "refiner training")
-    _check_int("steps", steps, 1)
-    num = len(source)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= num:
-        raise ValueError(f"batch_size={batch_size!r} must be an int in [1, {num}] (the source's size)")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate!r} must be > 0")
-    init_key, key = jax.random.split(jax.random.key(seed))
-    graphdef, params = nnx.split(Refiner(config, rngs=nnx.Rngs(init_key)), nnx.Param)
-    tx = make_optimizer(learning_rate, steps)
-    opt_state = tx.init(params)
-    sampler = ShuffleSampler(num, batch_size, seed)
-    history, metrics = [], {}
-    start = time.perf_counter()
-    for step in range(steps):
-        batch = _training_batch(source.get_batch(sampler.batch(step)), config)
-        params, opt_state, metrics = train_step(graphdef, tx, params, opt_state, batch, jax.random.fold_in(key, step))
-        if step == 0 or (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append((step + 1, float(metrics["loss"])))
-    final = {k: float(v) for k, v in metrics.items()}
-    return nnx.merge(graphdef, params), {"loss": history, "final": final, "steps": steps,
-                                         "train_seconds": time.perf_counter() - start}
 
 
 def detail_energy_ratio(pred: wavelets.Pyramid, true: wavelets.Pyramid) -> list[float]:

