@@ -13,12 +13,12 @@ from dpwave.evaluate.inception_weights import InceptionWeightsError, load_incept
 from dpwave.evaluate.memorization import Memorization, memorization
 from dpwave.evaluate.precision_recall import PrecisionRecall, precision_recall
 from dpwave.evaluate.report import METRICS, evaluate_samples, format_report
-from dpwave.evaluate.surrogate import FD_CLS_NAME, fd_cls, train_feature_classifier
+from dpwave.evaluate.surrogate import FD_CLS_NAME, train_feature_classifier
 
 __all__ = [
     "Classifier", "DownstreamResult", "FD_CLS_NAME", "FitResult", "InceptionV3", "InceptionWeightsError",
     "METRICS", "Memorization", "PrecisionRecall", "TrainConfig", "accuracy", "classifier_features",
-    "downstream_accuracy", "evaluate_samples", "fd_cls", "fid", "format_report", "frechet_distance",
+    "downstream_accuracy", "evaluate_samples", "fid", "format_report", "frechet_distance",
     "frechet_distance_from_stats", "gaussian_stats", "inception_features", "load_inception",
     "memorization", "precision_recall", "predict", "train_classifier", "train_feature_classifier",
 ]

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from dpwave.evaluate.classifier import Classifier, TrainConfig, classifier_features, train_classifier
-from dpwave.evaluate.frechet import frechet_distance
+from dpwave.evaluate.classifier import Classifier, TrainConfig, train_classifier
 from dpwave.evaluate.images import as_labeled
 
 FD_CLS_NAME = "FD-cls (surrogate, not FID)"
@@ -24,9 +21,3 @@ def train_feature_classifier(heldout: Any, *, num_classes: int,
     """The FD-cls feature network, trained on `heldout` = (images, labels) for a fixed number of epochs."""
     images, labels = as_labeled(heldout, name="heldout")
     return train_classifier(images, labels, num_classes=num_classes, config=config).model
-
-
-def fd_cls(samples: np.ndarray, reference: np.ndarray, classifier: Classifier) -> dict[str, Any]:
-    """FD-cls between samples and real reference images (both uint8 or [-1, 1] NHWC)."""
-    value = frechet_distance(classifier_features(classifier, samples), classifier_features(classifier, reference))
-    return {"name": FD_CLS_NAME, "value": value, "num_samples": len(samples), "num_reference": len(reference)}

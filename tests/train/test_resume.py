@@ -5,7 +5,6 @@ interrupted run must end bit-identical to the uninterrupted one (`dp_reference`)
 from __future__ import annotations
 
 import logging
-import random
 import shutil
 import signal
 from pathlib import Path
@@ -13,10 +12,11 @@ from pathlib import Path
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
+from helpers import seeds
 
 from dpwave import privacy
 
-RNG = random.Random()  # a different kill step each session; the chosen step is in every message
+RNG = seeds.rng("test_resume")  # kill steps: drawn from the test seed; the chosen step is in every message
 
 
 @pytest.fixture(scope="module")
