@@ -150,3 +150,23 @@ def test_fake_bucket_is_not_the_local_disk(tmp_path, monkeypatch):
         files.write_json("gs://bucket/run/summary.json", {"v": 1})
         assert files.exists("gs://bucket/run/summary.json")
     assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_image_folder_is_scanned_and_decoded_from_a_bucket():
+    import io
+
+    from PIL import Image
+
+    from dpwave.data.builders.folder_scan import scan_folder
+    from dpwave.data.images import read_image_file
+
+    with fake_bucket():
+        for i, name in enumerate(("a.png", "b.png")):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((6, 5, 3), 40 * i, np.uint8)).save(buffer, format="PNG")
+            files.write_bytes(f"gs://bucket/images/{name}", buffer.getvalue())
+        files.write_text("gs://bucket/images/captions.jsonl",
+                         '{"file": "a.png", "caption": "dark"}\n{"file": "b.png", "caption": "grey"}\n')
+        scan = scan_folder("gs://bucket/images")
+        assert [(e.relpath, e.captions) for e in scan.splits["train"]] == [("a.png", ("dark",)), ("b.png", ("grey",))]
+        assert read_image_file("gs://bucket/images/b.png", "b.png").max() == 40

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dpwave import files
 from dpwave.data.errors import InvalidExampleError
 
 # ITU-R 601-2 luma, the weights PIL uses for RGB -> L.
@@ -94,7 +95,7 @@ def read_image_file(path: str | os.PathLike, example_id: str) -> np.ndarray:
       InvalidExampleError: naming ``example_id`` when the file cannot be decoded.
     """
     try:
-        with Image.open(path) as pil:
+        with files.as_path(path).open("rb") as f, Image.open(f) as pil:
             pil.load()
             if pil.mode in ("F", "I") or pil.mode.startswith("I;"):
                 return np.asarray(pil)
@@ -102,7 +103,8 @@ def read_image_file(path: str | os.PathLike, example_id: str) -> np.ndarray:
                 return np.asarray(pil.convert("L"))
             return np.asarray(pil.convert("RGB"))
     except (OSError, Image.DecompressionBombError) as e:
-        raise InvalidExampleError(f"example {example_id!r}: cannot decode image {os.fspath(path)!r}: {e}; repair or "
+        why = "not an image file PIL can read" if isinstance(e, Image.UnidentifiedImageError) else str(e)
+        raise InvalidExampleError(f"example {example_id!r}: cannot decode image {os.fspath(path)!r}: {why}; repair or "
                                   "remove that file and rerun the same command") from e
 
 

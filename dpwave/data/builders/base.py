@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from dpwave import files
 from dpwave.data.errors import DatasetLayoutError
 
 FILE_FORMAT = "array_record"
@@ -89,7 +90,7 @@ class DpwaveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def require_paths(self, root: str, relpaths: list[str]) -> None:
         """Raises a layout error naming every required path missing under ``root``."""
-        missing = [p for p in relpaths if not os.path.exists(os.path.join(root, p))]
+        missing = [p for p in relpaths if not files.exists(os.path.join(root, p))]
         if missing:
             raise self.layout_error(root, f"missing {missing}")
 

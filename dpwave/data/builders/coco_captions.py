@@ -1,7 +1,6 @@
 """``coco_captions``: MS-COCO 2017 images with their captions, from the official release layout."""
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator
@@ -9,6 +8,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from dpwave import files
 from dpwave.data.builders.base import CaptionedImages, resolution_configs, to_pil
 from dpwave.data.errors import InvalidExampleError
 from dpwave.data.images import prepare_image, read_image_file
@@ -69,13 +69,12 @@ class CocoCaptions(CaptionedImages, skip_registration=True):
         for split, folder in SPLITS.items():
             json_path = os.path.join(root, "annotations", f"captions_{folder}.json")
             try:
-                with open(json_path, encoding="utf-8") as f:
-                    records = parse_caption_json(json.load(f))
+                records = parse_caption_json(files.read_json(json_path))
             except (ValueError, KeyError, TypeError) as e:
                 raise self.layout_error(root, f"{json_path} is malformed: {e!r}") from None
             if not records:
                 raise self.layout_error(root, f"{json_path} lists no images (empty split)")
-            present = set(os.listdir(os.path.join(root, folder)))
+            present = {p.name for p in files.as_path(os.path.join(root, folder)).iterdir()}
             missing = [name for _, name, _ in records if name not in present]
             if missing:
                 raise self.layout_error(root, f"{len(missing)} images listed in {json_path} are missing "

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 
+from dpwave import files
 from dpwave.data.builders.base import make_layout_error
 from dpwave.data.errors import DatasetLayoutError
 
@@ -47,7 +48,11 @@ def _error(root: str, problem: str) -> DatasetLayoutError:
 
 
 def _visible(folder: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    return sorted(p.name for p in files.as_path(folder).iterdir() if not p.name.startswith("."))
+
+
+def _isdir(path: str) -> bool:
+    return files.as_path(path).is_dir()
 
 
 def _is_image(name: str) -> bool:
@@ -56,7 +61,7 @@ def _is_image(name: str) -> bool:
 
 def _read_captions(root: str, path: str, images: list[str]) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = {name: [] for name in images}
-    with open(path, encoding="utf-8") as f:
+    with files.as_path(path).open("r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -79,7 +84,7 @@ def _read_captions(root: str, path: str, images: list[str]) -> dict[str, list[st
 def _scan_split(root: str, folder: str) -> tuple[dict[str, list[str]], dict[str, list[str]] | None]:
     """-> ({class name or '': image relpaths}, {relpath: captions} or None)."""
     names = _visible(folder)
-    subdirs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    subdirs = [n for n in names if _isdir(os.path.join(folder, n))]
     images = [n for n in names if _is_image(n) and n not in subdirs]
     rel = os.path.relpath(folder, root)
     prefix = "" if rel == "." else rel + "/"
@@ -95,7 +100,7 @@ def _scan_split(root: str, folder: str) -> tuple[dict[str, list[str]], dict[str,
     classes = {}
     for name in subdirs:
         inner = _visible(os.path.join(folder, name))
-        nested = [n for n in inner if os.path.isdir(os.path.join(folder, name, n))]
+        nested = [n for n in inner if _isdir(os.path.join(folder, name, n))]
         if nested:
             raise _error(root, f"class folder {prefix}{name}/ contains folders {nested[:5]}; class "
                          "folders must hold images directly")
@@ -108,7 +113,7 @@ def _fingerprint(root: str, splits: dict[str, list[Entry]]) -> str:
     digest = hashlib.sha256()
     for split, entries in sorted(splits.items()):
         for e in entries:
-            size = os.path.getsize(os.path.join(root, e.relpath))
+            size = files.as_path(os.path.join(root, e.relpath)).stat().length
             digest.update(json.dumps([split, e.relpath, size, e.label, e.captions]).encode())
     return digest.hexdigest()[:12]
 
@@ -119,12 +124,11 @@ def scan_folder(root: str) -> FolderScan:
     Raises:
       DatasetLayoutError: missing, mixed, inconsistent or empty layouts, with the expected layout.
     """
-    if not os.path.isdir(root):
+    if not _isdir(root):
         raise _error(root, "the folder does not exist (set DatasetSpec.manual_dir)")
     names = _visible(root)
-    if os.path.isdir(os.path.join(root, "train")):
-        extra = [n for n in names if n not in SPLIT_FOLDERS
-                 and (os.path.isdir(os.path.join(root, n)) or _is_image(n))]
+    if _isdir(os.path.join(root, "train")):
+        extra = [n for n in names if n not in SPLIT_FOLDERS and (_isdir(os.path.join(root, n)) or _is_image(n))]
         if extra:
             raise _error(root, f"{extra[:5]} sit beside the split folders; only train/ and test/ may")
         folders = {s: os.path.join(root, s) for s in SPLIT_FOLDERS if s in names}

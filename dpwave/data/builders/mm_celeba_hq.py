@@ -9,6 +9,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from dpwave import files
 from dpwave.data.builders.base import CaptionedImages, resolution_configs, to_pil
 from dpwave.data.errors import InvalidExampleError
 from dpwave.data.images import prepare_image, read_image_file
@@ -31,8 +32,7 @@ class _ListUnpickler(pickle.Unpickler):
 
 def read_ids(path: str) -> list[str]:
     """Ids from a filenames pickle (str or int entries; a trailing ``.jpg`` is dropped)."""
-    with open(path, "rb") as f:
-        ids = _ListUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    ids = _ListUnpickler(io.BytesIO(files.read_bytes(path)), encoding="latin1").load()
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"expected a list of ids, got {type(ids).__name__}")
     out = []
@@ -47,8 +47,7 @@ def read_ids(path: str) -> list[str]:
 
 def read_captions(path: str, key: str) -> list[str]:
     """Non-empty lines of a caption file; an image without captions is refused."""
-    with open(path, encoding="utf-8") as f:
-        captions = [line.strip() for line in f if line.strip()]
+    captions = [line.strip() for line in files.read_text(path).splitlines() if line.strip()]
     if not captions:
         raise InvalidExampleError(f"example {key!r}: caption file {path!r} has no captions")
     return captions
@@ -89,8 +88,8 @@ class MmCelebaHq(CaptionedImages, skip_registration=True):
         shared = sorted(set(ids["train"]) & set(ids["test"]))
         if shared:
             raise self.layout_error(root, f"{len(shared)} ids are in both train and test, e.g. {shared[:5]}")
-        images = set(os.listdir(os.path.join(root, "CelebA-HQ-img")))
-        texts = set(os.listdir(os.path.join(root, "celeba-caption")))
+        images = {p.name for p in files.as_path(os.path.join(root, "CelebA-HQ-img")).iterdir()}
+        texts = {p.name for p in files.as_path(os.path.join(root, "celeba-caption")).iterdir()}
         for split, split_ids in ids.items():
             missing = [i for i in split_ids if f"{i}.jpg" not in images or f"{i}.txt" not in texts]
             if missing:
