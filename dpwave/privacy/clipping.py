@@ -129,18 +129,6 @@ def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
     return jax.tree.map(reduce, per_example_grads)
 
 
-def clip_and_sum(per_example_grads: PyTree, mask: jax.Array, l2_clip: float) -> tuple[PyTree, jax.Array, jax.Array]:
-    """Clips materialized per-example gradients (leading axis B) and sums the valid ones.
-
-    Returns:
-      (grad_sum, norms, num_nonfinite) as in `clipped_grad`.
-    """
-    norms = per_example_norms(per_example_grads)
-    weights, finite = clip_factors(norms, mask, l2_clip)
-    num_nonfinite = jnp.sum((mask != 0) & ~finite).astype(jnp.int32)
-    return weighted_sum(per_example_grads, weights), norms, num_nonfinite
-
-
 def _validate(l2_clip: float, microbatch_size: int | None) -> None:
     if (
         isinstance(l2_clip, bool)

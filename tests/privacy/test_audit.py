@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.dp_models import clip_and_sum
 from scipy import special, stats
 
 from dpwave.privacy import accounting as acc
 from dpwave.privacy import audit
-from dpwave.privacy.clipping import clip_and_sum
 from dpwave.privacy.optimizers import dp_optimizer
 
 # ----------------------------------------------------------------------------- statistics

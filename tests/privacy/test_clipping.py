@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dp_test_models import attention_problem, mlp_problem, reference_clipped_sum
-from dpwave.privacy.clipping import clip_and_sum, clipped_grad, combine, partition
+from helpers.dp_models import attention_problem, clip_and_sum, mlp_problem, reference_clipped_sum
+
+from dpwave.privacy.clipping import clipped_grad, combine, partition
 from dpwave.privacy.keys import example_keys
 
 RNG = jax.random.key(7)

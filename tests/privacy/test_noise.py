@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from dp_test_models import mlp_problem
+from helpers.dp_models import clip_and_sum, mlp_problem
 from scipy import stats
 
-from dpwave.privacy.clipping import clip_and_sum, clipped_grad
+from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.keys import example_keys
 from dpwave.privacy.noise import NoiseState, noise_and_normalize
 from dpwave.privacy.optimizers import NOISE_STREAM, dp_optimizer, noise_key

@@ -1,9 +1,11 @@
-"""Small Flax NNX models and per-example losses shared by the privacy tests (test helpers only)."""
+"""Small Flax NNX models, per-example losses and the clipping oracle shared by the privacy tests."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dpwave.privacy.clipping import clip_factors, per_example_norms, weighted_sum
 
 VOCAB, SEQ, WIDTH, HEADS = 23, 6, 16, 2
 
@@ -89,3 +91,12 @@ def reference_clipped_sum(loss_fn, params, batch, mask, keys, l2_clip):
         total = scaled if total is None else jax.tree.map(np.add, total, scaled)
         norms.append(float(norm))
     return total, np.array(norms)
+
+
+def clip_and_sum(per_example_grads, mask: jax.Array, l2_clip: float):
+    """The oracle of `clipped_grad`: clips materialized per-example gradients (leading axis B) and sums the valid
+    ones; returns (grad_sum, norms, num_nonfinite)."""
+    norms = per_example_norms(per_example_grads)
+    weights, finite = clip_factors(norms, mask, l2_clip)
+    num_nonfinite = jnp.sum((mask != 0) & ~finite).astype(jnp.int32)
+    return weighted_sum(per_example_grads, weights), norms, num_nonfinite
