@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dpwave.train import distributed, pipeline
-from dpwave.train.dp_stage import SecretSeedError
+from dpwave.train.secret_seed import SecretSeedError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")

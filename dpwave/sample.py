@@ -120,7 +120,7 @@ def _check_models(method: str, tok: Any, ar: Any, ref: Any | None) -> None:
     if (ar.vocab_size, ar.seq_len) != (vocab, seq):
         raise ValueError(f"method {method!r} needs a transformer with vocab_size={vocab}, seq_len={seq} for this "
                          f"tokenizer, got vocab_size={ar.vocab_size}, seq_len={ar.seq_len}; build it with "
-                         "dpwave.train.builders.transformer_config")
+                         "dpwave.train.settings.read (Settings.transformer)")
     if method != "dpwave":
         if ref is not None:
             raise ValueError(f"method {method!r} uses no refiner; pass refiner=None (or method='dpwave')")

@@ -10,7 +10,7 @@ others still run. `--rows` and `--seeds` split a table across sessions (or machi
 table aggregates every finished seed found under DIR, and `--report-only` only rewrites it. `--set`
 appends `--config.KEY=VALUE` overrides to every run (give such runs their own DIR).
 
-Before a run starts, each public stage (tokenizer, pretrain, refiner) it lacks is
+Before a run starts, each stage it lacks whose `public` flag is set (tokenizer, pretrain, refiner) is
 copied from another run of the invocation that finished it from the same inputs (equal
 `inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of a method train them once;
 the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
@@ -59,7 +59,6 @@ METRICS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("dp_step_flops", "DP FLOPs/step", lambda v: f"{v:.3g}"),
 )
 TITLES = {key: title for key, title, _ in METRICS}
-PUBLIC_STAGES = ("tokenizer", "pretrain", "refiner")  # the only stages ever copied between runs
 CONFIG_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, flags.Error)
 PLOTTED = ("fd_cls", "downstream_accuracy")
 Runner = Callable[[list[str]], int]
@@ -179,21 +178,22 @@ def reuse_public_stages(run: Run, sources: Sequence[Run]) -> list[tuple[str, Run
     """Copies into `run.workdir` each public stage it lacks that another run in `sources` finished from
     the same inputs (equal `inputs_sha256`, and for a stage that consumes others, such as pretrain, the
     same parameters in those as `run` holds). Returns (stage, source run) per copied stage."""
-    from dpwave.train import pipeline  # JAX and the models: imported only once a run is about to start
+    from dpwave.train import pipeline, settings  # JAX and the models: imported only once a run is about to start
 
-    wanted = pipeline.stage_fingerprints(load_config(run.command))
+    run_settings = settings.read(load_config(run.command))
+    wanted = pipeline.stage_fingerprints(run_settings)
     copied = []
-    for stage in PUBLIC_STAGES:
-        target = run.workdir / stage
-        if stage not in wanted or target.exists():
+    for stage in pipeline.stages(run_settings):
+        target = run.workdir / stage.name
+        if not stage.public or target.exists():  # only stages computed from public data are ever copied
             continue
-        consumed = pipeline.STAGE_INPUTS[stage][1]
         source = next((s for s in sources if s.workdir != run.workdir
-                       and _summary(s.workdir / stage).get("inputs_sha256") == wanted[stage]
-                       and all(_same_params(s.workdir / c, run.workdir / c) for c in consumed)), None)
+                       and _summary(s.workdir / stage.name).get("inputs_sha256") == wanted[stage.name]
+                       and all(_same_params(s.workdir / c, run.workdir / c) for c in stage.consumes if c in wanted)),
+                      None)
         if source is not None:
-            _copy_atomically(source.workdir / stage, target)
-            copied.append((stage, source))
+            _copy_atomically(source.workdir / stage.name, target)
+            copied.append((stage.name, source))
     return copied
 
 

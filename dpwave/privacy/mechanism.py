@@ -8,7 +8,14 @@ before any private data is read. The DP stage, the ledger (`params`), the budget
 statement (through the ledger) all read the same object.
 
 A new mechanism (fixed-size batches, correlated noise) is a new class with the same members: `selection`,
-`sensitivity`, `clipped_sum`, `noise`, `optimizer`, `step_event` and `params`.
+`sensitivity`, `clipped_sum`, `noise`, `optimizer`, `step_event` and `params`; `dpwave/train/settings.py`
+(`Mechanism.build`) chooses it from the config.
+
+Library pieces: the step's event is dp-accounting's (`PoissonSampledDpEvent` of a `GaussianDpEvent`); sigma
+comes from `accounting.calibrate_noise`, not dp-accounting's generic `calibrate_dp_mechanism` (same bisection,
+without the guarantee of landing within 1% below the target); `optax.microbatching.microbatch` is not used for
+the microbatches because it needs their size to divide the batch, while `clipping.clipped_grad` pads the Poisson
+bucket with masked rows inside its own scan (whose summation order the pinned run's digests fix).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dpwave.data import DatasetSpec, Source, load, overlap
-from dpwave.train import builders
+from dpwave.train import settings
 from experiments.bench.common import print_table, write_json
 from experiments.configs import mnist
 
@@ -77,12 +77,12 @@ def main() -> None:
         print_table(rows, ["dataset", "images", "shape", "cold_images_per_s", "hash_only_images_per_s", "cold_s"])
 
         config = mnist.get_config("demo")
-        for role in builders.ROLES:
+        for role in settings.ROLES:
             config.data[role].data_dir = data_dir
-        hashes = builders.check_data_boundary(config)
-        cold = median_time(lambda: builders.check_data_boundary(config),
-                           lambda: clear_cache(mnist_private), args.repeats)
-        warm = median_time(lambda: builders.check_data_boundary(config), lambda: None, args.repeats)
+        data = settings.read(config).data
+        hashes = data.check_boundary()
+        cold = median_time(data.check_boundary, lambda: clear_cache(mnist_private), args.repeats)
+        warm = median_time(data.check_boundary, lambda: None, args.repeats)
         start = {"config": "mnist.py:demo", "roles": len(hashes),
                  "images": sum(len(h.digests) for h in hashes.values()), "cold_cache_s": cold, "warm_cache_s": warm}
         print_table([start])

@@ -38,41 +38,44 @@ from typing import Any, Callable
 import jax
 
 from dpwave import privacy
-from dpwave.train import distributed, loop, public_stages
+from dpwave.train import distributed, loop, model_io, pipeline, settings
 from dpwave.train.checkpoint import Checkpointer
-from dpwave.train.dp_stage import DpFinetune
 from dpwave.train.metrics import MetricWriter
+from dpwave.train.stages.base import Context, run_task
+from dpwave.train.stages.dp_finetune import DpRun
+from dpwave.train.stages.pretrain import STAGE as PRETRAIN
+from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 from experiments.bench.common import block, print_table, write_json
 from experiments.configs import mnist
 
 
-def make_stage(workdir: Path, steps: int) -> DpFinetune:
+def make_stage(workdir: Path, steps: int) -> DpRun:
     config = mnist.get_config("tiny")
     with config.unlocked():
         config.tokenizer.steps, config.pretrain.steps = 2, 0  # its schedule needs >= 2 steps
         config.dp.steps = steps
         config.dp.secret_seed = 0
-    mesh = distributed.make_data_mesh()
-    dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain", "dp_finetune")}
-    public_stages.run_task(config, public_stages.tokenizer_task(config, mesh), dirs["tokenizer"])
-    public_stages.run_task(config, public_stages.pretrain_task(config, mesh, dirs["tokenizer"]), dirs["pretrain"])
-    return DpFinetune(config, mesh, stage_dir=dirs["dp_finetune"], tokenizer_dir=dirs["tokenizer"],
-                      pretrain_dir=dirs["pretrain"])
+    run = settings.read(config)
+    ctx = Context(run, str(workdir), distributed.make_data_mesh(), pipeline.stage_inputs(run))
+    for stage in (TOKENIZER, PRETRAIN):
+        run_task(ctx, stage.task(ctx))
+    return DpRun(run, ctx.mesh, stage_dir=ctx.dir("dp_finetune"), tokenizer_dir=ctx.dir("tokenizer"),
+                 pretrain_dir=ctx.dir("pretrain"))
 
 
-def pre_drawn(stage: DpFinetune, steps: int) -> list[tuple[Any, Any]]:
-    """What `DpFinetune.step` feeds `dp_step`, computed ahead and resident on the devices."""
+def pre_drawn(stage: DpRun, steps: int) -> list[tuple[Any, Any]]:
+    """What `DpRun.step` feeds `dp_step`, computed ahead and resident on the devices."""
     out = []
     for i in range(steps):
         indices, mask = stage.sampler.batch(i)
-        batch = distributed.shard_batch({k: v[public_stages.local_slice(indices)] for k, v in stage.examples.items()},
+        batch = distributed.shard_batch({k: v[model_io.local_slice(indices)] for k, v in stage.examples.items()},
                                         stage.mesh)
-        mask = distributed.shard_batch(public_stages.local_slice(mask), stage.mesh)
+        mask = distributed.shard_batch(model_io.local_slice(mask), stage.mesh)
         out.append(block((batch, mask)))
     return out
 
 
-def run_raw(stage: DpFinetune, batches: list) -> tuple[float, float]:
+def run_raw(stage: DpRun, batches: list) -> tuple[float, float]:
     """(seconds per step over steps 1 .. N-2, total seconds) of the jitted step over `batches`."""
     n, state, marks = len(batches), stage.state, {}
     t0 = time.perf_counter()
@@ -83,15 +86,16 @@ def run_raw(stage: DpFinetune, batches: list) -> tuple[float, float]:
     return (marks["end"] - marks["start"]) / (n - 2), time.perf_counter() - t0
 
 
-def run_loop(stage: DpFinetune, root: Path, steps: int, every: int, log_every: int,
+def run_loop(stage: DpRun, root: Path, steps: int, every: int, log_every: int,
              eager_op: bool = False) -> tuple[float, float]:
     """(seconds per step over steps 1 .. N-2, total seconds) of one fresh stage run (new directory, empty
     ledger) of `loop.run`. `eager_op` adds what the stage did before the key moved into the jitted step:
     one eager `fold_in(key, step)` per step."""
     stage.ledger = privacy.PrivacyLedger(stage.params)
     stage.guard = privacy.BudgetGuard(stage.ledger)
-    with stage.config.unlocked():
-        stage.config.log_every_steps = log_every  # `DpFinetune.after_step` computes epsilon on these steps
+    # `DpRun.after_step` computes epsilon on the log steps.
+    stage.settings = dataclasses.replace(stage.settings, ops=dataclasses.replace(stage.settings.ops,
+                                                                                 log_every=log_every))
     marks: dict[str, float] = {}
 
     def step(state: Any, i: int) -> Any:
@@ -126,7 +130,7 @@ def per_call_us(fn: Callable[[int], Any], calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def host_work(stage: DpFinetune, root: Path, steps: int) -> list[dict]:
+def host_work(stage: DpRun, root: Path, steps: int) -> list[dict]:
     """Mean time per call of each per-step host operation of the DP loop, in isolation."""
     ledger = privacy.PrivacyLedger(stage.params)
     guard = privacy.BudgetGuard(ledger)

@@ -1,8 +1,8 @@
 r"""Text-to-image on MS-COCO 2017 captions at 256x256 under DP (the paper's COCO table).
 
 Paper row: Bayrooti et al. 2026 (arXiv 2602.23262), MS-COCO 256x256, caption-conditioned. The model
-and the `:arg` variants are those of mm_celeba_hq.py (shared code: `paper_config` there); only the
-data and the DP schedule differ.
+and the `:arg` variants are those of mm_celeba_hq.py (shared code: experiments/configs/paper.py); only
+the data and the DP schedule differ.
 
 Variants (`:arg`, comma-separated): method=dpwave|full_dp|bicubic|nonprivate (nonprivate = full_dp at
 epsilon inf), epsilon=1|10|inf|public (default 1; public: the public-only control, no DP stage), seed=K,
@@ -26,11 +26,16 @@ Data and the privacy boundary:
 
 Commands (`python -m experiments.reproduce --table coco_paper --workdir DIR --extra-args
 manual_dir=/data/raw` runs all five rows and writes the table):
-  python -m dpwave.main --config=experiments/configs/coco.py:method=dpwave,epsilon=1,manual_dir=/data/raw --workdir=/runs/coco/dpwave_eps1
-  python -m dpwave.main --config=experiments/configs/coco.py:method=dpwave,epsilon=10,manual_dir=/data/raw --workdir=/runs/coco/dpwave_eps10
-  python -m dpwave.main --config=experiments/configs/coco.py:method=full_dp,epsilon=1,manual_dir=/data/raw --workdir=/runs/coco/full_dp_eps1
-  python -m dpwave.main --config=experiments/configs/coco.py:method=full_dp,epsilon=10,manual_dir=/data/raw --workdir=/runs/coco/full_dp_eps10
-  python -m dpwave.main --config=experiments/configs/coco.py:method=nonprivate,manual_dir=/data/raw --workdir=/runs/coco/nonprivate
+  python -m dpwave.main --config=experiments/configs/coco.py:method=dpwave,epsilon=1,manual_dir=/data/raw \
+      --workdir=/runs/coco/dpwave_eps1
+  python -m dpwave.main --config=experiments/configs/coco.py:method=dpwave,epsilon=10,manual_dir=/data/raw \
+      --workdir=/runs/coco/dpwave_eps10
+  python -m dpwave.main --config=experiments/configs/coco.py:method=full_dp,epsilon=1,manual_dir=/data/raw \
+      --workdir=/runs/coco/full_dp_eps1
+  python -m dpwave.main --config=experiments/configs/coco.py:method=full_dp,epsilon=10,manual_dir=/data/raw \
+      --workdir=/runs/coco/full_dp_eps10
+  python -m dpwave.main --config=experiments/configs/coco.py:method=nonprivate,manual_dir=/data/raw \
+      --workdir=/runs/coco/nonprivate
   smoke: python -m dpwave.main --config=experiments/configs/coco.py:smoke,manual_dir=/tmp/fixture --workdir=/tmp/smoke
 On a cluster: `sbatch --nodes=1 launch/slurm.sbatch --config=... --workdir=...` (8 GPUs), or
 `launch/tpu_vm.sh --name=NAME --zone=ZONE --config=... --workdir=gs://...` (TPU v5e-64).
@@ -40,8 +45,9 @@ transformer, width 1024, depth 24). DP: expected batch 4096 (q = 0.035), 2,000 s
 AR pretraining: 200k steps of 512 on CC3M (~31 epochs).
 Expected cost (estimated, not measured: 6 x params x tokens at 40% of bf16 peak): AR pretraining
 ~8 h (dpwave) / ~24 h (full_dp), DP finetuning ~1 h (dpwave) / ~3 h (full_dp); tokenizer and refiner
-as for MM-CelebA-HQ; about two days per row, less when rows share the public stages through
---config.tokenizer.init_from=, --config.refiner.init_from= and --config.pretrain.init_from=.
+as for MM-CelebA-HQ; about two days per row, less when rows share the public stages (as for
+MM-CelebA-HQ: `experiments.reproduce` copies them between rows with equal inputs, or copy a finished row's
+tokenizer/, pretrain/ and refiner/ into the new workdir by hand).
 
 Expected result: no COCO number is recorded here as an anchor. The paper's claim to check: at equal
 epsilon, dpwave has lower FID than full_dp, and the gap shrinks towards the non-private reference
@@ -52,20 +58,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.mm_celeba_hq import paper_config, paper_dataset, parse_paper_args
+from experiments.configs import paper
 
 PRIVATE_SUBDIR = "coco"
 PUBLIC_SUBDIR = "cc3m"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_paper_args(arg)
+    args = paper.parse_args(arg)
     datasets = {
-        "private": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "train", "private"),
+        "private": paper.dataset(args, "coco_captions", PRIVATE_SUBDIR, "train", "private"),
         # image_folder splits are private by default: the override asserts CC3M is public.
-        "public": paper_dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public", override_private_default=True),
-        "heldout": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[:20%]", "public"),
-        "test": paper_dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[20%:]", "public"),
+        "public": paper.dataset(args, "image_folder", PUBLIC_SUBDIR, "train", "public", override_private_default=True),
+        "heldout": paper.dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[:20%]", "public"),
+        "test": paper.dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[20%:]", "public"),
     }
-    return paper_config(args, datasets=datasets, delta=1e-6, dp_steps=2000, pretrain_steps=200_000,
-                        num_real=4000)
+    return paper.paper_config(args, datasets=datasets, delta=1e-6, dp_steps=2000, pretrain_steps=200_000,
+                              num_real=4000)

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from ml_collections.config_dict import placeholder
 
 METHODS = ("dpwave", "full_dp", "bicubic")
 
@@ -40,90 +40,104 @@ def epsilon_value(text: str) -> float:
     return math.inf if text.lower() in ("inf", "infinity") else float(text)
 
 
-def dataset(name: str, split: str, privacy: str, **kw: Any) -> dict:
-    return dict(dict(name=name, split=split, privacy=privacy, data_dir="", manual_dir="",
-                     override_private_default=False), **kw)
+def dataset(name: str | None, split: str | None, privacy: str, **kw: Any) -> dict:
+    """A `config.data.<role>` section (dpwave.data.DatasetSpec); None name/split are placeholders a config fills."""
+    spec = dict(name=name or placeholder(str), split=split or placeholder(str), privacy=privacy,
+                data_dir=placeholder(str), manual_dir=placeholder(str), override_private_default=False, labels=None)
+    return {**spec, **kw}
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field a run reads; configs override values, never add keys (the config is locked)."""
+    """Every field a run reads, with the framework's defaults; configs override values, never add keys (the config
+    is locked). A placeholder (None) is either optional or a dataset choice a config must make."""
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.method = "dpwave"  # dpwave | full_dp (all scales DP) | bicubic (coarse DP + bicubic upsampling)
+    c.seed = 0  # the public stages' randomness (the DP stage draws from its own secret seed)
+    c.method = "dpwave"  # dpwave | full_dp (all scales under DP, the baseline) | bicubic (coarse DP + bicubic)
 
     c.data = ml_collections.ConfigDict()
-    c.data.image_size = 32
-    c.data.channels = 1
-    c.data.num_classes = 10  # 0 for captions
+    c.data.image_size = placeholder(int)  # square side every role is read at (the dataset's choice)
+    c.data.channels = placeholder(int)  # 1 or 3
+    c.data.num_classes = placeholder(int)  # classes of label conditioning; None for captions or none
     c.data.condition = "label"  # label | caption | none
-    # labels: keep only these classes (DatasetSpec.labels, e.g. the shift variant's public digits 0-4); None: all.
-    c.data.public = dataset("mnist5k", "public", "public", labels=None)
-    c.data.private = dataset("mnist5k", "private", "private", labels=None)
-    c.data.heldout = dataset("mnist5k", "heldout", "public", labels=None)
-    c.data.test = dataset("mnist5k", "test", "public", labels=None)
+    # The four roles (dpwave.data.DatasetSpec); only the DP stage reads `private`. labels: keep only these
+    # classes (e.g. a public split without the private data's new classes); None: all.
+    c.data.public = dataset(None, None, "public")
+    c.data.private = dataset(None, None, "private")
+    c.data.heldout = dataset(None, None, "public")  # memorization reference; its captions prompt the sampler
+    c.data.test = dataset(None, None, "public")  # reference of the sample metrics and downstream accuracy
 
-    c.wavelet = dict(name="haar", levels=2, mode="symmetric")
+    c.wavelet = dict(name="haar", levels=2, mode="symmetric")  # the coarse band is image_size / 2**levels
 
+    # Each public stage: its model, and steps / batch / learning rate. init_params_from: a finished stage
+    # directory of the same stage, or a workdir holding one, whose parameters (only) the stage starts from.
     c.tokenizer = ml_collections.ConfigDict(dict(
         model=dict(patch_sizes=(2, 2, 4), codebook_size=256, code_dim=8, width=64, depth=2),
-        steps=600, batch_size=64, learning_rate=2e-3, init_from=""))
+        steps=600, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
-    c.transformer = ml_collections.ConfigDict(dict(
+    c.transformer = ml_collections.ConfigDict(dict(  # the AR model, pretrained and then DP-finetuned
         width=128, depth=2, num_heads=4, mlp_dim=256, dropout=0.0, cond_dropout=0.1, max_text_len=0,
-        dtype="float32"))
+        dtype="float32"))  # dtype: activations; it changes the numbers, so it is a model choice, not in perf
 
-    c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3, init_from=""))
+    c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3,
+                                                init_params_from=placeholder(str)))
 
     c.dp = ml_collections.ConfigDict(dict(
-        target_epsilon=10.0, delta=1e-5, noise_multiplier=config_dict.placeholder(float),
-        l2_clip=1.0, expected_batch_size=128, steps=200, optimizer="adam", learning_rate=1e-3,
-        weight_decay=0.0, microbatch_size=16, trainable="all", accountant="pld",
-        compose_on_resume=False, allow_large_delta=False, log_private_metrics=False,
-        # The finetuning recipe (dpwave/train/dp_recipe.py), every option off by default. target_epsilon=0 is the
-        # public-only control: no DP stage, the pretrained model is sampled, no private data is read.
+        # The mechanism (dpwave/train/settings.py: Mechanism), what the guarantee depends on. target_epsilon: > 0
+        # calibrates noise_multiplier (None) to it over `steps`; inf: the non-private reference (no noise, still
+        # clipped); 0: the public-only control (no DP stage, no private data read).
+        target_epsilon=10.0, delta=1e-5, noise_multiplier=placeholder(float), l2_clip=1.0, expected_batch_size=128,
+        steps=200, accountant="pld",
+        # Neighbouring relation: add_or_remove_one, or replace_one (N fixed on both sides; accountant pld only).
+        neighboring="add_or_remove_one",
+        allow_large_delta=False,  # refuse delta >= 1/N unless set
+        # Tuning mode (docs/tuning.md): data.private is a PUBLIC split standing in for the private data (the
+        # DP stage refuses private data then). tuning_private_size: the private N it simulates (same q and
+        # noise per step sigma/B as that run); 0: the stand-in's own size.
+        tuning=False, tuning_private_size=0,
+        # The recipe (dpwave/train/dp_recipe.py), how the DP stage optimizes: no privacy cost, every option off.
+        optimizer="adam", learning_rate=1e-3, weight_decay=0.0,  # sgd | adam | adamw (weight_decay: adamw only)
         # trainable: '+'-joined groups of dpwave.models.transformer.trainable_mask (all, attention, mlp, norm,
         # embed, cond, head, lora); few trained coordinates mean less noise (Yu et al. 2022; Li et al. 2022).
+        trainable="all",
         # lora_rank > 0 adds LoRA adapters (B = 0 at init: the pretrained function is unchanged) to
         # lora_targets ('+'-joined q, k, v, o, mlp) for the DP stage only; train them with trainable='lora'.
         lora_rank=0, lora_targets="q+v",
         # Learning rate: warmup_steps of linear warmup from 0, then lr_schedule: constant | cosine | linear
         # (decay to 0 at dp.steps).
         lr_schedule="constant", warmup_steps=0,
-        # EMA of the DP parameters (0 = off); the sample stage uses it. Post-processing: no privacy cost.
-        ema_decay=0.0,
-        # Condition dropout of the DP stage; None: transformer.cond_dropout (pretraining's).
-        cond_dropout=config_dict.placeholder(float),
-        # Tuning mode (docs/tuning.md): data.private is a PUBLIC split standing in for the private data (the
-        # DP stage refuses private data then). tuning_private_size: the private N it simulates (same q and
-        # noise per step sigma/B as that run); 0: the stand-in's own size.
-        tuning=False, tuning_private_size=0,
-        # Certified per-example norms of dense weights without per-example gradients (dpwave.privacy.ghost),
-        # the default; False: materialized per-example gradients (vmap), the reference path. Timing and
-        # memory of both: experiments/bench/bench_dp_step.py.
-        use_ghost_norms=True,
-        # Neighbouring relation: add_or_remove_one, or replace_one (N fixed on both sides; accountant pld only).
-        neighboring="add_or_remove_one",
+        ema_decay=0.0,  # EMA of the DP parameters (0 = off); the sample stage uses it. Post-processing: free.
+        cond_dropout=placeholder(float),  # condition dropout of the DP stage; None: transformer.cond_dropout
+        # Operations: how a run is kept, resumed and logged; no stage input.
+        compose_on_resume=False,  # a resume under changed mechanism settings composes them instead of refusing
+        log_private_metrics=False,  # DP-stage loss etc. are computed from private data WITHOUT noise: off
         # The secret seed of the Poisson draws, the noise and the DP step's per-example randomness. By default a
         # fresh one is drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
         # host). secret_seed_file: an owner-only (chmod 600) file holding the seed, the same on every host; or
         # set the environment variable DPWAVE_DP_SECRET_SEED. secret_seed: reproducibility mode (tests), NOT
         # secret: it is written to config.json and the logs, and whoever knows it can undo the noise.
-        secret_seed_file=config_dict.placeholder(str),
-        secret_seed=config_dict.placeholder(int)))
+        secret_seed_file=placeholder(str), secret_seed=placeholder(int)))
 
-    c.refiner = ml_collections.ConfigDict(dict(
+    # How the DP step computes the clipped sum, not what: every path gives the same update up to float rounding
+    # (tests/privacy/test_clipping.py, test_ghost.py; tests/train/test_parallel.py), so none is a stage input.
+    # microbatch_size: examples whose per-example gradients are live at once per device (None: the whole batch);
+    # use_ghost_norms: certified norms of dense weights without per-example gradients (dpwave.privacy.ghost);
+    # False: materialized per-example gradients (vmap). Time and memory of both: experiments/bench/bench_dp_step.py.
+    c.perf = ml_collections.ConfigDict(dict(microbatch_size=placeholder(int), use_ghost_norms=True))
+
+    c.refiner = ml_collections.ConfigDict(dict(  # the fine bands given the coarse one (dpwave only)
         model=dict(widths=(64, 64), num_blocks=3, objective="flow", sample_steps=10, cond_noise=0.05),
-        steps=600, batch_size=64, learning_rate=2e-3, init_from=""))
+        steps=600, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
     c.sample = ml_collections.ConfigDict(dict(
-        num_samples=1000, batch_size=250, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0,
+        num_samples=1000, batch_size=250, temperature=1.0, guidance_scale=1.0,
+        top_k=placeholder(int), top_p=placeholder(float),  # None: no top-k / nucleus filtering
         prompts="labels"))  # labels: balanced class labels; heldout: captions of the held-out split
 
     # The FD-cls feature classifier is trained with a fixed seed, so every run is scored by the same one.
-    c.eval = ml_collections.ConfigDict(dict(feature_epochs=10, downstream_epochs=10, inception_weights="",
-                                            num_real=1000))
+    # inception_weights: the FID weights (.npz); None: FID is reported as n/a and FD-cls stands in.
+    c.eval = ml_collections.ConfigDict(dict(feature_epochs=10, downstream_epochs=10,
+                                            inception_weights=placeholder(str), num_real=1000))
 
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=2))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=2))  # resume is exact either way
     c.log_every_steps = 50
-    c.image_every_steps = 0
     return c

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.tokenizer.update(steps=600, batch_size=64)
         c.pretrain.update(steps=800, batch_size=64)
         c.dp.update(steps=150, expected_batch_size=256, learning_rate=5e-4)
-        c.dp.microbatch_size = 8
+        c.perf.microbatch_size = 8
         # At this CPU budget the regression objective gives cleaner details than flow matching (see
         # experiments/bench/bench_refiner.py); the paper configs keep flow.
         c.refiner.model.update(widths=(32, 32), num_blocks=2, objective="regression")
@@ -90,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.transformer.update(width=32, depth=1, num_heads=2, mlp_dim=64)
         c.pretrain.update(steps=30, batch_size=32)
         c.dp.update(steps=12, expected_batch_size=64)
-        c.dp.microbatch_size = 8
+        c.perf.microbatch_size = 8
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
         c.sample.update(num_samples=100, batch_size=50)

@@ -1,0 +1,367 @@
+"""A run's settings: the experiment ConfigDict read ONCE, here, into frozen and validated dataclasses.
+
+Nothing else in dpwave reads a ConfigDict. Each stage declares the settings it reads (`Stage.inputs`); its
+fingerprint is their JSON plus the fingerprints of the stages it consumes. Settings no stage reads (`perf`,
+`ops`, where the DP secret seed comes from, `dp.compose_on_resume`, `dp.log_private_metrics`) never make a
+finished stage stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from dpwave import data, privacy
+from dpwave.data import overlap
+from dpwave.models import transformer as transformer_lib
+from dpwave.models.refiner import RefinerConfig
+from dpwave.models.tokenizer import TokenizerConfig
+from dpwave.models.transformer import TransformerConfig
+
+METHODS = ("dpwave", "full_dp", "bicubic")
+ROLES = ("public", "private", "heldout", "test")
+CONDITIONS = ("label", "caption", "none")
+PROMPTS = ("labels", "heldout")
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Image size, conditioning and the dataset of each role (`ROLES`) at that size."""
+
+    image_size: int
+    channels: int
+    condition: str  # label | caption | none
+    num_classes: int | None  # label conditioning only
+    specs: Mapping[str, data.DatasetSpec]
+
+    def load(self, role: str) -> data.Source:
+        return data.load(self.specs[role], role=f"config.data.{role}")
+
+    def check_boundary(self) -> dict[str, overlap.PixelHashes]:
+        """Run-start check of every role: privacy and split tags, then no image of the private set in a role read
+        without DP (public; heldout, whose captions are also the sampling prompts; test).
+
+        Raises:
+          PrivateSplitError, PrivateOverlapError, ValueError: naming the role.
+        """
+        sources = {role: data.load(dataclasses.replace(self.specs[role], in_memory=False), role=f"config.data.{role}")
+                   for role in ROLES}
+        private = sources.pop("private")
+        return overlap.check_disjoint(private, {f"config.data.{role}": s for role, s in sources.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """The optimization of a public stage. `init_params_from`: a finished stage directory of the same stage, or a
+    workdir holding one, whose parameters (only: no optimizer state, no step) the stage starts from."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    init_params_from: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTraining:
+    """A model and its `Training` (the tokenizer's and the refiner's config sections)."""
+
+    model: Any  # TokenizerConfig | RefinerConfig
+    steps: int
+    batch_size: int
+    learning_rate: float
+    init_params_from: str | None
+
+    @property
+    def training(self) -> Training:
+        return Training(self.steps, self.batch_size, self.learning_rate, self.init_params_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+    """The DP mechanism's settings (config.dp): what the privacy guarantee depends on.
+
+    `target_epsilon`: > 0 calibrates sigma so that `steps` steps stay within it; inf is the non-private
+    reference (sigma 0, still clipped); 0 is the public-only control (no DP stage). `tuning` runs the DP stage on
+    a public stand-in with the q and sigma/B of a private run of `tuning_private_size` examples (docs/tuning.md).
+    """
+
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float | None
+    l2_clip: float
+    expected_batch_size: int
+    steps: int
+    accountant: str
+    neighboring: str
+    allow_large_delta: bool
+    tuning: bool
+    tuning_private_size: int
+
+    @property
+    def public_only(self) -> bool:
+        return self.target_epsilon == 0
+
+    def simulated_size(self, dataset_size: int) -> int:
+        """The N that sets q = expected batch / N: the private run's size that a tuning run stands in for, else
+        the DP input's own size."""
+        return self.tuning_private_size if self.tuning and self.tuning_private_size else dataset_size
+
+    def noise_scale(self, dataset_size: int) -> float:
+        """Factor applied to the private run's sigma in a tuning run, n / N_private: with the private run's q the
+        expected batch is q n instead of q N_private, and sigma n / N_private over it keeps the noise per step
+        sigma/B of the private run (Sander et al. 2023 simulate runs the same way)."""
+        return dataset_size / self.simulated_size(dataset_size)
+
+    def calibrated_noise(self, dataset_size: int) -> float:
+        """sigma: as given, 0 for the non-private reference, else calibrated so that `steps` steps of q =
+        expected batch / N give epsilon <= target."""
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        if math.isinf(self.target_epsilon):
+            return 0.0
+        return privacy.calibrate_noise(self.target_epsilon, self.delta, self.expected_batch_size / dataset_size,
+                                       self.steps, accountant=self.accountant, neighboring=self.neighboring)
+
+    def build(self, dataset_size: int) -> privacy.DpSgdMechanism:
+        """The DP stage's mechanism over a DP input of `dataset_size` examples."""
+        simulated = self.simulated_size(dataset_size)
+        return privacy.DpSgdMechanism(self.l2_clip, privacy.DpParams(
+            noise_multiplier=self.calibrated_noise(simulated) * self.noise_scale(dataset_size),
+            sampling_prob=float(self.expected_batch_size / simulated), delta=self.delta, accountant=self.accountant,
+            target_epsilon=None if math.isinf(self.target_epsilon) or self.tuning else self.target_epsilon,
+            dataset_size=dataset_size, allow_large_delta=self.allow_large_delta, neighboring=self.neighboring))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the DP stage optimizes (config.dp; dpwave/train/dp_recipe.py): none of it changes the guarantee."""
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    trainable: str
+    lora_rank: int
+    lora_targets: str
+    lr_schedule: str
+    warmup_steps: int
+    ema_decay: float
+    cond_dropout: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dp:
+    """The DP stage's settings. `secret_seed` (reproducibility mode, not secret) is a stage input; where a secret
+    seed comes from (`secret_seed_file`, the environment) and the two operations flags are not."""
+
+    mechanism: Mechanism
+    recipe: Recipe
+    secret_seed: int | None
+    secret_seed_file: str | None
+    compose_on_resume: bool
+    log_private_metrics: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Perf:
+    """How the DP step computes the clipped sum, not what it computes: `microbatch_size` examples at a time (None:
+    the whole batch) and certified ghost norms or materialized per-example gradients. Each path gives the same
+    update up to float rounding (tests/privacy/test_clipping.py, test_ghost.py, tests/train/test_parallel.py),
+    so none of this is a stage input."""
+
+    microbatch_size: int | None
+    use_ghost_norms: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    num_samples: int
+    batch_size: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    guidance_scale: float
+    prompts: str  # labels: balanced class labels; heldout: captions of the held-out split
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    feature_epochs: int
+    downstream_epochs: int
+    inception_weights: str | None
+    num_real: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """Checkpoint and logging frequency: a resumed stage ends bit-identical whatever they are."""
+
+    checkpoint_every: int
+    max_to_keep: int
+    log_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Wavelet:
+    name: str
+    levels: int
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run reads. `transformer` is the pretrained AR model; `dp_transformer` the DP stage's (the same
+    plus its LoRA adapters and condition dropout)."""
+
+    seed: int
+    method: str
+    data: DataSettings
+    wavelet: Wavelet
+    tokenizer: ModelTraining
+    transformer: TransformerConfig
+    pretrain: Training
+    dp_transformer: TransformerConfig
+    dp: Dp
+    refiner: ModelTraining
+    sample: Sampling
+    eval: Evaluation
+    perf: Perf
+    ops: Ops
+
+    @property
+    def coarse_only(self) -> bool:
+        """dpwave and its bicubic ablation model only the coarse band; the full-DP baseline all scales."""
+        return self.method != "full_dp"
+
+    @property
+    def public_only(self) -> bool:
+        """The public-only control (dp.target_epsilon = 0): no DP stage, no private data read."""
+        return self.dp.mechanism.public_only
+
+    @property
+    def mode(self) -> str:
+        """public_only, tuning (DP stage on a public stand-in) or dp."""
+        return "public_only" if self.public_only else "tuning" if self.dp.mechanism.tuning else "dp"
+
+
+_PATHS = ("init_params_from", "inception_weights")  # "" (e.g. `--config.eval.inception_weights=`) means None
+
+
+def _dataclass(cls: type, section: Mapping[str, Any], **derived: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: (v or None) if k in _PATHS else v for k, v in section.items() if k in names and k not in derived}
+    return cls(**values, **derived)
+
+
+def _dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetSpec:
+    section = config.data[role].to_dict()
+    for key in ("data_dir", "manual_dir"):
+        section[key] = section.get(key) or None
+    spec = data.DatasetSpec.from_config({**section, "resolution": config.data.image_size,
+                                         "channels": config.data.channels})
+    expected = "private" if role == "private" and not config.dp.tuning else "public"
+    if spec.privacy != expected:
+        why = ("a tuning run (dp.tuning) reads no private data: its DP input stands in for it" if config.dp.tuning
+               else "only the DP stage reads private data")
+        raise ValueError(f"config.data.{role} is tagged privacy={spec.privacy!r}; the {role} role must be "
+                         f"{expected!r} ({why})")
+    return spec
+
+
+def _transformer(config: ml_collections.ConfigDict, tok: TokenizerConfig, coarse_only: bool, *,
+                 finetune: bool) -> TransformerConfig:
+    """The AR model over the coarse tokens (dpwave, bicubic) or every scale's tokens (full_dp). `finetune`: the DP
+    stage's model, which adds the LoRA adapters of `dp.lora_rank` and uses `dp.cond_dropout` when set."""
+    model = config.transformer.to_dict()
+    if finetune:
+        dp = config.dp
+        model.update(lora_rank=dp.lora_rank, lora_targets=dp.lora_targets)
+        if dp.cond_dropout is not None:
+            model["cond_dropout"] = dp.cond_dropout
+    condition = config.data.condition
+    if condition != "caption":
+        model["max_text_len"] = 0
+    if condition == "none":
+        model["cond_dropout"] = 0.0
+    num_classes = config.data.num_classes if condition == "label" else None
+    if coarse_only:
+        return TransformerConfig(vocab_size=tok.codebook_size, seq_len=tok.tokens_per_scale[0],
+                                 num_classes=num_classes, **model)
+    return TransformerConfig(vocab_size=tok.vocab_size, seq_len=tok.scale_boundaries[-1],
+                             scale_boundaries=tok.scale_boundaries, num_classes=num_classes, **model)
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+    """Refuses inconsistent choices before anything is built."""
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r} is unknown; use one of {METHODS}")
+    d = config.data
+    for key in ("image_size", "channels"):
+        if not (isinstance(d[key], int) and d[key] >= 1):
+            raise ValueError(f"config.data.{key}={d[key]!r}: the config must set it (a positive int)")
+    if d.condition not in CONDITIONS:
+        raise ValueError(f"config.data.condition={d.condition!r}; use one of {CONDITIONS}")
+    if d.condition == "label" and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
+        raise ValueError(f"config.data.num_classes={d.num_classes!r}: label conditioning needs the number of "
+                         "classes (>= 2)")
+    if config.sample.prompts not in PROMPTS:
+        raise ValueError(f"config.sample.prompts={config.sample.prompts!r}; use one of {PROMPTS}")
+    microbatch = config.perf.microbatch_size
+    if microbatch is not None and not (isinstance(microbatch, int) and microbatch >= 1):
+        raise ValueError(f"config.perf.microbatch_size={microbatch!r} must be an int >= 1 or None (whole batch)")
+    dp = config.dp
+    if not dp.target_epsilon >= 0:
+        raise ValueError(f"dp.target_epsilon={dp.target_epsilon}: use > 0, inf (non-private reference) or 0 "
+                         "(public-only control)")
+    if dp.target_epsilon == 0 and dp.tuning:
+        raise ValueError("dp.tuning needs a DP stage; dp.target_epsilon=0 (the public-only control) has none")
+    if dp.tuning_private_size and not dp.tuning:
+        raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} applies only with dp.tuning=True")
+    if dp.tuning_private_size < 0:
+        raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} must be >= 0 (0: the proxy's own size)")
+    if dp.optimizer not in OPTIMIZERS:
+        raise ValueError(f"dp.optimizer={dp.optimizer!r}; use one of {OPTIMIZERS}")
+    if dp.weight_decay and dp.optimizer != "adamw":
+        raise ValueError(f"dp.weight_decay={dp.weight_decay} applies only to dp.optimizer='adamw' (got "
+                         f"{dp.optimizer!r}); set it to 0 or use adamw")
+    if dp.lr_schedule not in SCHEDULES:
+        raise ValueError(f"dp.lr_schedule={dp.lr_schedule!r}; use one of {SCHEDULES}")
+    if not 0 <= dp.warmup_steps <= dp.steps:
+        raise ValueError(f"dp.warmup_steps={dp.warmup_steps} must be in [0, dp.steps={dp.steps}]")
+    if not 0 <= dp.ema_decay < 1:
+        raise ValueError(f"dp.ema_decay={dp.ema_decay} must be in [0, 1) (0: no EMA)")
+    groups = transformer_lib.trainable_groups(dp.trainable)
+    if dp.lora_rank and not {"lora", "all"} & set(groups):
+        raise ValueError(f"dp.lora_rank={dp.lora_rank} adds adapters that dp.trainable={dp.trainable!r} keeps "
+                         "frozen at zero; add 'lora' to dp.trainable (e.g. 'cond+lora') or set dp.lora_rank=0")
+
+
+def read(config: ml_collections.ConfigDict) -> Settings:
+    """`config` as validated `Settings` (raises ValueError naming the config key at fault)."""
+    _check(config)
+    d, w, dp = config.data, config.wavelet, config.dp
+    coarse_only = config.method != "full_dp"
+    common = dict(channels=d.channels, levels=w.levels, wavelet=w.name, mode=w.mode)
+    tok = TokenizerConfig(image_size=(d.image_size, d.image_size), **common, **config.tokenizer.model.to_dict())
+    refiner = RefinerConfig(image_size=d.image_size, num_classes=d.num_classes if d.condition == "label" else None,
+                            **common, **config.refiner.model.to_dict())
+    return Settings(
+        seed=config.seed, method=config.method,
+        data=DataSettings(d.image_size, d.channels, d.condition, d.num_classes if d.condition == "label" else None,
+                          {role: _dataset_spec(config, role) for role in ROLES}),
+        wavelet=Wavelet(w.name, w.levels, w.mode),
+        tokenizer=_dataclass(ModelTraining, config.tokenizer, model=tok),
+        transformer=_transformer(config, tok, coarse_only, finetune=False),
+        pretrain=_dataclass(Training, config.pretrain),
+        dp_transformer=_transformer(config, tok, coarse_only, finetune=True),
+        dp=Dp(_dataclass(Mechanism, dp), _dataclass(Recipe, dp), dp.secret_seed, dp.secret_seed_file,
+              dp.compose_on_resume, dp.log_private_metrics),
+        refiner=_dataclass(ModelTraining, config.refiner, model=refiner),
+        sample=_dataclass(Sampling, config.sample), eval=_dataclass(Evaluation, config.eval),
+        perf=_dataclass(Perf, config.perf),
+        ops=Ops(config.checkpoint.every_steps, config.checkpoint.max_to_keep, config.log_every_steps))

@@ -1,0 +1,90 @@
+"""What a stage is: a name, whether its result is public, its random stream, the settings it reads, the stages
+it consumes, how it runs and how its parameters are restored.
+
+A training stage builds a `loop.Task` (`build`); the loop checkpoints it with its inputs and resumes it
+bit-exactly. `run` is that, or (sample, evaluate) the stage's own one-shot computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+from jax.sharding import Mesh
+
+from dpwave.train import loop, model_io
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a running stage sees: the settings, the workdir, the data mesh and every stage's JSON inputs."""
+
+    settings: Settings
+    workdir: str
+    mesh: Mesh
+    inputs: Mapping[str, Mapping[str, Any]]
+
+    def dir(self, stage: str) -> str:
+        return f"{self.workdir}/{stage}"
+
+
+class Stage:
+    """One stage of a run, in `<workdir>/<name>`.
+
+    `public`: the result is a function of public data only (it reads no private data and consumes only public
+    stages), so `experiments/reproduce.py` may copy it between runs with equal inputs. `stream`: folded into
+    `config.seed` for the stage's randomness. `consumes`: the stages whose artifacts it reads (their
+    fingerprints are part of its inputs). `reconciled_on_resume`: input paths a resumed checkpoint may differ in
+    because the stage checks them itself on restore (the DP stage's mechanism: the privacy ledger).
+    """
+
+    name: ClassVar[str]
+    public: ClassVar[bool]
+    stream: ClassVar[int | None]
+    consumes: ClassVar[tuple[str, ...]] = ()
+    reconciled_on_resume: ClassVar[tuple[str, ...]] = ()
+
+    def enabled(self, settings: Settings) -> bool:
+        """Whether the run has this stage (the public-only control has no DP stage)."""
+        return True
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        """The settings the stage's result depends on, keyed by their config path."""
+        raise NotImplementedError
+
+    def key(self, settings: Settings) -> jax.Array:
+        return model_io.stage_key(settings.seed, self.stream)
+
+    def build(self, ctx: Context) -> loop.Task:
+        """The training task (a training stage)."""
+        raise NotImplementedError(f"stage {self.name!r} is not a training stage")
+
+    def task(self, ctx: Context) -> loop.Task:
+        """`build(ctx)` with the stage's inputs (checked on resume, recorded) and its privacy."""
+        return dataclasses.replace(self.build(ctx), inputs=ctx.inputs[self.name],
+                                   reconciled_on_resume=self.reconciled_on_resume, private=not self.public)
+
+    def run(self, ctx: Context) -> bool:
+        """Runs or resumes the stage; False when it was preempted (the same command continues it)."""
+        return run_task(ctx, self.task(ctx)).finished
+
+
+def run_task(ctx: Context, task: loop.Task) -> loop.LoopResult:
+    """Runs or resumes `task` in its stage directory with the run's checkpoint and logging frequency."""
+    ops = ctx.settings.ops
+    return loop.run(task, ctx.dir(task.name), checkpoint_every=ops.checkpoint_every, max_to_keep=ops.max_to_keep,
+                    log_every=ops.log_every)
+
+
+def training_inputs(name: str, section: Any) -> dict[str, Any]:
+    """A public stage's own config section as inputs, with `init_params_from` replaced by the source's
+    params_sha256 (moving the source's workdir changes nothing)."""
+    out = jsonable(dataclasses.replace(section, init_params_from=None))
+    del out["init_params_from"]
+    if section.init_params_from:
+        out["init_params_sha256"] = model_io.init_source(section.init_params_from, name)[1]
+    return {name: out}

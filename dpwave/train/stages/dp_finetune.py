@@ -1,0 +1,196 @@
+"""The DP finetuning stage (private): the only stage that reads private data.
+
+Private images are mapped example by example to tokens with the frozen public tokenizer; the mechanism
+(`settings.Mechanism.build`: `privacy.DpSgdMechanism`) draws Poisson batches with the secret seed (a pure
+function of (seed, step)), sums clipped per-example gradients across devices, and its optimizer adds the noise
+once, normalized by the expected batch size. The privacy ledger and the sampler state live in every checkpoint;
+a rerun restores them, refuses changed DP hyperparameters (unless `dp.compose_on_resume`), and the budget guard
+refuses any step that would push epsilon past the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from dpwave import data, privacy
+from dpwave.data.sampling import seed_commitment
+from dpwave.models import transformer as transformer_lib
+from dpwave.train import distributed, dp_recipe, loop, model_io, secret_seed, steps
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Mechanism, Settings
+from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.pretrain import STAGE as PRETRAIN
+from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
+
+# Folded into jax.random.key(secret seed) for the DP step's per-example randomness (condition dropout): a
+# stream apart from the noise key (optimizers.NOISE_STREAM) and the Poisson draws (numpy Philox).
+DP_STEP_STREAM = 0x64707374  # "dpst"
+
+
+def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTransformation,
+               ema: bool = False) -> steps.TrainState:
+    """The DP stage's state; with `ema`, `extra` holds the EMA of the parameters (starting at `params`)."""
+    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
+
+
+def _draws(sampler_state: dict) -> dict:
+    """The sampler settings that decide each step's examples. The padding (`bucket_multiple`, `buckets`)
+    follows the device count, so a checkpoint may resume on another one; a changed truncation size
+    shows up in the ledger's `max_batch_size`. The seed is compared through its commitment (checkpoints
+    written before it existed hold the plain seed)."""
+    draws = {k: v for k, v in sampler_state.items() if k not in ("bucket_multiple", "buckets")}
+    if "seed" in draws:
+        draws["seed_commitment"] = seed_commitment(draws.pop("seed"))
+    return draws
+
+
+class DpRun:
+    """One run of the DP stage: its examples, mechanism, sampler, ledger, guard and jitted step."""
+
+    def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
+        self.settings = settings
+        dp = settings.dp
+        seed, self.seed_origin = secret_seed.secret_seed(dp, stage_dir)
+        source = settings.data.load("private")
+        expected = "public" if dp.mechanism.tuning else "private"  # a tuning run's DP input stands in for it
+        if source.privacy != expected:
+            raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
+                                    f"{' (dp.tuning)' if dp.mechanism.tuning else ''}, got {source.privacy}")
+        self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), source)
+        self.mechanism = dp.mechanism.build(len(source))
+        selection = self.mechanism.selection
+        self.sampler = data.PoissonSampler(selection.dataset_size, selection.sampling_prob, seed=seed,
+                                           bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
+        self.params = self.mechanism.params
+        self.ledger = self.mechanism.ledger()
+        self.guard = self.mechanism.guard(self.ledger)
+
+        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
+        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
+        params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
+        trainable = transformer_lib.trainable_mask(params, dp.recipe.trainable)
+        self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
+                                                  privacy.noise_key(seed))
+        self.state = distributed.replicate(init_state(params, trainable, self.optimizer, bool(dp.recipe.ema_decay)),
+                                           mesh)
+
+        def example_loss(params, example, key):
+            return transformer_lib.per_example_loss(graphdef, params, example, key)
+
+        clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=settings.perf.microbatch_size,
+                                                 trainable=trainable, use_ghost_norms=settings.perf.use_ghost_norms)
+        # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
+        self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh,
+                                                         l2_clip=self.mechanism.l2_clip, trainable=trainable))
+        self.step_fn = dp_recipe.with_ema(self.step_fn, dp.recipe.ema_decay)
+        self.mesh = mesh
+        self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
+        self.last_epsilon = 0.0
+
+    def step(self, state: steps.TrainState, i: int) -> tuple[steps.TrainState, dict]:
+        indices, mask = self.sampler.batch(i)
+        batch = {k: v[model_io.local_slice(indices)] for k, v in self.examples.items()}
+        batch = distributed.shard_batch(batch, self.mesh)
+        state, metrics = self.step_fn(state, batch, distributed.shard_batch(model_io.local_slice(mask), self.mesh),
+                                      self.key, i)
+        self.ledger.record_steps(1)
+        if not self.settings.dp.log_private_metrics:
+            metrics = {}
+        return state, metrics
+
+    def before_step(self, i: int) -> None:
+        if self.ledger.steps != i:
+            raise RuntimeError(f"privacy ledger holds {self.ledger.steps} steps but the run is at step {i}")
+        if self.guard is not None and not self.guard.can_step(1):
+            raise loop.StopStage(f"privacy budget: one more step would exceed epsilon "
+                                 f"{self.params.target_epsilon} (now {self.ledger.epsilon():.4g})")
+
+    def after_step(self, i: int) -> dict:
+        if i % self.settings.ops.log_every and i != self.settings.dp.mechanism.steps:
+            return {}
+        self.last_epsilon = self.ledger.epsilon()
+        return {"epsilon": self.last_epsilon}
+
+    def meta(self) -> dict:
+        return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.checkpoint_state()}
+
+    def on_restore(self, meta: dict) -> None:
+        saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
+        differences = saved.check_compatible(self.params, compose=self.settings.dp.compose_on_resume)
+        if differences:
+            logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
+        saved_sampler, sampler = _draws(meta["sampler"]), _draws(self.sampler.checkpoint_state())
+        if not differences and saved_sampler != sampler:
+            changed = sorted(k for k in saved_sampler.keys() | sampler.keys() if saved_sampler.get(k) != sampler.get(k))
+            raise privacy.LedgerMismatchError(
+                f"the Poisson sampler differs from the checkpoint's in {', '.join(changed)} (a different "
+                "seed_commitment means another DP secret seed); restore the original settings and seed, or use a new "
+                "workdir")
+        self.ledger = saved
+        self.guard = self.mechanism.guard(self.ledger)
+
+    def summary(self) -> dict:
+        report = privacy.privacy_report(self.ledger)
+        return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
+                "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
+                "steps": self.ledger.steps, "privacy": {**report, "seed": self.seed_origin},
+                "statement": (privacy.privacy_statement(self.ledger)
+                              + f"\n  sampling and noise seed: {self.seed_origin}"),
+                "ledger": self.ledger.to_dict()}
+
+    def task(self) -> loop.Task:
+        ema = bool(self.settings.dp.recipe.ema_decay)  # the parameters the sample stage loads
+        return loop.Task(DpFinetune.name, self.state, self.step, self.settings.dp.mechanism.steps,
+                         params_of=lambda s: s.extra if ema else s.params,
+                         meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
+                         after_step=self.after_step, summary_extra=self.summary, private=True,
+                         postfix=lambda: {"eps": f"{self.last_epsilon:.3g}"})
+
+
+class DpFinetune(Stage):
+    """`stream` is None: the stage's randomness comes from the DP secret seed, never from config.seed."""
+
+    name = "dp_finetune"
+    public = False
+    stream = None
+    consumes = ("tokenizer", "pretrain")
+    # The mechanism's settings may change on resume: the ledger refuses them unless dp.compose_on_resume composes
+    # them honestly (the clipping norm is outside the ledger: it must not change).
+    reconciled_on_resume = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
+
+    def enabled(self, settings: Settings) -> bool:
+        return not settings.public_only
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        dp = settings.dp
+        return {"data.private": jsonable(settings.data.specs["private"]),
+                "transformer": jsonable(settings.dp_transformer),
+                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
+
+    def build(self, ctx: Context) -> loop.Task:
+        return DpRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name), tokenizer_dir=ctx.dir(TOKENIZER.name),
+                     pretrain_dir=ctx.dir(PRETRAIN.name)).task()
+
+    def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState]:
+        """(graphdef, a template of the stage's state: its structure, not its noise settings)."""
+        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
+        recipe = settings.dp.recipe
+        optimizer = privacy.dp_optimizer(dp_recipe.inner_optimizer(recipe, settings.dp.mechanism.steps), l2_clip=1.0,
+                                         noise_multiplier=0.0, expected_batch_size=1.0, key=0)
+        trainable = transformer_lib.trainable_mask(params, recipe.trainable)
+        return graphdef, init_state(params, trainable, optimizer, bool(recipe.ema_decay))
+
+    def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
+        """The DP-finetuned AR parameters (their EMA when `dp.ema_decay` > 0)."""
+        state = model_io.restore_state(stage_dir, self.init(settings)[1])
+        return state.extra if settings.dp.recipe.ema_decay else state.params
+
+
+STAGE = DpFinetune()

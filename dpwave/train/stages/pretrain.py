@@ -1,0 +1,67 @@
+"""The AR pretraining stage (public): the transformer over the public split's tokens (the coarse band for dpwave
+and bicubic, every scale for full_dp), under the frozen tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from dpwave import data
+from dpwave.models import transformer as transformer_lib
+from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Settings
+from dpwave.train.stages.base import Context, Stage, training_inputs
+from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
+
+
+class Pretrain(Stage):
+    name = "pretrain"
+    public = True
+    stream = 2
+    consumes = ("tokenizer",)
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"seed": settings.seed, "data.public": jsonable(settings.data.specs["public"]),
+                "transformer": jsonable(settings.transformer), **training_inputs(self.name, settings.pretrain)}
+
+    def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState, optax.GradientTransformation]:
+        """(graphdef, initial train state, optimizer)."""
+        graphdef, params = model_io.init_transformer(settings.transformer, self.key(settings))
+        optimizer = optax.adamw(settings.pretrain.learning_rate, weight_decay=1e-4)
+        return graphdef, steps.TrainState(params, optimizer.init(params)), optimizer
+
+    def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
+        return model_io.restore_state(stage_dir, self.init(settings)[1]).params
+
+    def build(self, ctx: Context) -> loop.Task:
+        settings, mesh = ctx.settings, ctx.mesh
+        cfg = settings.pretrain
+        source = settings.data.load("public")
+        data.require_public(source, "AR pretraining")
+        examples = model_io.encode_examples(settings, TOKENIZER.model(settings, ctx.dir(TOKENIZER.name)), source)
+        graphdef, state, optimizer = self.init(settings)
+        if cfg.init_params_from:
+            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
+            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
+        state = distributed.replicate(state, mesh)
+
+        def loss_fn(params, batch, rng):
+            return transformer_lib.batch_loss(graphdef, params, batch, rng), {}
+
+        step_fn = steps.public_step(loss_fn, optimizer, mesh)
+        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
+        key = self.key(settings)
+
+        def step(state, i):
+            batch = {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
+            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params)
+
+
+STAGE = Pretrain()

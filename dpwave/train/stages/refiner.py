@@ -1,0 +1,72 @@
+"""The refiner stage (public, dpwave only): the model of the fine wavelet bands given the coarse band, trained
+on the public split."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from dpwave import data
+from dpwave.models import refiner as refiner_lib
+from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Settings
+from dpwave.train.stages.base import Context, Stage, training_inputs
+
+
+class Refiner(Stage):
+    name = "refiner"
+    public = True
+    stream = 4
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"seed": settings.seed, "data.public": jsonable(settings.data.specs["public"]),
+                **training_inputs(self.name, settings.refiner)}
+
+    def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState, optax.GradientTransformation]:
+        """(graphdef, initial train state, optimizer)."""
+        cfg = settings.refiner
+        graphdef, params = nnx.split(refiner_lib.Refiner(cfg.model, rngs=nnx.Rngs(params=self.key(settings))),
+                                     nnx.Param)
+        optimizer = refiner_lib.make_optimizer(cfg.learning_rate, max(cfg.steps, 1))
+        return graphdef, steps.TrainState(params, optimizer.init(params)), optimizer
+
+    def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
+        return model_io.restore_state(stage_dir, self.init(settings)[1]).params
+
+    def model(self, settings: Settings, stage_dir: str) -> refiner_lib.Refiner:
+        """The trained refiner of `stage_dir`."""
+        return nnx.merge(self.init(settings)[0], self.restore_params(settings, stage_dir))
+
+    def build(self, ctx: Context) -> loop.Task:
+        settings, mesh = ctx.settings, ctx.mesh
+        cfg = settings.refiner
+        source = settings.data.load("public")
+        data.require_public(source, "refiner training")
+        graphdef, state, optimizer = self.init(settings)
+        if cfg.init_params_from:
+            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
+            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
+        state = distributed.replicate(state, mesh)
+        step_fn = steps.public_step(functools.partial(refiner_lib.refiner_loss, graphdef), optimizer, mesh)
+        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
+        key = self.key(settings)
+        with_label = cfg.model.num_classes is not None
+
+        def step(state, i):
+            raw = source.get_batch(model_io.local_slice(sampler.batch(i)))
+            batch = {"image": raw["image"]}  # uint8; the refiner converts to [-1, 1]
+            if with_label:
+                batch["label"] = np.asarray(raw["label"], np.int32)
+            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params)
+
+
+STAGE = Refiner()
