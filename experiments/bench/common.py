@@ -1,7 +1,8 @@
-"""Shared helpers for benchmark scripts: timing, a printed table, a JSON record."""
+"""Shared helpers for benchmark scripts: timing, a printed table, a JSON record, the pipeline's public stages."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -12,6 +13,10 @@ from typing import Any
 import jax
 
 from dpwave import files
+from dpwave.train import distributed, pipeline
+from dpwave.train import settings as settings_lib
+from dpwave.train.stages.base import Context, Stage
+from experiments.configs import mnist
 
 
 def block(x: Any) -> Any:
@@ -51,3 +56,25 @@ def write_json(path: str, name: str, rows: Sequence[dict], **extra: Any) -> None
     }
     files.write_json(path, record, sort_keys=False)
     print(f"wrote {path}")
+
+
+def demo_settings() -> settings_lib.Settings:
+    """The settings of `experiments/configs/mnist.py:demo`; benchmarks replace the parts they vary."""
+    return settings_lib.read(mnist.get_config("demo"))
+
+
+def train_stage(stage: Stage, settings: settings_lib.Settings, workdir: str | os.PathLike) -> tuple[Any, float]:
+    """Runs the pipeline's own `stage` (a public training stage of dpwave.train.stages) on `settings` in
+    `workdir/<stage>`, through the run's loop (checkpoints, metrics.jsonl); returns the trained model and the wall
+    seconds (compilation and checkpoints included)."""
+    ctx = Context(settings, os.fspath(workdir), distributed.make_data_mesh(), pipeline.stage_inputs(settings))
+    start = time.perf_counter()
+    stage.run(ctx)
+    seconds = time.perf_counter() - start
+    return stage.model(settings, ctx.dir(stage.name)), seconds
+
+
+def last_logged(workdir: str | os.PathLike, stage: Stage) -> dict:
+    """The stage's last metrics.jsonl record (its final step's metrics)."""
+    lines = files.read_text(f"{os.fspath(workdir)}/{stage.name}/metrics.jsonl").splitlines()
+    return json.loads(lines[-1])
