@@ -5,16 +5,18 @@ Row of the CPU table: method in {dpwave, full_dp, bicubic} x epsilon in {1, 10, 
 pretraining and refiner; private split (2,000) for DP finetuning; heldout (500) for the evaluation
 classifier; test (1,000) for downstream accuracy. 32x32x1, Haar, 2 levels (coarse band 8x8).
 
-Demo (the README's main job; sized for 2 CPU cores: 4 min wall, 1.3 GB peak memory; epsilon 10, sigma
+Demo (the README's main job, with the landed DP recipe; sized for 2 CPU cores: 4 min wall, 1.3 GB peak memory; epsilon 10, sigma
 calibrated):
 
     python -m dpwave.main --config=experiments/configs/mnist.py:demo --workdir=workdir/demo
 
 Shift (the demo with public data that lacks half the classes): the public split keeps only digits
 0-4 (750 images) for the tokenizer, AR pretraining and refiner; the private split still holds all ten
-digits, so digits 5-9 are learned under DP alone (and refined by a refiner that never saw them). Its
-table is `python -m experiments.reproduce --table mnist_shift`; expected (dpwave, seeds 0-1): downstream
-accuracy 0.50 at epsilon 1 and 10 against 0.78 without noise (the README's shift table).
+digits, so digits 5-9 are learned under DP alone (and refined by a refiner that never saw them). Shift
+and tune use the DP recipe `sgd` (experiments/configs/recipes.py, chosen on public data: docs/tuning.md);
+`recipe=NAME` picks another. Its table is `python -m experiments.reproduce --table mnist_shift`; expected
+(dpwave, seed 0, docs/results.md): downstream accuracy 0.668 at epsilon 10 and 0.522 at epsilon 1,
+against 0.683 without noise and 0.528 for the public-only control.
 
 Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.target_epsilon = 0: no DP
 stage, the pretrained model is sampled, the private split is never read); `n_private=K` keeps the first
@@ -28,8 +30,7 @@ heldout split (500 digits of all ten classes) in place of the private digits (dp
 private run of N = 2,000 (or n_private): the same q, steps and noise per step sigma/B. Score recipes on it,
 then run the chosen one once on the private data:
 
-    python -m dpwave.main --config=experiments/configs/mnist.py:tune,epsilon=10 --workdir=/tmp/tune_eps10 \
-        --config.dp.trainable=cond --config.dp.learning_rate=1e-2
+    python -m dpwave.main --config=experiments/configs/mnist.py:tune,recipe=cond_lora,epsilon=10 --workdir=/tmp/tune_eps10
 
 Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
 
@@ -38,7 +39,7 @@ Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
 Expected result (demo, 2-core CPU, seed 0): epsilon 9.94 at delta 1e-5 (sigma 1.07, 150 steps), FD-cls
 26.1, precision 0.83, recall 0.55, downstream accuracy 0.88, memorization ratio 1.05. The DP sampling and
 noise seed is secret (drawn from the OS), so the metrics after the DP stage vary from run to run; the
-README's CPU table gives each row's spread over seeds and the command that regenerates it
+CPU table in docs/results.md gives each row's spread over seeds and the command that regenerates it
 (`python -m experiments.reproduce --table mnist_cpu`).
 """
 
