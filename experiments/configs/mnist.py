@@ -5,8 +5,8 @@ Row of the CPU table: method in {dpwave, full_dp, bicubic} x epsilon in {1, 10, 
 pretraining and refiner; private split (2,000) for DP finetuning; heldout (500) for the evaluation
 classifier; test (1,000) for downstream accuracy. 32x32x1, Haar, 2 levels (coarse band 8x8).
 
-Demo (the README's main job, with the landed DP recipe; sized for 2 CPU cores: 4 min wall, 1.3 GB peak memory; epsilon 10, sigma
-calibrated):
+Demo (the README's main job, with the landed DP recipe; sized for 2 CPU cores: 4 min wall, 1.3 GB peak
+memory; epsilon 10, sigma calibrated):
 
     python -m dpwave.main --config=experiments/configs/mnist.py:demo --workdir=workdir/demo
 
