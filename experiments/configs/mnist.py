@@ -30,7 +30,7 @@ heldout split (500 digits of all ten classes) in place of the private digits (dp
 private run of N = 2,000 (or n_private): the same q, steps and noise per step sigma/B. Score recipes on it,
 then run the chosen one once on the private data:
 
-    python -m dpwave.main --config=experiments/configs/mnist.py:tune,recipe=cond_lora,epsilon=10 --workdir=/tmp/tune_eps10
+    python -m dpwave.main --config=experiments/configs/mnist.py:tune,recipe=cond_lora,epsilon=10 --workdir=/tmp/tune
 
 Tiny (same stages, shrunk; under 2 minutes here; the tests use it):
 
