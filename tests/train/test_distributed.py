@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import runs
 
 from dpwave.train.distributed import ClusterSpec, ProcessInfo, detect_cluster, maybe_initialize_distributed
 
@@ -163,13 +164,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_local_cpu_processes_psum_and_checkpoint(helpers, tmp_path):
+def test_two_local_cpu_processes_psum_and_checkpoint(tmp_path):
     port = _free_port()
     jobs = [(["-c", _WORKER, str(tmp_path)], _env(DPWAVE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                                   DPWAVE_NUM_PROCESSES="2", DPWAVE_PROCESS_ID=str(i),
                                                   XLA_FLAGS="--xla_force_host_platform_device_count=2"))
             for i in range(2)]
-    reports = helpers.run_workers(jobs, timeout=120)
+    reports = runs.run_workers(jobs, timeout=120)
     # Process i contributes two rows of (i + 1) * [0, 1, 2]: 2 * 3 * (1 + 2) = 18.
     assert reports == [
         {

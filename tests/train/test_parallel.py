@@ -10,8 +10,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import runs
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 # Runs (or resumes) the TINY DP stage with overrides argv[1] (JSON) in workdir argv[2]; saves the final
 # parameters to argv[3] (.npz) and prints the device count and the summary.
@@ -20,24 +21,24 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 import jax, numpy as np
-import conftest as h
-result = h.run_dp(h.tiny_config(json.loads(sys.argv[1])), Path(sys.argv[2]))
+from helpers import runs
+result = runs.run_dp(runs.tiny_config(json.loads(sys.argv[1])), Path(sys.argv[2]))
 np.savez(sys.argv[3], *map(np.asarray, jax.tree.leaves(jax.device_get(result.state.params))))
 print(json.dumps({{"devices": jax.device_count(), "summary": result.summary}}))
 """
 
 
-def _run_concurrently(helpers, cache: Path, jobs: list[tuple[int, list[str]]]) -> list[dict]:
+def _run_concurrently(cache: Path, jobs: list[tuple[int, list[str]]]) -> list[dict]:
     """Runs `python -c` scripts with the given simulated device counts at once; their last JSON lines."""
-    return helpers.run_workers([(["-c", *args], helpers.subprocess_env(cache, devices)) for devices, args in jobs],
+    return runs.run_workers([(["-c", *args], runs.subprocess_env(cache, devices)) for devices, args in jobs],
                                timeout=400)
 
 
 @pytest.mark.slow  # three processes, two of them compiling the DP step for a new device count
-def test_dp_checkpoint_saved_on_4_devices_resumes_on_2_and_1(helpers, base_workdir, compile_cache, dp_reference,
+def test_dp_checkpoint_saved_on_4_devices_resumes_on_2_and_1(base_workdir, compile_cache, dp_reference,
                                                             tmp_path):
     first = Path(shutil.copytree(base_workdir, tmp_path / "four"))
-    [saved] = _run_concurrently(helpers, compile_cache,
+    [saved] = _run_concurrently(compile_cache,
                                 [(4, [_DP_STAGE, json.dumps({"dp.steps": 4}), str(first), str(tmp_path / "4.npz")])])
     assert (saved["devices"], saved["summary"]["steps"]) == (4, 4)
     jobs, dirs = [], {}
@@ -45,14 +46,14 @@ def test_dp_checkpoint_saved_on_4_devices_resumes_on_2_and_1(helpers, base_workd
         dirs[devices] = Path(shutil.copytree(first, tmp_path / f"resumed{devices}"))
         jobs.append((devices, [_DP_STAGE, "{}", str(dirs[devices]), str(tmp_path / f"{devices}.npz")]))
     want = dp_reference.summary
-    for (devices, _), report in zip(jobs, _run_concurrently(helpers, compile_cache, jobs)):
+    for (devices, _), report in zip(jobs, _run_concurrently(compile_cache, jobs)):
         got = report["summary"]
         assert report["devices"] == devices
         assert (got["final_step"], got["steps"]) == (10, 10)
         # The ledger continued from the 4-device checkpoint's 4 steps: the same events and epsilon as
         # the uninterrupted 1-process run.
         assert got["ledger"] == want["ledger"] and got["epsilon"] == want["epsilon"]
-        assert helpers.logged_steps(dirs[devices] / "dp_finetune")[4] == 5  # resumed at step 4, not 0
+        assert runs.logged_steps(dirs[devices] / "dp_finetune")[4] == 5  # resumed at step 4, not 0
         # Same Poisson draws and noise; only the summation order of the clipped gradients differs.
         with np.load(tmp_path / f"{devices}.npz") as params:
             for i, ref in enumerate(jax.tree.leaves(dp_reference.params)):
@@ -121,8 +122,8 @@ print(json.dumps({
 """
 
 
-def test_dp_update_is_the_same_on_1_2_4_devices_and_the_noise_is_added_once(helpers, compile_cache):
-    [got] = _run_concurrently(helpers, compile_cache, [(4, [_UPDATES])])
+def test_dp_update_is_the_same_on_1_2_4_devices_and_the_noise_is_added_once(compile_cache):
+    [got] = _run_concurrently(compile_cache, [(4, [_UPDATES])])
     assert 4 <= got["clipped_examples"] <= 9  # some real examples are clipped, some not
     for devices in ("1", "2", "4"):
         assert got["plain_vs_numpy"][devices] <= 1e-6 * max(1.0, got["plain_scale"]), got

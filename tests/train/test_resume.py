@@ -13,6 +13,9 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from helpers import seeds
+from helpers import runs
+
+from dpwave.train import loop
 
 from dpwave import privacy
 
@@ -20,17 +23,17 @@ RNG = seeds.rng("test_resume")  # kill steps: drawn from the test seed; the chos
 
 
 @pytest.fixture(scope="module")
-def killed_dp_workdir(helpers, base_workdir, compile_cache, tmp_path_factory) -> tuple[Path, int]:
+def killed_dp_workdir(base_workdir, compile_cache, tmp_path_factory) -> tuple[Path, int]:
     """A workdir whose DP stage (run by `python -m dpwave.main`) was SIGKILLed at a random step after
     its second committed checkpoint; returns (workdir, step at which the kill was sent)."""
     workdir = Path(shutil.copytree(base_workdir, tmp_path_factory.mktemp("killed") / "run"))
     stage = workdir / "dp_finetune"
-    kill_at = RNG.randint(5, helpers.TINY["dp.steps"] - 3)
+    kill_at = RNG.randint(5, runs.TINY["dp.steps"] - 3)
 
     def ready() -> bool:
-        return len(helpers.committed_checkpoints(stage)) >= 2 and max(helpers.logged_steps(stage), default=0) >= kill_at
+        return len(runs.committed_checkpoints(stage)) >= 2 and max(runs.logged_steps(stage), default=0) >= kill_at
 
-    code = helpers.signal_when(helpers.cli_args(workdir), helpers.subprocess_env(compile_cache),
+    code = runs.signal_when(runs.cli_args(workdir), runs.subprocess_env(compile_cache),
                                workdir.parent / "log.txt", ready, signal.SIGKILL)
     assert code == -signal.SIGKILL, f"kill at step {kill_at}"
     assert not (stage / "summary.json").exists(), f"the stage finished before the kill at step {kill_at}"
@@ -41,12 +44,12 @@ def _copy(workdir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(workdir, tmp_path / "run"))
 
 
-def _resumed_from(helpers, stage: Path, rerun) -> int:
+def _resumed_from(stage: Path, rerun) -> int:
     """Reruns and returns the step it resumed from: the first step the rerun logged, minus one."""
-    before = len(helpers.logged_steps(stage))
+    before = len(runs.logged_steps(stage))
     result = rerun()
     assert result.finished
-    return helpers.logged_steps(stage)[before] - 1
+    return runs.logged_steps(stage)[before] - 1
 
 
 def _same_dp_result(summary: dict, reference: dict, context: str) -> None:
@@ -55,21 +58,21 @@ def _same_dp_result(summary: dict, reference: dict, context: str) -> None:
         assert summary[key] == reference[key], f"{key} differs ({context})"
 
 
-def test_dp_stage_resumes_bit_exactly_after_sigkill(helpers, killed_dp_workdir, dp_reference, tmp_path):
+def test_dp_stage_resumes_bit_exactly_after_sigkill(killed_dp_workdir, dp_reference, tmp_path):
     killed, kill_at = killed_dp_workdir
     workdir = _copy(killed, tmp_path)
     stage = workdir / "dp_finetune"
-    newest = helpers.committed_checkpoints(stage)[-1]
-    start = _resumed_from(helpers, stage, lambda: helpers.run_dp(helpers.tiny_config(), workdir))
+    newest = runs.committed_checkpoints(stage)[-1]
+    start = _resumed_from(stage, lambda: runs.run_dp(runs.tiny_config(), workdir))
     assert 2 <= start == newest, f"kill at step {kill_at}: resumed from {start}, newest checkpoint {newest}"
-    _same_dp_result(helpers.loop.read_summary(str(stage)), dp_reference.summary, f"killed at step {kill_at}")
+    _same_dp_result(loop.read_summary(str(stage)), dp_reference.summary, f"killed at step {kill_at}")
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(helpers, killed_dp_workdir, dp_reference,
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(killed_dp_workdir, dp_reference,
                                                                     tmp_path, caplog):
     workdir = _copy(killed_dp_workdir[0], tmp_path)
     stage = workdir / "dp_finetune"
-    *_, previous, newest = helpers.committed_checkpoints(stage)
+    *_, previous, newest = runs.committed_checkpoints(stage)
     data_files = [p for p in (stage / "checkpoints" / str(newest) / "state").rglob("*")
                   if p.is_file() and "d" in p.parent.parts]  # OCDBT array data under state/**/d/
     assert data_files
@@ -77,35 +80,35 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(helpers, kil
         with open(path, "r+b") as f:
             f.truncate(3)
     with caplog.at_level(logging.WARNING):
-        start = _resumed_from(helpers, stage, lambda: helpers.run_dp(helpers.tiny_config(), workdir))
+        start = _resumed_from(stage, lambda: runs.run_dp(runs.tiny_config(), workdir))
     assert start == previous
     assert any(f"step {newest}" in r.getMessage() and "could not be restored" in r.getMessage()
                for r in caplog.records if r.levelno == logging.WARNING)
-    _same_dp_result(helpers.loop.read_summary(str(stage)), dp_reference.summary, "after fallback")
+    _same_dp_result(loop.read_summary(str(stage)), dp_reference.summary, "after fallback")
 
 
-def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_finishes(helpers, workdir, compile_cache,
+def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_finishes(workdir, compile_cache,
                                                                          dp_reference):
     stage = workdir / "dp_finetune"
-    signal_at = RNG.randint(1, helpers.TINY["dp.steps"] - 3)
-    code = helpers.signal_when(helpers.cli_args(workdir), helpers.subprocess_env(compile_cache),
+    signal_at = RNG.randint(1, runs.TINY["dp.steps"] - 3)
+    code = runs.signal_when(runs.cli_args(workdir), runs.subprocess_env(compile_cache),
                                workdir.parent / "log.txt",
-                               lambda: max(helpers.logged_steps(stage), default=0) >= signal_at, signal.SIGTERM)
+                               lambda: max(runs.logged_steps(stage), default=0) >= signal_at, signal.SIGTERM)
     log = (workdir.parent / "log.txt").read_text()
     assert code == 0, log[-3000:]
     assert "preempted" in log and not (stage / "summary.json").exists()
-    saved, last_done = helpers.committed_checkpoints(stage)[-1], helpers.logged_steps(stage)[-1]
+    saved, last_done = runs.committed_checkpoints(stage)[-1], runs.logged_steps(stage)[-1]
     # The checkpoint holds the last step completed (nothing done after the signal is lost), and the
     # process stopped at the step boundary after the signal instead of running on to the end.
-    assert signal_at <= saved == last_done < helpers.TINY["dp.steps"], (signal_at, saved, last_done)
-    start = _resumed_from(helpers, stage, lambda: helpers.run_dp(helpers.tiny_config(), workdir))
+    assert signal_at <= saved == last_done < runs.TINY["dp.steps"], (signal_at, saved, last_done)
+    start = _resumed_from(stage, lambda: runs.run_dp(runs.tiny_config(), workdir))
     assert start == saved
-    _same_dp_result(helpers.loop.read_summary(str(stage)), dp_reference.summary, f"SIGTERM at step {signal_at}")
+    _same_dp_result(loop.read_summary(str(stage)), dp_reference.summary, f"SIGTERM at step {signal_at}")
 
 
-def test_public_stage_resumes_bit_exactly_after_sigkill(helpers, base_workdir, compile_cache, tmp_path):
+def test_public_stage_resumes_bit_exactly_after_sigkill(base_workdir, compile_cache, tmp_path):
     steps = {"pretrain.steps": 8}
-    config = helpers.tiny_config(steps)
+    config = runs.tiny_config(steps)
     killed, reference = (Path(shutil.copytree(base_workdir, tmp_path / name)) for name in ("killed", "reference"))
     for workdir in (killed, reference):
         shutil.rmtree(workdir / "pretrain")
@@ -113,24 +116,24 @@ def test_public_stage_resumes_bit_exactly_after_sigkill(helpers, base_workdir, c
     kill_at = RNG.randint(3, 6)
 
     def ready() -> bool:
-        return bool(helpers.committed_checkpoints(stage)) and max(helpers.logged_steps(stage), default=0) >= kill_at
+        return bool(runs.committed_checkpoints(stage)) and max(runs.logged_steps(stage), default=0) >= kill_at
 
-    code = helpers.signal_when(helpers.cli_args(killed, steps), helpers.subprocess_env(compile_cache),
+    code = runs.signal_when(runs.cli_args(killed, steps), runs.subprocess_env(compile_cache),
                                tmp_path / "log.txt", ready, signal.SIGKILL)
     assert code == -signal.SIGKILL and not (stage / "summary.json").exists(), f"kill at step {kill_at}"
-    newest = helpers.committed_checkpoints(stage)[-1]
-    start = _resumed_from(helpers, stage, lambda: helpers.run_pretrain(config, killed))
+    newest = runs.committed_checkpoints(stage)[-1]
+    start = _resumed_from(stage, lambda: runs.run_pretrain(config, killed))
     assert start == newest, f"kill at step {kill_at}"
-    want = helpers.run_pretrain(config, reference).summary
-    got = helpers.loop.read_summary(str(stage))
+    want = runs.run_pretrain(config, reference).summary
+    got = loop.read_summary(str(stage))
     assert (got["final_step"], got["params_sha256"]) == (8, want["params_sha256"]), f"kill at step {kill_at}"
 
 
-def test_budget_guard_stops_at_the_target_epsilon(helpers, workdir):
+def test_budget_guard_stops_at_the_target_epsilon(workdir):
     # sigma 1, q = 16/400 (PLD, delta 1e-5): epsilon 1.074 after 3 steps, 1.139 after 4.
     target = 1.1
-    config = helpers.tiny_config({"dp.steps": 50, "dp.target_epsilon": target})
-    summary = helpers.run_dp(config, workdir).summary
+    config = runs.tiny_config({"dp.steps": 50, "dp.target_epsilon": target})
+    summary = runs.run_dp(config, workdir).summary
     taken = summary["final_step"]
     assert summary["stopped_early"] and summary["steps"] == taken < 50
     eps = lambda steps: privacy.epsilon(1.0, 16 / 400, steps, 1e-5, dataset_size=400)
@@ -142,17 +145,17 @@ def test_budget_guard_stops_at_the_target_epsilon(helpers, workdir):
     ({"dp.noise_multiplier": 2.0}, "noise_multiplier: 1.0 (ledger) -> 2.0 (new config)"),
     ({"dp.expected_batch_size": 20}, "sampling_prob: 0.04 (ledger) -> 0.05 (new config)"),
 ])
-def test_resume_with_changed_dp_hyperparameters_is_refused(helpers, dp_reference, tmp_path, change, message):
+def test_resume_with_changed_dp_hyperparameters_is_refused(dp_reference, tmp_path, change, message):
     workdir = _copy(dp_reference.workdir, tmp_path)
     with pytest.raises(privacy.LedgerMismatchError) as error:
-        helpers.run_dp(helpers.tiny_config({**change, "dp.steps": 12}), workdir)
+        runs.run_dp(runs.tiny_config({**change, "dp.steps": 12}), workdir)
     assert message in str(error.value) and "compose" in str(error.value)
 
 
-def test_compose_on_resume_composes_the_new_mechanism(helpers, dp_reference, tmp_path):
+def test_compose_on_resume_composes_the_new_mechanism(dp_reference, tmp_path):
     workdir = _copy(dp_reference.workdir, tmp_path)
-    config = helpers.tiny_config({"dp.noise_multiplier": 2.0, "dp.steps": 12, "dp.compose_on_resume": True})
-    summary = helpers.run_dp(config, workdir).summary
+    config = runs.tiny_config({"dp.noise_multiplier": 2.0, "dp.steps": 12, "dp.compose_on_resume": True})
+    summary = runs.run_dp(config, workdir).summary
     assert summary["final_step"] == summary["steps"] == 12
     history = summary["privacy"]["history"]
     assert [(h["steps"], h["noise_multiplier"]) for h in history] == [(10, 1.0), (2, 2.0)]
