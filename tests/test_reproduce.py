@@ -226,11 +226,11 @@ def test_load_config_resolves_the_command_like_dpwave_main(tmp_path, monkeypatch
 def fake_pipeline(runs, trained: dict):
     """A runner that 'trains' every stage missing from the run's workdir: writes its summary.json with the
     inputs_sha256 the pipeline records and params_sha256 naming the run that trained it."""
-    from dpwave.train import pipeline
+    from dpwave.train import pipeline, settings
 
     def runner(command):
         run = next(r for r in runs if r.command == command)
-        fps = pipeline.stage_fingerprints(reproduce.load_config(command))
+        fps = pipeline.stage_fingerprints(settings.read(reproduce.load_config(command)))
         trained[run.row.label, run.seed] = [s for s in fps if not (run.workdir / s / "summary.json").exists()]
         for stage in trained[run.row.label, run.seed]:
             (run.workdir / stage).mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dpwave.data import DatasetSpec, PrivateOverlapError, PrivateSplitError, load, overlap
-from dpwave.train import builders, pipeline
+from dpwave.train import pipeline, settings
 from experiments.configs import coco, mm_celeba_hq, mnist
 
 ROLE = "config.data.public"
@@ -78,10 +78,11 @@ def test_override_is_a_bool_and_a_config_key():
     assert DatasetSpec.from_config({"name": "a", "split": "b", "privacy": "public"}).override_private_default is False
     for module in (mm_celeba_hq, coco):
         config = module.get_config("manual_dir=/raw")
-        assert {role: builders.dataset_spec(config, role).override_private_default for role in builders.ROLES} == {
+        specs = settings.read(config).data.specs
+        assert {role: specs[role].override_private_default for role in settings.ROLES} == {
             "public": True, "private": False, "heldout": False, "test": False}
     demo = mnist.get_config("demo")
-    assert not any(demo.data[role].override_private_default for role in builders.ROLES)
+    assert not any(demo.data[role].override_private_default for role in settings.ROLES)
 
 
 def test_heldout_role_naming_a_private_by_default_split_is_refused_by_config(celeba_tree, tmp_path):
@@ -89,7 +90,7 @@ def test_heldout_role_naming_a_private_by_default_split_is_refused_by_config(cel
     config.data.heldout.update(manual_dir=os.fspath(celeba_tree), split="train[:2]")
     with pytest.raises(PrivateSplitError, match=r"config.data.heldout \(mm_celeba_hq/train\[:2\]\).*--config.data"
                                                 r".heldout.override_private_default=True"):
-        builders.load(config, "heldout")
+        settings.read(config).data.load("heldout")
 
 
 def test_overlap_is_found_with_count_and_ids(folders, data_dir):
@@ -145,9 +146,9 @@ def test_corrupt_cache_is_rehashed(folders, data_dir, caplog):
 
 def test_mnist5k_roles_are_disjoint(data_dir):
     config = mnist.get_config("tiny")
-    for role in builders.ROLES:
+    for role in settings.ROLES:
         config.data[role].data_dir = data_dir
-    hashes = builders.check_data_boundary(config)
+    hashes = settings.read(config).data.check_boundary()
     assert {role: len(h.digests) for role, h in hashes.items()} == {
         "private": 2000, "config.data.public": 1500, "config.data.heldout": 500, "config.data.test": 1000}
 
@@ -156,7 +157,7 @@ def test_run_refuses_a_leaked_image_before_any_stage(folders, tmp_path):
     private_dir, public_dir = folders
     config = mnist.get_config("tiny")
     data_dir = os.fspath(tmp_path / "tfds")
-    for role in builders.ROLES:
+    for role in settings.ROLES:
         config.data[role].data_dir = data_dir
     config.data.private.update(name="image_folder", split="train", manual_dir=os.fspath(private_dir))
     config.data.public.update(name="image_folder", split="train", manual_dir=os.fspath(public_dir),
@@ -164,4 +165,4 @@ def test_run_refuses_a_leaked_image_before_any_stage(folders, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(PrivateOverlapError, match=r"config.data.public \(image_folder/train\) holds 1 of 4 images"):
         pipeline.train_and_evaluate(config, os.fspath(workdir))
-    assert sorted(os.listdir(workdir)) == []  # no stage started, no config.json written
+    assert not workdir.exists()  # no stage started, no config.json written

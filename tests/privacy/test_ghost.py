@@ -184,11 +184,11 @@ def test_cancelling_activations_add_at_most_c(k, m):
 def test_norm_bounds_are_tight_on_the_demo_transformer():
     """On a real model the certified bound stays within 1e-4 of the materialized per-example norm."""
     from dpwave.models import transformer as transformer_lib
-    from dpwave.train import public_stages
+    from dpwave.train import model_io, settings
     from experiments.configs import mnist
 
-    config = mnist.get_config("demo")
-    graphdef, params = public_stages.init_transformer(config)
+    graphdef, params = model_io.init_transformer(settings.read(mnist.get_config("demo")).transformer,
+                                                 jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.integers(0, 256, (6, 16)), jnp.int32),
              "label": jnp.asarray(rng.integers(0, 10, 6), jnp.int32)}

@@ -15,7 +15,7 @@ import pytest
 
 from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import builders, distributed, public_stages, steps
+from dpwave.train import distributed, model_io, settings, steps
 from experiments.configs import mnist
 
 CLIP, OTHERS, BUCKET = 1.0, 31, 40
@@ -24,10 +24,9 @@ CLIP, OTHERS, BUCKET = 1.0, 31, 40
 @functools.cache
 def _setup(ghost: bool):
     """The demo's transformer (condition dropout 0.1), randomly initialized, and its jitted DP step."""
-    config = mnist.get_config("demo")
-    assert config.transformer.cond_dropout > 0
-    graphdef, params = public_stages.init_transformer(config)
-    model = builders.transformer_config(config, builders.tokenizer_config(config))
+    model = settings.read(mnist.get_config("demo")).transformer
+    assert model.cond_dropout > 0
+    graphdef, params = model_io.init_transformer(model, jax.random.key(0))
     # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
     optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
     clipped_sum = privacy.clipped_grad(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key),

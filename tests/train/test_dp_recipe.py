@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
+from helpers import runs
 
 from dpwave import data
-from dpwave.train import builders, dp_recipe, loop, pipeline, public_stages, report_stages
+from dpwave.train import dp_recipe, loop, model_io, pipeline, settings
+from dpwave.train.stages.pretrain import STAGE as PRETRAIN
+from dpwave.train.stages.sample import transformer_params
 from dpwave.train.steps import TrainState
 
 
@@ -30,7 +33,17 @@ def moved(before, after) -> set[str]:
 
 
 def pretrained(config, workdir: Path):
-    return public_stages.restore_params(str(workdir / "pretrain"), public_stages.init_pretrain(config)[1]).params
+    return PRETRAIN.restore_params(settings.read(config), str(workdir / "pretrain"))
+
+
+def init_transformer(config, finetune: bool = False):
+    """(graphdef, params) of the AR model as pretrained, or (`finetune`) as the DP stage trains it."""
+    run = settings.read(config)
+    return model_io.init_transformer(run.dp_transformer if finetune else run.transformer, PRETRAIN.key(run))
+
+
+def stage_names(config) -> list[str]:
+    return [stage.name for stage in pipeline.stages(settings.read(config))]
 
 
 def run_steps(stage, count: int) -> list[TrainState]:
@@ -49,10 +62,10 @@ def run_steps(stage, count: int) -> list[TrainState]:
     ("cosine", 2, {0: 0.0, 1: 5e-4, 2: 1e-3, 6: 5e-4, 10: 0.0}),
     ("linear", 2, {0: 0.0, 2: 1e-3, 6: 5e-4, 10: 0.0}),
 ])
-def test_learning_rate_schedule_values(helpers, schedule, warmup, expected):
-    dp = helpers.tiny_config({"dp.learning_rate": 1e-3, "dp.lr_schedule": schedule,
-                              "dp.warmup_steps": warmup}).dp
-    lr = dp_recipe.learning_rate(dp)
+def test_learning_rate_schedule_values(schedule, warmup, expected):
+    run = settings.read(runs.tiny_config({"dp.learning_rate": 1e-3, "dp.lr_schedule": schedule,
+                                             "dp.warmup_steps": warmup}))
+    lr = dp_recipe.learning_rate(run.dp.recipe, run.dp.mechanism.steps)
     for step, value in expected.items():
         assert float(lr(step) if callable(lr) else lr) == pytest.approx(value, abs=1e-9), step
 
@@ -69,33 +82,33 @@ def test_learning_rate_schedule_values(helpers, schedule, warmup, expected):
     ({"dp.optimizer": "rmsprop"}, "dp.optimizer='rmsprop'"),
     ({"dp.optimizer": "adam", "dp.weight_decay": 0.1}, "weight_decay"),
 ])
-def test_inconsistent_recipe_options_are_refused_before_any_stage(helpers, overrides, message):
+def test_inconsistent_recipe_options_are_refused_before_any_stage(overrides, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.stage_names(helpers.tiny_config(overrides))
+        stage_names(runs.tiny_config(overrides))
 
 
-def test_warmup_makes_the_first_step_a_no_op(helpers, base_workdir, tmp_path):
-    config = helpers.tiny_config({"dp.warmup_steps": 3})
+def test_warmup_makes_the_first_step_a_no_op(base_workdir, tmp_path):
+    config = runs.tiny_config({"dp.warmup_steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
-    first, second = run_steps(helpers.dp_stage(config, workdir), 2)
+    first, second = run_steps(runs.dp_stage(config, workdir), 2)
     assert moved(pretrained(config, workdir), first.params) == set()  # learning rate 0 at step 0
     assert moved(first.params, second.params)
 
 
 # ---- trainable subsets and LoRA ------------------------------------------------------------------
-def test_trainable_cond_moves_only_the_class_table(helpers, base_workdir, tmp_path):
-    config = helpers.tiny_config({"dp.trainable": "cond", "dp.steps": 3})
+def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
+    config = runs.tiny_config({"dp.trainable": "cond", "dp.steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
-    result = helpers.run_dp(config, workdir)
+    result = runs.run_dp(config, workdir)
     assert moved(pretrained(config, workdir), result.state.params) == {"['class_embed'].value"}
 
 
 @pytest.mark.parametrize("ghost", [False, True])
-def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, base_workdir, tmp_path, ghost):
-    config = helpers.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
-                                  "dp.use_ghost_norms": ghost})
+def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_workdir, tmp_path, ghost):
+    config = runs.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
+                                  "perf.use_ghost_norms": ghost})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
-    stage = helpers.dp_stage(config, workdir)
+    stage = runs.dp_stage(config, workdir)
     base = pretrained(config, workdir)
     start = stage.state.params
     adapters = {k for k in leaves(start) if "lora" in k}
@@ -103,8 +116,8 @@ def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, 
     assert all(not leaves(start)[k].any() for k in adapters if "lora_b" in k)
     assert moved(base, start) == set()  # every pretrained leaf loaded as is
 
-    graphdef_lora, _ = public_stages.init_transformer(config, finetune=True)
-    graphdef_base, _ = public_stages.init_transformer(config)
+    graphdef_lora, _ = init_transformer(config, finetune=True)
+    graphdef_base, _ = init_transformer(config)
     tokens = jnp.asarray(stage.examples["tokens"][:4])
     labels = jnp.asarray(stage.examples["label"][:4])
     logits = nnx.merge(graphdef_lora, start)(tokens, labels)
@@ -114,48 +127,45 @@ def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(helpers, 
     assert moved(start, end) == adapters
     assert not np.array_equal(nnx.merge(graphdef_lora, end)(tokens, labels), logits)
     # The pretrain stage never builds adapters: LoRA settings leave its fingerprint alone.
-    fps, plain = pipeline.stage_fingerprints(config), pipeline.stage_fingerprints(helpers.tiny_config())
+    fps, plain = (pipeline.stage_fingerprints(settings.read(c)) for c in (config, runs.tiny_config()))
     assert fps["pretrain"] == plain["pretrain"] and fps["dp_finetune"] != plain["dp_finetune"]
 
 
-def test_load_pretrained_refuses_unknown_and_missing_leaves(helpers):
-    config = helpers.tiny_config({"dp.lora_rank": 2, "dp.trainable": "lora"})
-    _, lora = public_stages.init_transformer(config, finetune=True)
-    _, base = public_stages.init_transformer(config)
-    other = helpers.tiny_config({"transformer.mlp_dim": 48})
+def test_load_pretrained_refuses_unknown_and_missing_leaves():
+    config = runs.tiny_config({"dp.lora_rank": 2, "dp.trainable": "lora"})
+    _, lora = init_transformer(config, finetune=True)
+    _, base = init_transformer(config)
+    other = runs.tiny_config({"transformer.mlp_dim": 48})
     with pytest.raises(ValueError, match="shape"):
-        dp_recipe.load_pretrained(lora, public_stages.init_transformer(other)[1])
+        dp_recipe.load_pretrained(lora, init_transformer(other)[1])
     with pytest.raises(ValueError, match="neither pretrained nor a LoRA adapter"):
         dp_recipe.load_pretrained(base, {})
 
 
 # ---- condition dropout -----------------------------------------------------------------------------
-def test_dp_cond_dropout_sets_the_dp_model_only(helpers):
-    config = helpers.tiny_config({"dp.cond_dropout": 0.0})
-    assert config.transformer.cond_dropout == 0.1
-    tok = builders.tokenizer_config(config)
-    assert builders.transformer_config(config, tok).cond_dropout == 0.1  # pretraining
-    assert builders.transformer_config(config, tok, finetune=True).cond_dropout == 0.0
-    inherited = helpers.tiny_config()
-    assert builders.transformer_config(inherited, tok, finetune=True).cond_dropout == 0.1
+def test_dp_cond_dropout_sets_the_dp_model_only():
+    run = settings.read(runs.tiny_config({"dp.cond_dropout": 0.0}))
+    assert run.transformer.cond_dropout == 0.1  # pretraining
+    assert run.dp_transformer.cond_dropout == 0.0
+    assert settings.read(runs.tiny_config()).dp_transformer.cond_dropout == 0.1
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
-def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(helpers, base_workdir, tmp_path):
+def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(base_workdir, tmp_path):
     decay = 0.5
-    config = helpers.tiny_config({"dp.ema_decay": decay, "dp.steps": 3})
+    config = runs.tiny_config({"dp.ema_decay": decay, "dp.steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
-    states = run_steps(helpers.dp_stage(config, workdir), 3)
+    states = run_steps(runs.dp_stage(config, workdir), 3)
     expected = pretrained(config, workdir)
     for state in states:
         expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, expected, state.params)
     for key, value in leaves(expected).items():
         np.testing.assert_allclose(leaves(states[-1].extra)[key], value, rtol=1e-6, atol=1e-7)
 
-    result = helpers.run_dp(config, workdir)  # the same steps through the loop, checkpointed
+    result = runs.run_dp(config, workdir)  # the same steps through the loop, checkpointed
     assert moved(result.state.params, result.state.extra)  # the EMA differs from the last iterate
     dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain", "dp_finetune")}
-    sampled = report_stages.transformer_params(config, dirs)[1]
+    sampled = transformer_params(settings.read(config), dirs)[1]
     assert moved(result.state.extra, sampled) == set()
 
 
@@ -164,10 +174,10 @@ TUNING = {"dp.tuning": True, "dp.tuning_private_size": 2000, "data.private.split
           "data.private.privacy": "public"}
 
 
-def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(helpers, base_workdir, tmp_path):
-    config = helpers.tiny_config(TUNING)
+def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(base_workdir, tmp_path):
+    config = runs.tiny_config(TUNING)
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
-    stage = helpers.dp_stage(config, workdir)
+    stage = runs.dp_stage(config, workdir)
     n = len(stage.examples["tokens"])
     assert n == 500  # the heldout digits
     assert stage.sampler.sampling_prob == pytest.approx(16 / 2000)  # the private run's q
@@ -177,12 +187,11 @@ def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(h
     assert stage.params.target_epsilon is None and stage.guard is None  # the stand-in's epsilon is no budget
 
 
-def test_tuning_refuses_private_data_and_real_runs_refuse_public_data(helpers):
+def test_tuning_refuses_private_data_and_real_runs_refuse_public_data():
     with pytest.raises(ValueError, match="tuning run"):
-        builders.dataset_spec(helpers.tiny_config({"dp.tuning": True}), "private")
+        settings.read(runs.tiny_config({"dp.tuning": True}))
     with pytest.raises(ValueError, match="only the DP stage reads private data"):
-        builders.dataset_spec(helpers.tiny_config({"data.private.split": "heldout",
-                                                   "data.private.privacy": "public"}), "private")
+        settings.read(runs.tiny_config({"data.private.split": "heldout", "data.private.privacy": "public"}))
 
 
 # ---- the public-only control ---------------------------------------------------------------------
@@ -190,7 +199,8 @@ PUBLIC_ONLY = {"dp.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples
                "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
 
 
-def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(helpers, base_workdir, tmp_path,
+@pytest.mark.e2e
+def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(base_workdir, tmp_path,
                                                                              monkeypatch):
     opened = []
     source_init = data.Source.__init__
@@ -207,8 +217,8 @@ def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(help
 
     monkeypatch.setattr(data.Source, "__init__", checked_source)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", checked_split)
-    config = helpers.tiny_config(PUBLIC_ONLY)
-    assert "dp_finetune" not in pipeline.stage_names(config)
+    config = runs.tiny_config(PUBLIC_ONLY)
+    assert "dp_finetune" not in stage_names(config)
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     assert pipeline.train_and_evaluate(config, str(workdir))
     assert {"public", "heldout", "test"} <= set(opened)
@@ -225,5 +235,5 @@ def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(help
     assert "epsilon 0 (public-only control)" in report and "reads the private images" not in report
     # The samples come from the pretrained weights.
     dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain")}
-    assert moved(pretrained(config, workdir), report_stages.transformer_params(config, dirs)[1]) == set()
+    assert moved(pretrained(config, workdir), transformer_params(settings.read(config), dirs)[1]) == set()
     assert loop.read_summary(str(workdir / "sample"))["num_samples"] == 20

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 from pathlib import Path
 
@@ -15,13 +14,17 @@ import jax
 import numpy as np
 import pytest
 from absl import logging as absl_logging
+from helpers import seeds
+from helpers import runs
 
 from dpwave import data, privacy
 from dpwave.data.sampling import seed_commitment
-from dpwave.train import dp_stage, pipeline, public_stages, report_stages
-from dpwave.train.dp_stage import SECRET_SEED_ENV, SecretSeedError
+from dpwave.train import model_io, pipeline, secret_seed, settings
+from dpwave.train.pipeline import PIPELINES
+from dpwave.train.secret_seed import SECRET_SEED_ENV, SecretSeedError
+from dpwave.train.stages import evaluate
 
-SEED = secrets.randbits(62) | 1 << 61  # 19 decimal digits: no accidental match in the files
+SEED = seeds.rng("test_dp_secrecy").getrandbits(62) | 1 << 61  # 19 decimal digits: no accidental match
 
 
 def _write_seed(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -39,7 +42,7 @@ def _seed_encodings(seed: int) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def seeded_run(helpers, base_workdir, tmp_path_factory) -> tuple[Path, str]:
+def seeded_run(base_workdir, tmp_path_factory) -> tuple[Path, str]:
     """A finished TINY DP stage whose seed came from an owner-only file; (workdir, log text of the run)."""
     root = tmp_path_factory.mktemp("secret")
     workdir = Path(shutil.copytree(base_workdir, root / "run"))
@@ -48,13 +51,14 @@ def seeded_run(helpers, base_workdir, tmp_path_factory) -> tuple[Path, str]:
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger().addHandler(handler)
-    verbosity = absl_logging.get_verbosity()
+    absl_logger = absl_logging.get_absl_logger()
+    level = absl_logger.level  # restored as it was (set_verbosity(get_verbosity()) would pin WARNING)
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
-        config = helpers.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(seed_file)})
-        assert helpers.run_dp(config, workdir).finished
+        config = runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(seed_file)})
+        assert runs.run_dp(config, workdir).finished
     finally:
-        absl_logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
         logging.getLogger().removeHandler(handler)
     return workdir, "\n".join(records)
 
@@ -101,30 +105,35 @@ def test_summary_has_no_wall_time_and_the_statement_calls_the_file_seed_secret(s
 
 
 def test_the_environment_variable_resumes_the_file_seeds_run_and_another_seed_is_refused(
-        helpers, seeded_run, tmp_path, monkeypatch):
+        seeded_run, tmp_path, monkeypatch):
     workdir = Path(shutil.copytree(seeded_run[0], tmp_path / "run"))
-    config = helpers.tiny_config({"dp.secret_seed": None, "dp.steps": 12})
+    config = runs.tiny_config({"dp.secret_seed": None, "dp.steps": 12})
     other = SEED ^ 1 << 40
     monkeypatch.setenv(SECRET_SEED_ENV, str(other))
     with pytest.raises(privacy.LedgerMismatchError) as error:
-        helpers.run_dp(config, workdir)
+        runs.run_dp(config, workdir)
     message = str(error.value)
     assert "seed_commitment" in message and str(SEED) not in message and str(other) not in message
     monkeypatch.setenv(SECRET_SEED_ENV, str(SEED))
-    summary = helpers.run_dp(config, workdir).summary
+    summary = runs.run_dp(config, workdir).summary
     assert summary["final_step"] == 12
     assert summary["privacy"]["seed"] == f"read from the environment variable {SECRET_SEED_ENV} (secret)"
 
 
-def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(helpers, base_workdir):
+def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(base_workdir):
     def key(overrides):
-        return np.asarray(jax.random.key_data(helpers.dp_stage(helpers.tiny_config(overrides), base_workdir).key))
+        return np.asarray(jax.random.key_data(runs.dp_stage(runs.tiny_config(overrides), base_workdir).key))
 
     seven = key({"seed": 0, "dp.secret_seed": 7})
     np.testing.assert_array_equal(seven, key({"seed": 1, "dp.secret_seed": 7}))
     assert not np.array_equal(seven, key({"seed": 0, "dp.secret_seed": 8}))
-    for other in (public_stages.stage_key(helpers.tiny_config({"seed": 0}), "dp_finetune"), privacy.noise_key(7)):
+    streams = {stage.stream for stage in PIPELINES["dpwave"] if stage.stream is not None}
+    for other in (*(model_io.stage_key(0, stream) for stream in streams), privacy.noise_key(7)):
         assert not np.array_equal(seven, np.asarray(jax.random.key_data(other)))
+
+
+def seed_source(config):
+    return secret_seed.seed_source(settings.read(config).dp)
 
 
 _BAD_FILES = {  # case -> (file content or None for no file, mode, fragments of the error)
@@ -141,7 +150,7 @@ _BAD_FILES = {  # case -> (file content or None for no file, mode, fragments of 
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_FILES))
-def test_a_bad_seed_file_stops_the_run_before_anything_is_written(helpers, tmp_path, monkeypatch, case):
+def test_a_bad_seed_file_stops_the_run_before_anything_is_written(tmp_path, monkeypatch, case):
     content, mode, fragments = _BAD_FILES[case]
     path = tmp_path / "dp_seed"
     if case == "directory":
@@ -159,7 +168,7 @@ def test_a_bad_seed_file_stops_the_run_before_anything_is_written(helpers, tmp_p
         monkeypatch.setattr(os, "open", refusing_open)
     workdir = tmp_path / "run"
     with pytest.raises(SecretSeedError) as error:
-        pipeline.train_and_evaluate(helpers.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
+        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
                                     str(workdir))
     message = str(error.value)
     assert "\n" not in message and "dp.secret_seed_file" in message and str(path) in message
@@ -170,31 +179,31 @@ def test_a_bad_seed_file_stops_the_run_before_anything_is_written(helpers, tmp_p
     assert not workdir.exists()
 
 
-def test_bad_environment_variable_and_ambiguous_or_missing_sources(helpers, tmp_path, monkeypatch):
+def test_bad_environment_variable_and_ambiguous_or_missing_sources(tmp_path, monkeypatch):
     monkeypatch.setenv(SECRET_SEED_ENV, "0x1f3a9b")
     with pytest.raises(SecretSeedError, match=SECRET_SEED_ENV) as error:
-        dp_stage.seed_source(helpers.tiny_config({"dp.secret_seed": None}))
+        seed_source(runs.tiny_config({"dp.secret_seed": None}))
     assert "0x1f3a9b" not in str(error.value)
     monkeypatch.setenv(SECRET_SEED_ENV, "123")
     with pytest.raises(SecretSeedError, match="more than once"):
-        dp_stage.seed_source(helpers.tiny_config())  # TINY also sets dp.secret_seed
-    assert dp_stage.seed_source(helpers.tiny_config({"dp.secret_seed": None}))[0] == 123
+        seed_source(runs.tiny_config())  # TINY also sets dp.secret_seed
+    assert seed_source(runs.tiny_config({"dp.secret_seed": None}))[0] == 123
     monkeypatch.delenv(SECRET_SEED_ENV)
-    config = helpers.tiny_config({"dp.secret_seed": None})
-    assert dp_stage.seed_source(config) is None  # single host: the stage draws its own
+    config = runs.tiny_config({"dp.secret_seed": None})
+    assert seed_source(config) is None  # single host: the stage draws its own
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(SecretSeedError, match=f"dp.secret_seed_file.*{SECRET_SEED_ENV}"):
-        dp_stage.seed_source(config)
+        seed_source(config)
 
 
-def test_report_leaves_out_the_dp_wall_time(helpers, tmp_path):
+def test_report_leaves_out_the_dp_wall_time(tmp_path):
     for name in ("tokenizer", "pretrain", "dp_finetune", "sample"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps({"stage": name, "wall_time_s": 4321.0}))
     metrics = {"epsilon": 1.0, "mode": "dp", "reasons": {}, "dp_steps": 10, "dp_step_flops": 1e6,
-               **{m: 0.5 for m in report_stages.evaluate.METRICS}}
-    report = {"names": {m: m for m in report_stages.evaluate.METRICS}, "notes": []}
-    text = report_stages.report_markdown(helpers.tiny_config(), str(tmp_path), metrics, report, "statement")
+               **{m: 0.5 for m in evaluate.evaluate.METRICS}}
+    report = {"names": {m: m for m in evaluate.evaluate.METRICS}, "notes": []}
+    text = evaluate.report_markdown(settings.read(runs.tiny_config()), str(tmp_path), metrics, report, "statement")
     assert "DP stage wall time" not in text
     line = next(line for line in text.splitlines() if line.startswith("Stage wall times"))
     assert "tokenizer 4321" in line and "dp_finetune 4321" not in line

@@ -6,6 +6,7 @@ import socket
 
 import numpy as np
 import pytest
+from helpers import runs
 
 # Three DP-Adam steps of `steps.dp_step` on a dense layer with per-example dropout, fed the way the DP
 # stage feeds it: every process draws the same Poisson batch (pure function of (seed, step)), takes its
@@ -16,7 +17,7 @@ import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from dpwave import data, privacy
 from dpwave.train import distributed, hashing, steps
-from dpwave.train.public_stages import local_slice
+from dpwave.train.model_io import local_slice
 
 info = distributed.maybe_initialize_distributed(initialization_timeout=120)
 mesh = distributed.make_data_mesh()
@@ -63,12 +64,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_agree_with_each_other_and_with_one_process(helpers, compile_cache):
+def test_two_processes_agree_with_each_other_and_with_one_process(compile_cache):
     address = f"127.0.0.1:{_free_port()}"
-    envs = [helpers.subprocess_env(compile_cache, 2, DPWAVE_COORDINATOR_ADDRESS=address, DPWAVE_NUM_PROCESSES="2",
+    envs = [runs.subprocess_env(compile_cache, 2, DPWAVE_COORDINATOR_ADDRESS=address, DPWAVE_NUM_PROCESSES="2",
                                    DPWAVE_PROCESS_ID=str(i)) for i in range(2)]
-    envs.append(helpers.subprocess_env(compile_cache, 1))  # the single-process, single-device run
-    reports = helpers.run_workers([(["-c", _WORKER], env) for env in envs], timeout=300)
+    envs.append(runs.subprocess_env(compile_cache, 1))  # the single-process, single-device run
+    reports = runs.run_workers([(["-c", _WORKER], env) for env in envs], timeout=300)
     first, second, single = reports
     assert [(r["process"], r["processes"], r["devices"]) for r in reports] == [(0, 2, 4), (1, 2, 4), (0, 1, 1)]
     # Every step saw the whole Poisson batch (both processes' shares), and the batches were not empty.
