@@ -75,8 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
         steps=600, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
     c.transformer = ml_collections.ConfigDict(dict(  # the AR model, pretrained and then DP-finetuned
-        width=128, depth=2, num_heads=4, mlp_dim=256, dropout=0.0, cond_dropout=0.1, max_text_len=0,
-        dtype="float32"))  # dtype: activations; it changes the numbers, so it is a model choice, not in perf
+        width=128, depth=2, num_heads=4, mlp_dim=256,  # CPU-sized; the paper configs scale it to ~0.3B
+        dropout=0.0,  # off: the DP noise already regularizes, and dropout adds per-example randomness
+        cond_dropout=0.1,  # drops the condition, so classifier-free guidance has an unconditional model
+        max_text_len=0,  # caption bytes the model reads (caption conditioning only)
+        dtype="float32"))  # activations; it changes the numbers, so it is a model choice, not in perf
 
     c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3,
                                                 init_params_from=placeholder(str)))
@@ -85,8 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
         # The mechanism (dpwave/train/settings.py: Mechanism), what the guarantee depends on. target_epsilon: > 0
         # calibrates noise_multiplier (None) to it over `steps`; inf: the non-private reference (no noise, still
         # clipped); 0: the public-only control (no DP stage, no private data read).
-        target_epsilon=10.0, delta=1e-5, noise_multiplier=placeholder(float), l2_clip=1.0, expected_batch_size=128,
-        steps=200, accountant="pld",
+        target_epsilon=10.0, delta=1e-5, noise_multiplier=placeholder(float),
+        l2_clip=1.0,  # C: the clipped sum moves by at most C when one example is added or removed
+        expected_batch_size=128, steps=200,  # q = expected_batch_size / N; sigma is calibrated over `steps`
+        accountant="pld",  # pld (tight, pessimistic discretization) | rdp (faster, looser)
         # Neighbouring relation: add_or_remove_one, or replace_one (N fixed on both sides; accountant pld only).
         neighboring="add_or_remove_one",
         allow_large_delta=False,  # refuse delta >= 1/N unless set
@@ -129,7 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
         steps=600, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
     c.sample = ml_collections.ConfigDict(dict(
-        num_samples=1000, batch_size=250, temperature=1.0, guidance_scale=1.0,
+        num_samples=1000, batch_size=250,  # the samples every metric is computed on
+        temperature=1.0, guidance_scale=1.0,  # plain sampling; guidance > 1 pushes towards the condition
         top_k=placeholder(int), top_p=placeholder(float),  # None: no top-k / nucleus filtering
         prompts="labels"))  # labels: balanced class labels; heldout: captions of the held-out split
 
@@ -139,5 +145,5 @@ def base_config() -> ml_collections.ConfigDict:
                                             inception_weights=placeholder(str), num_real=1000))
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, max_to_keep=2))  # resume is exact either way
-    c.log_every_steps = 50
+    c.log_every_steps = 50  # metrics lines (and the DP stage's epsilon) every this many steps
     return c
