@@ -298,6 +298,11 @@ def _transformer(config: ml_collections.ConfigDict, tok: TokenizerConfig, coarse
 
 def _check(config: ml_collections.ConfigDict) -> None:
     """Refuses inconsistent choices before anything is built."""
+    _check_run(config)
+    _check_dp(config.dp)
+
+
+def _check_run(config: ml_collections.ConfigDict) -> None:
     if config.method not in METHODS:
         raise ValueError(f"config.method={config.method!r} is unknown; use one of {METHODS}")
     d = config.data
@@ -314,7 +319,9 @@ def _check(config: ml_collections.ConfigDict) -> None:
     microbatch = config.perf.microbatch_size
     if microbatch is not None and not (isinstance(microbatch, int) and microbatch >= 1):
         raise ValueError(f"config.perf.microbatch_size={microbatch!r} must be an int >= 1 or None (whole batch)")
-    dp = config.dp
+
+
+def _check_dp(dp: ml_collections.ConfigDict) -> None:
     if not dp.target_epsilon >= 0:
         raise ValueError(f"dp.target_epsilon={dp.target_epsilon}: use > 0, inf (non-private reference) or 0 "
                          "(public-only control)")

@@ -60,6 +60,30 @@ def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarr
     return source.get_batch(np.arange(n))
 
 
+def _sample_report(settings: Settings, samples: dict[str, np.ndarray]) -> tuple[dict, int | None]:
+    """`evaluate.evaluate_samples` against the run's test, heldout and private images, and the number of private
+    images read (None: the public-only control never opens the private split)."""
+    d, ev = settings.data, settings.eval
+    test = _images(d.load("test"), ev.num_real)
+    heldout = _images(d.load("heldout"))
+    # The memorization check is an operator-side audit: it reads the private images (not their labels), and its
+    # output is not differentially private (see report.md).
+    private = None if settings.public_only else _images(d.load("private"))["image"]
+    labeled = d.condition == "label"
+    report = evaluate.evaluate_samples(
+        samples["images"], samples.get("labels"),
+        # Caption datasets have no labels: only label-free metrics (FID with Inception weights); the label-based
+        # ones come back None with a reason.
+        real_test=(test["image"], test["label"] if labeled else np.zeros(len(test["image"]), np.int32)),
+        heldout=(heldout["image"], heldout["label"]) if labeled else None,
+        private_train=private, num_classes=d.num_classes, inception_weights=ev.inception_weights,
+        classifier=evaluate.train_feature_classifier(
+            (heldout["image"], heldout["label"]), num_classes=d.num_classes,
+            config=evaluate.TrainConfig(epochs=ev.feature_epochs, seed=0)) if labeled else None,
+        downstream_config=evaluate.TrainConfig(epochs=ev.downstream_epochs, seed=settings.seed))
+    return report, None if private is None else len(private)
+
+
 def report_markdown(settings: Settings, workdir: str, metrics: dict, report: dict, statement: str) -> str:
     """A short human-readable report of the run."""
     eps = {"public_only": "0 (public-only control)", "tuning": "n/a (tuning run on public data)"}.get(
@@ -100,27 +124,10 @@ class Evaluate(Stage):
                          **{role: jsonable(d.specs[role]) for role in ("private", "heldout", "test")}}}
 
     def run(self, ctx: Context) -> bool:
-        settings, workdir = ctx.settings, ctx.workdir
+        settings, workdir, mode = ctx.settings, ctx.workdir, ctx.settings.mode
         start = time.time()
         samples = files.read_npz(os.path.join(ctx.dir(SAMPLE.name), "samples.npz"))
-        d, ev, mode = settings.data, settings.eval, settings.mode
-        test = _images(d.load("test"), ev.num_real)
-        heldout = _images(d.load("heldout"))
-        # The memorization check is an operator-side audit: it reads the private images (not their labels), and its
-        # output is not differentially private (see report.md). The public-only control never opens the private split.
-        private = None if mode == "public_only" else _images(d.load("private"))["image"]
-        labeled = d.condition == "label"
-        report = evaluate.evaluate_samples(
-            samples["images"], samples.get("labels"),
-            # Caption datasets have no labels: only label-free metrics (FID with Inception weights); the label-based
-            # ones come back None with a reason.
-            real_test=(test["image"], test["label"] if labeled else np.zeros(len(test["image"]), np.int32)),
-            heldout=(heldout["image"], heldout["label"]) if labeled else None,
-            private_train=private, num_classes=d.num_classes, inception_weights=ev.inception_weights,
-            classifier=evaluate.train_feature_classifier(
-                (heldout["image"], heldout["label"]), num_classes=d.num_classes,
-                config=evaluate.TrainConfig(epochs=ev.feature_epochs, seed=0)) if labeled else None,
-            downstream_config=evaluate.TrainConfig(epochs=ev.downstream_epochs, seed=settings.seed))
+        report, num_private = _sample_report(settings, samples)
         dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(DP_FINETUNE.name))
         metrics = {m: report[m] for m in evaluate.METRICS}
         reasons = dict(report["reasons"])
@@ -131,7 +138,7 @@ class Evaluate(Stage):
             reasons.update(memorization_ratio="public-only control: the private split is never read",
                            dp_step_flops="public-only control: no DP stage")
         elif mode == "tuning":
-            dp = {**dp, "statement": dp_recipe.tuning_banner(settings, len(private)) + dp["statement"]}
+            dp = {**dp, "statement": dp_recipe.tuning_banner(settings, num_private) + dp["statement"]}
             epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.tuning): no privacy claim"
             metrics["memorization_ratio"] = None  # the stand-in may be the heldout reference itself
             reasons["memorization_ratio"] = "tuning run: its DP input is public, there is nothing private to memorize"
