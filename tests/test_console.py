@@ -16,16 +16,17 @@ _PIPELINE = os.path.join(os.path.dirname(console.__file__), "train", "pipeline.p
 
 @pytest.fixture
 def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    """Puts the root and absl loggers back as they were (set_verbosity would pin absl's level)."""
+    root, absl_logger = logging.getLogger(), absl_logging.get_absl_logger()
+    handlers, level, absl_level = list(root.handlers), root.level, absl_logger.level
     yield
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
     root.handlers[:] = handlers
     root.setLevel(level)
+    absl_logger.setLevel(absl_level)
     logging.captureWarnings(False)
-    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _record(level: int, path: str, message: str) -> logging.LogRecord:
