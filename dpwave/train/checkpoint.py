@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
+from dpwave import files
+
 __all__ = [
     "Checkpointer",
     "CheckpointRestoreError",
@@ -280,9 +282,7 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         self._directory.mkdir(parents=True, exist_ok=True)
-        tmp = self._directory / (_FINAL_FILE + ".tmp")
-        tmp.write_text(json.dumps({"final_steps": sorted(self._final_steps)}))
-        tmp.replace(self._directory / _FINAL_FILE)  # rename() refuses an existing file
+        files.write_json(self._directory / _FINAL_FILE, {"final_steps": sorted(self._final_steps)})
 
 
 def _checked_meta(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from dpwave import files
 from dpwave.train import distributed, fingerprints, loop, secret_seed, settings as settings_lib
 from dpwave.train.checkpoint import config_fingerprint
 from dpwave.train.fingerprints import StaleStageError
@@ -116,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     if jax.config.jax_enable_x64:
         raise ValueError("dpwave expects float32 defaults; unset JAX_ENABLE_X64")
     settings = settings_lib.read(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # gs://bucket/run stays a bucket path
     run_stages = stages(settings)
     if any(s is DP_FINETUNE for s in run_stages) and loop.read_summary(os.path.join(workdir, DP_FINETUNE.name)) is None:
         secret_seed.seed_source(settings.dp)  # a bad DP secret seed file or variable fails before anything is written
@@ -124,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     check_finished_stages(workdir, inputs)
     if settings.mode == "dp":  # the public-only control and tuning runs read no private data at all
         settings.data.check_boundary()  # before any training step: no private image in a public role
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     write_run_info(config, workdir)
     ctx = Context(settings, workdir, distributed.make_data_mesh(), inputs)
     for stage in run_stages:
