@@ -17,7 +17,6 @@ from typing import Any, Callable
 from dpwave import privacy
 
 
-
 def noise_scaled_lr(base: float, reference_epsilon: float) -> Callable[[Any, int], float]:
     """A DP-SGD learning rate for any epsilon: `base` at or above `reference_epsilon` (and without noise),
     `base * (sigma_ref / sigma)^2` below it, sigma calibrated for the run's own q and steps.
