@@ -76,7 +76,8 @@ def test_vmap_and_grad():
 
 
 def test_jit_with_nonhaar_wavelet_keeps_shapes():
-    """The DESIGN.md sharp edge: under jit a non-4-tap wavelet must still pad by its own length."""
+    """Under jit a wavelet longer than 4 taps (sym4: 8) must still pad by its own filter length, or the
+    jitted coefficients would get other shapes than the eager ones (docs/design.md, "The data flow")."""
     x = _images(1, 64, 1)
     eager = wv.decompose(x, 2, "sym4")
     jitted = jax.jit(lambda a: wv.decompose(a, 2, "sym4"))(x)

@@ -37,6 +37,9 @@ def noise_scaled_lr(base: float, reference_epsilon: float) -> Callable[[Any, int
     return learning_rate
 
 
+# The search's DP-SGD candidates: every parameter, expected batch 1,024, no condition dropout.
+_SGD_B1024 = dict(trainable="all", optimizer="sgd", expected_batch_size=1024, cond_dropout=0.0)
+
 # Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling); a
 # callable value is evaluated on the config and the private set's size.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -59,25 +62,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     "cond_norm_head": dict(trainable="cond+norm+head", learning_rate=3e-3, cond_dropout=0.0),
     # Batch scaling at the same number of steps (4x the examples; sigma recalibrated to the target).
     "all_b1024": dict(trainable="all", learning_rate=5e-4, expected_batch_size=1024),
-    "all_sgd_b1024": dict(trainable="all", optimizer="sgd", learning_rate=0.3, expected_batch_size=1024,
-                          cond_dropout=0.0),
-    "all_sgd_b1024_lr1": dict(trainable="all", optimizer="sgd", learning_rate=1.0, expected_batch_size=1024,
-                              cond_dropout=0.0),
-    "all_sgd_b1024_lr01": dict(trainable="all", optimizer="sgd", learning_rate=0.1, expected_batch_size=1024,
-                               cond_dropout=0.0),
+    "all_sgd_b1024": {**_SGD_B1024, "learning_rate": 0.3},
+    "all_sgd_b1024_lr1": {**_SGD_B1024, "learning_rate": 1.0},
+    "all_sgd_b1024_lr01": {**_SGD_B1024, "learning_rate": 0.1},
     "all_sgd_b256": dict(trainable="all", optimizer="sgd", learning_rate=0.3, cond_dropout=0.0),
-    "all_sgd_b1024_lr003": dict(trainable="all", optimizer="sgd", learning_rate=0.03, expected_batch_size=1024,
-                                cond_dropout=0.0),
-    "cond_lora4_sgd_b1024": dict(trainable="cond+lora", lora_rank=4, lora_targets="q+k+v+o+mlp", optimizer="sgd",
-                                 learning_rate=0.3, expected_batch_size=1024, cond_dropout=0.0),
-    "cond_sgd_b1024": dict(trainable="cond", optimizer="sgd", learning_rate=1.0, expected_batch_size=1024,
-                           cond_dropout=0.0),
-    "all_sgd_b1024_lr001": dict(trainable="all", optimizer="sgd", learning_rate=0.01, expected_batch_size=1024,
-                                cond_dropout=0.0),
-    "all_sgd_b1024_lr0003": dict(trainable="all", optimizer="sgd", learning_rate=0.003, expected_batch_size=1024,
-                                 cond_dropout=0.0),
-    "all_sgd_b1024_ema": dict(trainable="all", optimizer="sgd", learning_rate=0.3, expected_batch_size=1024,
-                              cond_dropout=0.0, ema_decay=0.98),
+    "all_sgd_b1024_lr003": {**_SGD_B1024, "learning_rate": 0.03},
+    "cond_lora4_sgd_b1024": {**_SGD_B1024, "trainable": "cond+lora", "lora_rank": 4, "lora_targets": "q+k+v+o+mlp",
+                             "learning_rate": 0.3},
+    "cond_sgd_b1024": {**_SGD_B1024, "trainable": "cond", "learning_rate": 1.0},
+    "all_sgd_b1024_lr001": {**_SGD_B1024, "learning_rate": 0.01},
+    "all_sgd_b1024_lr0003": {**_SGD_B1024, "learning_rate": 0.003},
+    "all_sgd_b1024_ema": {**_SGD_B1024, "learning_rate": 0.3, "ema_decay": 0.98},
     "lora16_b1024": dict(trainable="cond+lora", lora_rank=16, lora_targets="q+k+v+o+mlp", learning_rate=3e-3,
                          cond_dropout=0.0, expected_batch_size=1024),
     "lora16_b1024_lr1e2": dict(trainable="cond+lora", lora_rank=16, lora_targets="q+k+v+o+mlp", learning_rate=1e-2,
