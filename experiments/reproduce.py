@@ -11,8 +11,9 @@ table aggregates every finished seed found under DIR, and `--report-only` only r
 appends `--config.KEY=VALUE` overrides to every run (give such runs their own DIR).
 
 Before a run starts, each stage it lacks whose `public` flag is set (tokenizer, pretrain, refiner) is
-copied from another run of the invocation that finished it from the same inputs (equal
-`inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of a method train them once;
+copied from another run under DIR (of this invocation first, then of any table sharing DIR) that finished
+it from the same inputs (equal `inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of
+a method train them once;
 the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
 
 Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`, `DIR/<table>.json`
@@ -174,10 +175,10 @@ def _copy_atomically(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def reuse_public_stages(run: Run, sources: Sequence[Run]) -> list[tuple[str, Run]]:
-    """Copies into `run.workdir` each public stage it lacks that another run in `sources` finished from
-    the same inputs (equal `inputs_sha256`, and for a stage that consumes others, such as pretrain, the
-    same parameters in those as `run` holds). Returns (stage, source run) per copied stage."""
+def reuse_public_stages(run: Run, sources: Sequence[Path]) -> list[tuple[str, Path]]:
+    """Copies into `run.workdir` each public stage it lacks that another run directory in `sources` finished
+    from the same inputs (equal `inputs_sha256`, and for a stage that consumes others, such as pretrain, the
+    same parameters in those as `run` holds). Returns (stage, source run directory) per copied stage."""
     from dpwave.train import pipeline, settings  # JAX and the models: imported only once a run is about to start
 
     run_settings = settings.read(load_config(run.command))
@@ -187,17 +188,17 @@ def reuse_public_stages(run: Run, sources: Sequence[Run]) -> list[tuple[str, Run
         target = run.workdir / stage.name
         if not stage.public or target.exists():  # only stages computed from public data are ever copied
             continue
-        source = next((s for s in sources if s.workdir != run.workdir
-                       and _summary(s.workdir / stage.name).get("inputs_sha256") == wanted[stage.name]
-                       and all(_same_params(s.workdir / c, run.workdir / c) for c in stage.consumes if c in wanted)),
+        source = next((s for s in sources if s != run.workdir
+                       and _summary(s / stage.name).get("inputs_sha256") == wanted[stage.name]
+                       and all(_same_params(s / c, run.workdir / c) for c in stage.consumes if c in wanted)),
                       None)
         if source is not None:
-            _copy_atomically(source.workdir / stage.name, target)
+            _copy_atomically(source / stage.name, target)
             copied.append((stage.name, source))
     return copied
 
 
-def _reuse(run: Run, sources: Sequence[Run]) -> None:
+def _reuse(run: Run, sources: Sequence[Path]) -> None:
     try:
         copied = reuse_public_stages(run, sources)
     except CONFIG_ERRORS as e:  # the run itself reports a bad config; it only loses the reuse
@@ -205,12 +206,20 @@ def _reuse(run: Run, sources: Sequence[Run]) -> None:
         print(f"  no stage reuse: cannot load the run's config ({type(e).__name__}: {last})", flush=True)
         return
     for stage, source in copied:
-        print(f"  reused {stage} from {source.row.label}/seed{source.seed} (same inputs_sha256)", flush=True)
+        print(f"  reused {stage} from {source.parent.name}/{source.name} (same inputs_sha256)", flush=True)
 
 
-def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = True) -> list[Run]:
+def run_dirs(workdir: Path) -> list[Path]:
+    """Every run directory (`<row>/seed<k>`) under `workdir`, of any table that shares it."""
+    return sorted(p for p in workdir.glob("*/seed*") if p.is_dir() and re.fullmatch(r"seed\d+", p.name))
+
+
+def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = True,
+            sources: Sequence[Path] = ()) -> list[Run]:
     """Runs the unfinished runs in order, each after copying the public stages it can reuse from the
-    others (unless `reuse` is False); returns those that failed (nonzero exit or no metrics.json)."""
+    others or from the run directories `sources` (unless `reuse` is False); returns those that failed
+    (nonzero exit or no metrics.json)."""
+    pool = [*(r.workdir for r in runs), *(s for s in sources if s not in {r.workdir for r in runs})]
     failed = []
     for i, run in enumerate(runs, 1):
         if run.finished:
@@ -219,7 +228,7 @@ def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = 
         print(f"[{i}/{len(runs)}] {run.row.label} seed {run.seed}: {shlex.join(run.command)}",
               flush=True)
         if reuse:
-            _reuse(run, runs)
+            _reuse(run, pool)
         code = runner(run.command)
         if code != 0 or not run.finished:
             state = "present" if run.finished else "missing"
@@ -436,7 +445,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
             print(("# finished: " if run.finished else "") + shlex.join(run.command))
         return 0
     failed = [] if args.report_only else execute(
-        plan(selected, workdir, args.seeds, args.extra_args, args.overrides), runner, reuse=not args.no_reuse)
+        plan(selected, workdir, args.seeds, args.extra_args, args.overrides), runner, reuse=not args.no_reuse,
+        sources=run_dirs(workdir))
     seeds = sorted(set(args.seeds) | finished_seeds(rows, workdir))
     results = aggregate(rows, plan(rows, workdir, seeds, args.extra_args, args.overrides))
     for path in write_outputs(args.table, results, workdir):

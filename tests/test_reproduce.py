@@ -272,12 +272,23 @@ def test_reuse_needs_matching_consumed_stages_and_leaves_existing_dirs_alone(tmp
     (target / "tokenizer").mkdir(parents=True)
     (target / "tokenizer" / "summary.json").write_text(json.dumps({**fps, "params_sha256": "other"}))
     (target / "refiner").mkdir()
-    assert reproduce.reuse_public_stages(runs[1], runs) == []
+    assert reproduce.reuse_public_stages(runs[1], [r.workdir for r in runs]) == []
     assert sorted(p.name for p in target.iterdir()) == ["refiner", "tokenizer"]
     assert not list((target / "refiner").iterdir())
     # With the same tokenizer parameters, pretrain is copied.
     (target / "tokenizer" / "summary.json").write_text(json.dumps(fps))
-    assert reproduce.reuse_public_stages(runs[1], runs) == [("pretrain", runs[0])]
+    assert reproduce.reuse_public_stages(runs[1], [r.workdir for r in runs]) == [("pretrain", runs[0].workdir)]
+
+
+def test_reuse_draws_on_runs_of_other_tables_in_the_workdir(tmp_path, capsys):
+    earlier = reproduce.plan([row("dpwave_eps1")], tmp_path, [0])
+    fake_pipeline(earlier, {})(earlier[0].command)  # finished by an earlier invocation (another table)
+    runs = reproduce.plan([row("dpwave_eps10")], tmp_path, [0])
+    trained: dict = {}
+    code = reproduce.main(["--table", "mnist_tiny", "--workdir", str(tmp_path), "--rows", "dpwave_eps10"],
+                          runner=fake_pipeline(runs, trained))
+    assert code == 0 and trained[("dpwave_eps10", 0)] == ["dp_finetune", "sample", "evaluate"]
+    assert "reused pretrain from dpwave_eps1/seed0" in capsys.readouterr().out
 
 
 def test_no_reuse_flag_trains_every_stage_in_every_run(tmp_path, capsys):
