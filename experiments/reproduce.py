@@ -289,12 +289,12 @@ def markdown(table: str, results: Sequence[RowResult]) -> str:
     """The table in markdown; the FID column only when some run measured it, a setting column only when
     some row has one; null reasons below."""
     shown = [m for m in METRICS if m[0] != "fid" or any(r.stats["fid"].n for r in results)]
-    settings = any(r.row.setting for r in results)
+    settings = any(r.row.setting_label for r in results)
     header = ["method", *["setting"] * settings, "ε target", *(title for _, title, _ in shown), "seeds"]
     lines = [f"## {table}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         values = [r.stats[k].format(fmt) if r.seeds_done else "—" for k, _, fmt in shown]
-        cells = [r.row.method, *[r.row.setting] * settings, epsilon_label(r.row.epsilon), *values,
+        cells = [r.row.method, *[r.row.setting_label] * settings, epsilon_label(r.row.epsilon), *values,
                  f"{r.seeds_done}/{r.seeds_wanted}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; — not run yet; n/a null in every run (reasons "
@@ -313,7 +313,7 @@ def to_json(table: str, results: Sequence[RowResult]) -> dict:
     def clean(v: float | None) -> float | str | None:
         return v if v is None or math.isfinite(v) else str(v)
     return {"table": table, "rows": [{
-        "label": r.row.label, "method": r.row.method, "epsilon": r.row.epsilon, "setting": r.row.setting,
+        "label": r.row.label, "method": r.row.method, "epsilon": r.row.epsilon, "setting": r.row.setting_label,
         "spec": r.row.spec,
         "seeds_done": r.seeds_done, "seeds_wanted": r.seeds_wanted, "reasons": r.reasons,
         "metrics": {k: {"mean": clean(s.mean), "std": clean(s.std), "n": s.n}
@@ -344,12 +344,12 @@ def figure(table: str, results: Sequence[RowResult]) -> Figure:
     epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        shared = [r for r in results if r.row.epsilon == PUBLIC and not r.row.setting]
-        groups = list(dict.fromkeys((r.row.method, r.row.setting) for r in results if r not in shared))
+        shared = [r for r in results if r.row.epsilon == PUBLIC and not r.row.setting_label]
+        groups = list(dict.fromkeys((r.row.method, r.row.setting_label) for r in results if r not in shared))
         colours = {group: f"C{i}" for i, group in enumerate(groups)}
         for (method, setting), colour in colours.items():
             name = " ".join(filter(None, (method, setting)))
-            mine = [r for r in results if (r.row.method, r.row.setting) == (method, setting) and r not in shared]
+            mine = [r for r in results if (r.row.method, r.row.setting_label) == (method, setting) and r not in shared]
             points = sorted((r.row.epsilon_value, r.stats[key]) for r in mine
                             if not r.row.is_control and r.stats[key].mean is not None)
             if points:

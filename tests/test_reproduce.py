@@ -323,7 +323,10 @@ def test_every_method_has_both_controls_next_to_its_dp_rows(table):
 
 def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
     rows = get_table("mnist_scaling")
-    assert {r.setting for r in rows} == {"n_private=500", "n_private=1000", "n_private=2000", ""}
+    assert {r.setting_label for r in rows} == {"n_private=500", "n_private=1000", "n_private=2000", ""}
+    full = [r for r in rows if r.setting_label == "n_private=2000"]  # all private digits: the shift table's rows
+    assert [r.label for r in full] == ["dpwave_eps1", "dpwave_eps10"]
+    assert {r.spec for r in full} <= {r.spec for r in get_table("mnist_shift")}
     assert rows[0].spec == "experiments/configs/mnist.py:shift,n_private=500,method=dpwave,epsilon=1"
     write_run(tmp_path, "dpwave_n500_eps1", 0, fake_metrics(0, 50.0, 0.4))
     write_run(tmp_path, "dpwave_public", 0, fake_metrics(0, 60.0, 0.36, epsilon=0.0))
@@ -332,6 +335,7 @@ def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
     assert header[:3] == ["method", "setting", "ε target"]
     assert table_line(md, "dpwave", "n_private=500")[2:5] == ["1", "1", "50"]
     assert table_line(md, "dpwave", "")[2:4] == ["0 (public only)", "0"]
+    assert table_line(md, "dpwave", "n_private=2000")[2] == "1"
 
 
 def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_path):
