@@ -258,12 +258,14 @@ class ShuffleSampler:
         return _check_int("step", step, 0) // self.steps_per_epoch
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The int32 permutation of epoch ``epoch`` (the last one is memoized)."""
+        """The int32 permutation of epoch ``epoch`` (the last one is memoized; safe to call from several threads:
+        the memo is read and replaced as one (epoch, permutation) pair)."""
         epoch = _check_int("epoch", epoch, 0)
-        if self._epoch_perm is None or self._epoch_perm[0] != epoch:
+        memo = self._epoch_perm
+        if memo is None or memo[0] != epoch:
             perm = _rng(self.seed, _SHUFFLE_STREAM, epoch).permutation(self.num_examples)
-            self._epoch_perm = (epoch, perm.astype(np.int32))
-        return self._epoch_perm[1]
+            memo = self._epoch_perm = (epoch, perm.astype(np.int32))
+        return memo[1]
 
     def batch(self, step: int) -> np.ndarray:
         """int32 indices of step ``step``."""

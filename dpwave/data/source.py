@@ -62,8 +62,26 @@ class Source(Sequence):
         return len(self._data) if self._index is None else len(self._index)
 
     def _record(self, i: int) -> dict[str, Any]:
-        """Raw record ``i`` of this (possibly label-filtered) split."""
-        return self._data[i if self._index is None else int(self._index[i])]
+        """Raw record ``i`` of this (possibly label-filtered) split.
+
+        Raises:
+          DataError: one line naming the example and its data file, when the record cannot be read or decoded.
+        """
+        position = i if self._index is None else int(self._index[i])
+        try:
+            return self._data[position]
+        except (OSError, RuntimeError, ValueError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{self._spec.label}: cannot read example {i} from {self._file_of(position)}: {why}; "
+                            "delete that prepared dataset directory and load again to rebuild it") from e
+
+    def _file_of(self, position: int) -> str:
+        """The data file holding record ``position`` of the split (or the dataset's name when not file-backed)."""
+        for path, _, take in self.data_files or ():
+            if position < take:
+                return path
+            position -= take
+        return self._spec.label
 
     def _label_filter(self) -> np.ndarray:
         """Positions in the split of the examples whose label is in ``spec.labels``."""
