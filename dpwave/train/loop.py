@@ -1,11 +1,16 @@
 """The resumable step loop every training stage runs: restore, step, log, checkpoint, preempt.
 
-A stage provides a `Task`: its initial state (a pytree), a pure `step(state, step_index) -> (state,
-metrics)` whose randomness and data are functions of (seed, step_index) only, and JSON `meta`
+A stage provides a `Task`: its initial state (a pytree), a host-side `batch(step_index)` and a pure
+`step(state, batch, step_index) -> (state, metrics)` whose randomness and data are functions of (seed, step_index)
+only, and JSON `meta`
 (sampler state, privacy ledger) saved beside the state together with the stage's `inputs` (the settings it
 reads and the fingerprints of the stages it consumes). Because of that, a run killed at any step and rerun
 restores the newest checkpoint and continues bit-identically, and a rerun under other inputs is refused
 (`fingerprints.StaleStageError`) instead of continuing a different computation.
+
+`batch` runs on input worker threads a few steps ahead (`dpwave.data.prefetch`); the time the loop waits for the
+next batch, over the stage's wall time, is its input-wait fraction (metrics, summary and log of a public stage;
+PRIVATE_TIMING of a private one).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 from absl import logging
 
 from dpwave import files
+from dpwave.data.prefetch import prefetched
 from dpwave.train import fingerprints, hashing
 from dpwave.train.checkpoint import Checkpointer, PreemptionGuard
 from dpwave.train.metrics import MetricWriter, Progress
@@ -34,10 +40,13 @@ class StopStage(Exception):
 
 @dataclasses.dataclass
 class Task:
-    """What a stage trains. `params_of(state)` picks the parameters hashed in the summary.
+    """What a stage trains. `batch(i)` is step i's input (host arrays; a pure function of i, thread-safe: it runs
+    on input workers ahead of the step) and `step(state, batch, i)` consumes it. `params_of(state)` picks the
+    parameters hashed in the summary.
 
     A `private` stage reads private data: its directory and every file it writes are owner-only, and its
-    wall time (which depends on its private draws) goes to the owner-only PRIVATE_TIMING, not the summary.
+    wall time and input wait (which depend on its private draws) go to the owner-only PRIVATE_TIMING, not the
+    summary, the metrics or the log.
     `inputs` (JSON, `fingerprints`) go into every checkpoint and the summary; a checkpoint written under other
     inputs is refused, except in the paths of `reconciled_on_resume`, which `on_restore` checks itself.
     `postfix()` is shown beside the progress bar.
@@ -45,9 +54,10 @@ class Task:
 
     name: str
     init_state: Any
-    step: Callable[[Any, int], tuple[Any, Mapping[str, Any]]]
+    step: Callable[[Any, Any, int], tuple[Any, Mapping[str, Any]]]
     total_steps: int
     params_of: Callable[[Any], Any]
+    batch: Callable[[int], Any] = lambda step: None
     meta: Callable[[], dict] = dict
     on_restore: Callable[[dict], None] = lambda meta: None
     before_step: Callable[[int], None] = lambda step: None
@@ -118,36 +128,50 @@ def _owner_only_files(enabled: bool) -> Iterator[None]:
             os.umask(previous)
 
 
-def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int) -> LoopResult:
+@dataclasses.dataclass(frozen=True)
+class InputFeed:
+    """How `Task.batch` runs: on `workers` threads up to `prefetch` steps ahead (0 workers: in the loop's thread
+    when the step asks for it). It changes no batch, only when it is made."""
+
+    workers: int = 0
+    prefetch: int = 1
+
+
+def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
+        feed: InputFeed = InputFeed()) -> LoopResult:
     """Runs `task` in `stage_dir` from its newest checkpoint to `task.total_steps`.
 
-    Writes `summary.json` (final step, wall time unless `task.private`, params_sha256, plus
+    Writes `summary.json` (final step, wall time and input-wait fraction unless `task.private`, params_sha256, plus
     `task.summary_extra()` and the inputs) when the stage finishes or is stopped by `StopStage`; on SIGTERM
     it saves and returns `finished=False`.
     """
     if task.private:
         private_dir(stage_dir)
     with _owner_only_files(task.private):
-        return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, log_every=log_every)
+        return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, log_every=log_every,
+                    feed=feed)
 
 
-def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int) -> LoopResult:
+def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
+         feed: InputFeed) -> LoopResult:
     is_process0 = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=max_to_keep,
                         save_interval_steps=max(1, checkpoint_every))
-    state, step, wall_before = task.init_state, 0, 0.0
+    state, step, wall_before, wait_before = task.init_state, 0, 0.0, 0.0
     restored = ckpt.restore_latest(task.init_state)
     if restored is not None:
         step, state, meta = restored
         wall_before = float(meta.get("wall_time_s", 0.0))
+        wait_before = float(meta.get("input_wait_s", 0.0))
         check_resume(task, meta)
         task.on_restore(meta)
         logging.info("[%s] resumed from step %d", task.name, step)
-    t0 = time.time()
+    t0, waited = time.time(), 0.0
     stopped_early = False
     with MetricWriter(stage_dir, is_process0=is_process0, stage=task.name) as writer, \
             PreemptionGuard(ckpt) as guard, \
-            Progress(task.total_steps, step, task.name, disable=not is_process0) as bar:
+            Progress(task.total_steps, step, task.name, disable=not is_process0) as bar, \
+            prefetched(task.batch, step, task.total_steps, workers=feed.workers, depth=feed.prefetch) as batches:
         while step < task.total_steps:
             try:
                 task.before_step(step)
@@ -155,35 +179,43 @@ def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int,
                 logging.warning("[%s] stopping at step %d: %s", task.name, step, stop)
                 stopped_early = True
                 break
-            state, metrics = task.step(state, step)
+            asked = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - asked
+            state, metrics = task.step(state, batch, step)
             step += 1
             extra = task.after_step(step)
             if step % log_every == 0 or step == task.total_steps:
-                writer.write_scalars(step, {**jax.device_get(metrics), **extra})
+                wait_scalar = {} if task.private else {"input_wait_fraction": waited / max(time.time() - t0, 1e-9)}
+                writer.write_scalars(step, {**jax.device_get(metrics), **extra, **wait_scalar})
             bar.update()
             bar.set_postfix(**task.postfix())
             preempted = guard.should_stop(step)
             if step % checkpoint_every == 0 or preempted:
-                ckpt.save(step, state, meta=_meta(task, wall_before + time.time() - t0), force=preempted)
+                ckpt.save(step, state, meta=_meta(task, wall_before + time.time() - t0, wait_before + waited),
+                          force=preempted)
             if preempted:
                 ckpt.close()
                 logging.warning("[%s] preempted: saved step %d; rerun the same command to resume.",
                                 task.name, step)
                 return LoopResult(state, step, False, None)
-    wall = wall_before + time.time() - t0
-    ckpt.save(step, state, meta=_meta(task, wall), final=True)
+    wall, wait = wall_before + time.time() - t0, wait_before + waited
+    ckpt.save(step, state, meta=_meta(task, wall, wait), final=True)
     ckpt.close()
-    timing = {"wall_time_s": round(wall, 3)}
+    timing = {"wall_time_s": round(wall, 3), "input_wait_s": round(wait, 3),
+              "input_wait_fraction": round(wait / max(wall, 1e-9), 4)}
     if task.private:
         write_json_atomic(os.path.join(stage_dir, PRIVATE_TIMING), {"stage": task.name, **timing})
         timing = {}
+    else:
+        logging.info("[%s] input wait: %.1f%% of %.1f s", task.name, 100 * timing["input_wait_fraction"], wall)
     summary = write_summary(stage_dir, task.inputs, {
         "stage": task.name, "final_step": step, **timing, "params_sha256": hashing.params_sha256(task.params_of(state)),
         "stopped_early": stopped_early, **task.summary_extra()})
     return LoopResult(state, step, True, summary)
 
 
-def _meta(task: Task, wall_time: float) -> dict:
+def _meta(task: Task, wall_time: float, input_wait: float) -> dict:
     inputs = {} if task.inputs is None else {"inputs": task.inputs}
-    return {"stage": task.name, "wall_time_s": wall_time, **inputs, **task.meta()}
+    return {"stage": task.name, "wall_time_s": wall_time, "input_wait_s": input_wait, **inputs, **task.meta()}
 

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from dpwave import data
+from dpwave.data.prefetch import prefetched
 from dpwave.models import tokenizer as tokenizer_lib
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.text import encode_captions
@@ -73,19 +74,26 @@ def _encode(graphdef, state, images, coarse):
 def encode_examples(settings: Settings, tokenizer: tokenizer_lib.SpectralTokenizer, source: data.Source,
                     batch_size: int = 250) -> dict[str, np.ndarray]:
     """The AR model's examples: every image's tokens under the frozen tokenizer (a per-example map: coarse scale
-    only, or all scales for full_dp) and its condition (label or caption bytes)."""
+    only, or all scales for full_dp) and its condition (label or caption bytes). Chunks are decoded on the
+    `perf.input_workers` threads while the tokenizer encodes the previous ones."""
     graphdef, state = nnx.split(tokenizer)
     parts: dict[str, list[np.ndarray]] = {"tokens": [], "label": [], "caption_bytes": []}
-    for start in range(0, len(source), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(source)))
-        raw = source.get_batch(np.pad(idx, (0, batch_size - len(idx)), mode="edge"))
-        tokens = _encode(graphdef, state, jnp.asarray(data.to_float(raw["image"])), settings.coarse_only)
-        parts["tokens"].append(np.asarray(tokens, np.int32)[: len(idx)])
-        if settings.data.condition == "label":
-            parts["label"].append(np.asarray(raw["label"], np.int32)[: len(idx)])
-        elif settings.data.condition == "caption":
-            captions = [str(c) for c in raw["caption"][: len(idx)]]
-            parts["caption_bytes"].append(encode_captions(captions, settings.transformer.max_text_len))
+
+    def chunk(c: int) -> tuple[int, dict[str, np.ndarray]]:
+        idx = np.arange(c * batch_size, min((c + 1) * batch_size, len(source)))
+        return len(idx), source.get_batch(np.pad(idx, (0, batch_size - len(idx)), mode="edge"))
+
+    perf = settings.perf
+    with prefetched(chunk, 0, -(-len(source) // batch_size), workers=perf.input_workers,
+                    depth=perf.input_prefetch) as chunks:
+        for count, raw in chunks:
+            tokens = _encode(graphdef, state, jnp.asarray(data.to_float(raw["image"])), settings.coarse_only)
+            parts["tokens"].append(np.asarray(tokens, np.int32)[:count])
+            if settings.data.condition == "label":
+                parts["label"].append(np.asarray(raw["label"], np.int32)[:count])
+            elif settings.data.condition == "caption":
+                captions = [str(c) for c in raw["caption"][:count]]
+                parts["caption_bytes"].append(encode_captions(captions, settings.transformer.max_text_len))
     return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 

@@ -171,11 +171,15 @@ class Dp:
 class Perf:
     """How the DP step computes the clipped sum, not what it computes: `microbatch_size` examples at a time (None:
     the whole batch) and certified ghost norms or materialized per-example gradients. Each path gives the same
-    update up to float rounding (tests/privacy/test_clipping.py, test_ghost.py, tests/train/test_parallel.py),
-    so none of this is a stage input."""
+    update up to float rounding (tests/privacy/test_clipping.py, test_ghost.py, tests/train/test_parallel.py).
+    How the training stages' batches are made: on `input_workers` threads (0: in the loop's thread, when the step
+    asks), up to `input_prefetch` steps ahead; every batch is a function of (seed, step), the same for any of these
+    (tests/data/test_prefetch.py). None of this is a stage input."""
 
     microbatch_size: int | None
     use_ghost_norms: bool
+    input_workers: int
+    input_prefetch: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +323,13 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     microbatch = config.perf.microbatch_size
     if microbatch is not None and not (isinstance(microbatch, int) and microbatch >= 1):
         raise ValueError(f"config.perf.microbatch_size={microbatch!r} must be an int >= 1 or None (whole batch)")
+    workers, prefetch = config.perf.input_workers, config.perf.input_prefetch
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"config.perf.input_workers={workers!r} must be an int >= 0 (input threads; 0 makes each "
+                         "batch in the loop's thread)")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < max(1, workers):
+        raise ValueError(f"config.perf.input_prefetch={prefetch!r} must be an int >= max(1, "
+                         f"config.perf.input_workers={workers}) (steps made ahead; fewer leaves workers idle)")
 
 
 def _check_dp(dp: ml_collections.ConfigDict) -> None:

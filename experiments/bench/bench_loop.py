@@ -98,11 +98,11 @@ def run_loop(stage: DpRun, root: Path, steps: int, every: int, log_every: int,
                                                                                  log_every=log_every))
     marks: dict[str, float] = {}
 
-    def step(state: Any, i: int) -> Any:
+    def step(state: Any, batch: Any, i: int) -> Any:
         _mark(marks, state, i, steps)
         if eager_op:
             jax.random.fold_in(stage.key, i)
-        return stage.step(state, i)
+        return stage.step(state, batch, i)
 
     task = dataclasses.replace(stage.task(), total_steps=steps, step=step)
     directory = Path(tempfile.mkdtemp(dir=root))

@@ -127,7 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
     # microbatch_size: examples whose per-example gradients are live at once per device (None: the whole batch);
     # use_ghost_norms: certified norms of dense weights without per-example gradients (dpwave.privacy.ghost);
     # False: materialized per-example gradients (vmap). Time and memory of both: experiments/bench/bench_dp_step.py.
-    c.perf = ml_collections.ConfigDict(dict(microbatch_size=placeholder(int), use_ghost_norms=True))
+    # input_workers threads make the training stages' batches (decode, resize, gather) up to input_prefetch steps
+    # ahead (0 workers: in the loop's thread); each batch is a function of (seed, step) whatever these are.
+    # Throughput and input-wait fractions: experiments/bench/bench_input.py.
+    c.perf = ml_collections.ConfigDict(dict(microbatch_size=placeholder(int), use_ghost_norms=True,
+                                            input_workers=2, input_prefetch=4))
 
     c.refiner = ml_collections.ConfigDict(dict(  # the fine bands given the coarse one (dpwave only)
         model=dict(widths=(64, 64), num_blocks=3, objective="flow", sample_steps=10, cond_noise=0.05),

@@ -49,7 +49,7 @@ def stage_names(config) -> list[str]:
 def run_steps(stage, count: int) -> list[TrainState]:
     state, states = stage.state, []
     for i in range(count):
-        state, _ = stage.step(state, i)
+        state, _ = stage.step(state, stage.batch(i), i)
         states.append(state)
     return states
 

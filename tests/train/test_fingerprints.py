@@ -139,7 +139,7 @@ def test_a_summary_without_fingerprint_is_reused_with_a_warning(tmp_path, caplog
 
 
 def toy_task(**kw: Any) -> loop.Task:
-    return loop.Task("toy", {"w": jnp.zeros(3)}, lambda s, i: ({"w": s["w"] + 1.0}, {}), total_steps=2,
+    return loop.Task("toy", {"w": jnp.zeros(3)}, lambda s, b, i: ({"w": s["w"] + 1.0}, {}), total_steps=2,
                      params_of=lambda s: s, **kw)
 
 

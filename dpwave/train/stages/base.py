@@ -74,10 +74,11 @@ class Stage:
 
 
 def run_task(ctx: Context, task: loop.Task) -> loop.LoopResult:
-    """Runs or resumes `task` in its stage directory with the run's checkpoint and logging frequency."""
-    ops = ctx.settings.ops
+    """Runs or resumes `task` in its stage directory with the run's checkpoint and logging frequency and input
+    workers."""
+    ops, perf = ctx.settings.ops, ctx.settings.perf
     return loop.run(task, ctx.dir(task.name), checkpoint_every=ops.checkpoint_every, max_to_keep=ops.max_to_keep,
-                    log_every=ops.log_every)
+                    log_every=ops.log_every, feed=loop.InputFeed(perf.input_workers, perf.input_prefetch))
 
 
 def training_inputs(name: str, section: Any) -> dict[str, Any]:

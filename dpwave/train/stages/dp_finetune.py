@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -94,12 +95,17 @@ class DpRun:
         self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
         self.last_epsilon = 0.0
 
-    def step(self, state: steps.TrainState, i: int) -> tuple[steps.TrainState, dict]:
+    def batch(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Step i's examples and mask: this process's share of the Poisson draw `sampler.batch(i)` (padded slots
+        hold example 0, masked out). A pure function of (secret seed, i), run on the input workers."""
         indices, mask = self.sampler.batch(i)
-        batch = {k: v[model_io.local_slice(indices)] for k, v in self.examples.items()}
-        batch = distributed.shard_batch(batch, self.mesh)
-        state, metrics = self.step_fn(state, batch, distributed.shard_batch(model_io.local_slice(mask), self.mesh),
-                                      self.key, i)
+        return {k: v[model_io.local_slice(indices)] for k, v in self.examples.items()}, model_io.local_slice(mask)
+
+    def step(self, state: steps.TrainState, batch: tuple[dict[str, np.ndarray], np.ndarray],
+             i: int) -> tuple[steps.TrainState, dict]:
+        examples, mask = batch
+        state, metrics = self.step_fn(state, distributed.shard_batch(examples, self.mesh),
+                                      distributed.shard_batch(mask, self.mesh), self.key, i)
         self.ledger.record_steps(1)
         if not self.settings.dp.log_private_metrics:
             metrics = {}
@@ -148,7 +154,7 @@ class DpRun:
     def task(self) -> loop.Task:
         ema = bool(self.settings.dp.recipe.ema_decay)  # the parameters the sample stage loads
         return loop.Task(DpFinetune.name, self.state, self.step, self.settings.dp.mechanism.steps,
-                         params_of=lambda s: s.extra if ema else s.params,
+                         params_of=lambda s: s.extra if ema else s.params, batch=self.batch,
                          meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
                          after_step=self.after_step, summary_extra=self.summary, private=True,
                          postfix=lambda: {"eps": f"{self.last_epsilon:.3g}"})

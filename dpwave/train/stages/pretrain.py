@@ -57,11 +57,13 @@ class Pretrain(Stage):
         sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
         key = self.key(settings)
 
-        def step(state, i):
-            batch = {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
+        def batch(i):
+            return {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
+
+        def step(state, batch, i):
             return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
 
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params)
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
 
 
 STAGE = Pretrain()

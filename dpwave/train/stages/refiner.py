@@ -59,14 +59,17 @@ class Refiner(Stage):
         key = self.key(settings)
         with_label = cfg.model.num_classes is not None
 
-        def step(state, i):
+        def batch(i):
             raw = source.get_batch(model_io.local_slice(sampler.batch(i)))
-            batch = {"image": raw["image"]}  # uint8; the refiner converts to [-1, 1]
+            out = {"image": raw["image"]}  # uint8; the refiner converts to [-1, 1]
             if with_label:
-                batch["label"] = np.asarray(raw["label"], np.int32)
+                out["label"] = np.asarray(raw["label"], np.int32)
+            return out
+
+        def step(state, batch, i):
             return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
 
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params)
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
 
 
 STAGE = Refiner()

@@ -58,11 +58,13 @@ class Tokenizer(Stage):
         step_fn = jax.jit(functools.partial(tokenizer_lib.train_step, graphdef, optimizer=optimizer), donate_argnums=0)
         key = self.key(settings)
 
-        def step(state, i):
-            images = data.to_float(source.get_batch(model_io.local_slice(sampler.batch(i)))["image"])
+        def batch(i):
+            return data.to_float(source.get_batch(model_io.local_slice(sampler.batch(i)))["image"])
+
+        def step(state, images, i):
             return step_fn(state, distributed.shard_batch(images, mesh), jax.random.fold_in(key, i))
 
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params)
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
 
 
 STAGE = Tokenizer()
