@@ -39,7 +39,8 @@ def prefetched(produce: Callable[[int], T], start: int, stop: int, *, workers: i
         yield (produce(i) for i in range(start, stop))
         return
     batches = grain.MapDataset.range(start, stop).map(produce)
-    iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=workers, prefetch_buffer_size=depth)))
+    options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=depth)
+    iterator = iter(batches.to_iter_dataset(options, allow_nones=True))  # a None batch is a batch, not a gap
     try:
         yield iterator
     finally:

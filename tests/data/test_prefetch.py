@@ -87,6 +87,12 @@ def test_poisson_draws_are_unchanged_by_workers_and_depth():
 
 
 @pytest.mark.unit
+def test_none_batches_are_delivered_not_skipped():
+    for workers in (0, 2):
+        assert consume(lambda i: None if i % 2 else i, 0, 5, workers, 2) == [0, None, 2, None, 4]
+
+
+@pytest.mark.unit
 def test_a_stream_left_early_stops_asking_for_batches():
     asked: list[int] = []
 
