@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -79,29 +80,43 @@ def test_a_resumed_stage_consumes_the_same_batches_as_an_uninterrupted_one(tmp_p
 
 
 @pytest.mark.integration
-def test_the_input_wait_is_recorded_and_prefetching_hides_it(tmp_path, caplog):
+def test_the_input_wait_is_recorded(tmp_path, caplog):
     def slow_batch(i):
         time.sleep(0.03)
         return np.full(2, i)
 
-    def run(feed: loop.InputFeed, where: str, step_time: float) -> dict:
-        def step(state, batch, i):
-            time.sleep(step_time)
-            return state, {}
-        task = loop.Task("toy", {"w": jnp.zeros(2)}, step, 12, params_of=lambda s: s, batch=slow_batch)
-        return loop.run(task, str(tmp_path / where), checkpoint_every=100, max_to_keep=2, log_every=4,
-                        feed=feed).summary
-
+    task = loop.Task("toy", {"w": jnp.zeros(2)}, lambda state, batch, i: (state, {}), 12, params_of=lambda s: s,
+                     batch=slow_batch)
     with caplog.at_level(logging.INFO):
-        inline = run(loop.InputFeed(), "inline", 0.0)
-    assert inline["input_wait_s"] >= 12 * 0.03
+        inline = loop.run(task, str(tmp_path), checkpoint_every=100, max_to_keep=2, log_every=4,
+                          feed=loop.InputFeed()).summary
+    assert inline["input_wait_s"] >= 12 * 0.03  # every batch is made while the step waits for it
     assert inline["input_wait_fraction"] == pytest.approx(inline["input_wait_s"] / inline["wall_time_s"], abs=0.01)
     assert any("[toy] input wait:" in r.getMessage() for r in caplog.records)
-    lines = [json.loads(line) for line in (tmp_path / "inline" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [4, 8, 12] and all(line["input_wait_fraction"] > 0 for line in lines)
-    # Steps slower than the batches: with two workers four steps ahead, only the first batch is waited for.
-    ahead = run(FEED, "ahead", 0.05)
-    assert ahead["input_wait_s"] < 4 * 0.03 < inline["input_wait_s"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("feed, ahead", [(FEED, True), (loop.InputFeed(), False)])
+def test_workers_make_the_next_batch_while_the_step_runs(tmp_path, feed, ahead):
+    made, ready = set(), threading.Condition()
+
+    def batch(i):
+        with ready:
+            made.add(i)
+            ready.notify_all()
+        return np.full(2, i)
+
+    def step(state, batch, i):  # step i waits (bounded) for batch i + 1: only a prefetching feed makes it meanwhile
+        with ready:
+            seen.append(ready.wait_for(lambda: i + 1 in made, timeout=10 if ahead else 0.2))
+        return state, {}
+
+    seen: list[bool] = []
+    task = loop.Task("toy", {"w": jnp.zeros(2)}, step, 6, params_of=lambda s: s, batch=batch)
+    loop.run(task, str(tmp_path), checkpoint_every=100, max_to_keep=2, log_every=3, feed=feed)
+    assert seen[:-1] == [ahead] * 5  # the last step has no next batch
 
 
 @pytest.mark.integration
