@@ -54,8 +54,8 @@ def check_run(workdir: Path, *, target_epsilon: float) -> dict:
 PINNED_SEED = 20261129
 PINNED_PARAMS = {
     "tokenizer": "315f53c35562f372babe37114b0c0841f4fef187519a1271c43893fface27009",
-    "pretrain": "076b17ce92311cd756a0e8ba3a474f8c60baa3665a06ec614ec00956f0309f9d",
-    "dp_finetune": "445fc83934afca1285e7fe1582a12e8c6f605733f5ecc5ae2a46218eb4fc7e72",
+    "pretrain": "59cb92d10e1dde4f5f4925afdff4a21f5732f1a297441ce1710ecf70006903ec",
+    "dp_finetune": "d4e172d8465bbae35a9ee5f3392c8c94549299d280bf923c0a9614abe0459ceb",
     "refiner": "666eeb8011317b19cc901c175093ad9e61ede8cb58ea158cf1e249691d58be28",
 }
 PINNED_METRICS = {"epsilon": 9.947927378012682, "fd_cls": 33.62482998757669, "precision": 0.16, "recall": 0.05,

@@ -21,9 +21,14 @@ class StaleStageError(ValueError):
 
 
 def jsonable(value: Any) -> Any:
-    """Dataclasses, mappings and sequences as plain JSON values; non-finite floats as "Infinity"/"-Infinity"/"NaN"."""
+    """Dataclasses, mappings and sequences as plain JSON values; non-finite floats as "Infinity"/"-Infinity"/"NaN".
+
+    Dataclass fields with ``metadata={"fingerprint": False}`` (how a result is computed, not what it is, e.g.
+    ``TransformerConfig.attention_impl``) are left out.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.metadata.get("fingerprint", True)}
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

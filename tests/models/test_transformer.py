@@ -115,6 +115,91 @@ def test_scale_ids_and_scale_embedding_used():
     assert np.abs(a[:, 4:] - b[:, 4:]).min() > 0
 
 
+# ---- attention ---------------------------------------------------------------------------------
+def einsum_attention(q, k, v, mask=None, *, is_causal=False, implementation=None):
+    """The attention before jax.nn.dot_product_attention: einsum scores, masked to float32 min, float32 softmax."""
+    del implementation
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    visible = jnp.ones(scores.shape, bool) if mask is None else jnp.broadcast_to(mask, scores.shape)
+    if is_causal:
+        visible &= jnp.tril(jnp.ones(scores.shape[-2:], bool))
+    scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, np.finfo(np.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def attention_cases(n: int = 6, prefix: int = 3):
+    """(name, mask, causal) of every mask the model builds; row 1's prefix (or keys) are all invalid."""
+    valid = jnp.asarray([[1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]], bool)[:, :prefix]
+    padding = jnp.concatenate([valid, jnp.ones((B, n - prefix), bool)], 1).at[1].set(False)
+    return [("causal", None, True), ("caption_prefix", model_lib._prefix_mask(valid, n, n), True),
+            ("padding", jnp.broadcast_to(padding[:, None, None, :], (B, 1, n, n)), False)]
+
+
+@pytest.mark.parametrize("case", range(3), ids=lambda i: attention_cases()[i][0])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_attention_equals_the_einsum_reference(case, dtype, tol, monkeypatch):
+    attention = tr.Attention(tr.TransformerConfig(**TINY, dtype=dtype), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (B, 6, TINY["width"]))
+    _, mask, causal = attention_cases()[case]
+    got, _ = attention(x, mask, causal=causal)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", einsum_attention)
+    want, _ = attention(x, mask, causal=causal)
+    assert got.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_attention_cache_prefill_and_decode_equal_the_einsum_reference(monkeypatch):
+    attention = tr.Attention(tr.TransformerConfig(**TINY), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(3), (B, 5, TINY["width"]))
+    key_valid = jnp.concatenate([jnp.asarray([[1, 0], [0, 0], [1, 1], [0, 1]], bool), jnp.ones((B, 6), bool)], 1)
+    empty = (jnp.zeros((B, 8, 2, 8)), jnp.zeros((B, 8, 2, 8)))
+
+    def run():
+        out, cache = attention(x[:, :4], model_lib._prefix_mask(key_valid[:, :2], 4, 8), causal=True, cache=empty)
+        step, cache = attention(x[:, 4:], model_lib._cache_mask(key_valid, 4, 1), causal=False, cache=cache,
+                                index=jnp.int32(4))
+        return out, step, cache
+
+    got = run()
+    monkeypatch.setattr(jax.nn, "dot_product_attention", einsum_attention)
+    want = run()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+    # The decoded position equals the same position of one causal pass over all 5 inputs.
+    full, _ = attention(x, model_lib._prefix_mask(key_valid[:, :2], 5, 5), causal=True)
+    np.testing.assert_allclose(got[1][:, 0], full[:, 4], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_model_logits_equal_the_einsum_reference(name, monkeypatch):
+    graphdef, params = built(name)
+    tokens, cond = random_tokens(13), cond_for(CONFIGS[name])
+    drop = jnp.asarray([False, True, False, False])
+    got = nnx.merge(graphdef, params).forward(tokens, cond, drop)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", einsum_attention)
+    want = nnx.merge(graphdef, params).forward(tokens, cond, drop)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_impl_is_validated_and_left_out_of_fingerprints():
+    from dpwave.train.fingerprints import jsonable
+
+    with pytest.raises(ValueError, match="attention_impl must be"):
+        tr.TransformerConfig(**TINY, attention_impl="flash")
+    with pytest.raises(ValueError, match="needs dtype"):
+        tr.TransformerConfig(**TINY, attention_impl="cudnn")  # float32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        tr.TransformerConfig(**{**TINY, "width": 12}, dtype="bfloat16", attention_impl="cudnn")
+    xla, cudnn = (tr.TransformerConfig(**TINY, dtype="bfloat16", attention_impl=i) for i in ("xla", "cudnn"))
+    assert xla != cudnn and hash(xla) != hash(cudnn)  # a static jit argument: each compiles its own kernel
+    assert jsonable(xla) == jsonable(cudnn) == jsonable(tr.TransformerConfig(**TINY, dtype="bfloat16"))
+    assert "attention_impl" not in jsonable(xla)
+    q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    assert model_lib._attention_impl(None, q, 4, masked=False) == "xla"  # no CUDA GPU here
+    assert model_lib._attention_impl("cudnn", q, 4, masked=True) == "cudnn"
+
+
 # ---- conditioning ------------------------------------------------------------------------------
 def test_label_and_caption_conditioning_change_logits():
     tokens = jnp.tile(random_tokens(4, batch=1), (B, 1))

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -36,12 +37,14 @@ from dpwave.validation import check_int
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _NORMS = ("layernorm", "rmsnorm")
+# Kernels of `jax.nn.dot_product_attention`; None picks cudnn where it applies (`_attention_impl`), else xla.
+ATTENTION_IMPLS = ("xla", "cudnn")
+_CUDNN_DTYPES = ("bfloat16", "float16")
 # LoRA targets: the attention projections q, k, v, o and the MLP (fc1, fc2) of every block, '+'-joined
 # ("q+v"); "qv" and "all" (every projection and the MLP) are aliases.
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 _LORA_ALIASES = {"qv": ("q", "v"), "all": LORA_TARGETS}
 _INIT_STD = 0.02
-_MASKED = float(np.finfo(np.float32).min)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -66,6 +69,10 @@ class TransformerConfig:
     ``"q+v"`` (alias ``"qv"``) or ``"all"`` (every dense layer of the blocks), scaled by
     ``lora_alpha / lora_rank`` (alpha defaults to the rank). ``scale_boundaries``: cumulative end index of each
     wavelet scale's tokens, e.g. ``(16, 32, 48)``; the last must equal ``seq_len``.
+    ``attention_impl``: the kernel of ``jax.nn.dot_product_attention``, ``"xla"``, ``"cudnn"`` (cuDNN flash
+    attention: CUDA GPU, bfloat16 or float16 activations, head dim a multiple of 8) or None (cudnn where it
+    applies, else xla). It changes results only by float rounding, so stage fingerprints leave it out
+    (``metadata={"fingerprint": False}``, honoured by ``dpwave.train.fingerprints.jsonable``).
     """
 
     vocab_size: int
@@ -86,6 +93,7 @@ class TransformerConfig:
     lora_alpha: float | None = None
     lora_targets: str = "qv"
     scale_boundaries: tuple[int, ...] | None = None
+    attention_impl: str | None = dataclasses.field(default=None, metadata={"fingerprint": False})
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "width", "depth", "num_heads", "mlp_dim", "text_depth"):
@@ -138,6 +146,17 @@ class TransformerConfig:
                     f"{self.seq_len}, e.g. (16, 32, {self.seq_len})"
                 )
             object.__setattr__(self, "scale_boundaries", bounds)
+        if self.attention_impl is not None and self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"TransformerConfig.attention_impl must be None (automatic) or one of {ATTENTION_IMPLS}, "
+                f"got {self.attention_impl!r}"
+            )
+        if self.attention_impl == "cudnn" and (dtype not in _CUDNN_DTYPES or (self.width // self.num_heads) % 8):
+            raise ValueError(
+                f"TransformerConfig.attention_impl='cudnn' needs dtype in {_CUDNN_DTYPES} and a head dim "
+                f"(width / num_heads) that is a multiple of 8; got dtype={dtype!r}, head dim "
+                f"{self.width // self.num_heads}; use attention_impl=None or 'xla'"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TransformerConfig:
@@ -201,8 +220,35 @@ def _embedding(rngs: nnx.Rngs, *shape: int) -> nnx.Param:
     return nnx.Param(jax.nn.initializers.normal(_INIT_STD)(rngs.params(), shape, jnp.float32))
 
 
+@functools.cache
+def _cuda_flash_capable() -> bool:
+    """Whether the default backend is a CUDA GPU of compute capability 8.0 (Ampere) or newer."""
+    if jax.default_backend() != "gpu" or "cuda" not in jax.extend.backend.get_backend().platform_version.lower():
+        return False
+    return int(str(jax.devices()[0].compute_capability).split(".")[0]) >= 8
+
+
+def _attention_impl(requested: str | None, q: jax.Array, num_keys: int, masked: bool) -> str:
+    """``requested``, or for None: cudnn where cuDNN flash attention takes these inputs, else xla.
+
+    cuDNN needs a CUDA GPU, 16-bit inputs and a head dim that is a multiple of 8 and at most 128; a mask
+    becomes an additive bias, whose gradient needs even query and key lengths.
+    """
+    if requested is not None:
+        return requested
+    _, num_queries, _, head_dim = q.shape
+    fits = (
+        jnp.dtype(q.dtype).name in _CUDNN_DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and not (masked and (num_queries % 2 or num_keys % 2))
+    )
+    return "cudnn" if fits and _cuda_flash_capable() else "xla"
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention; optionally writes keys/values into a preallocated cache."""
+    """Multi-head self-attention through ``jax.nn.dot_product_attention``; optionally writes keys/values into a
+    preallocated cache."""
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
         def dense(name: str) -> Dense:
@@ -211,34 +257,35 @@ class Attention(nnx.Module):
 
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (dense(n) for n in "qkvo")
         self.num_heads = cfg.num_heads
+        self.impl = cfg.attention_impl
 
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
+        *,
+        causal: bool,
         cache: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | int = 0,
     ):
-        """x (B, N, D); mask bool (B, 1, N, K) over the K keys (K = N, or the cache length).
+        """x (B, N, D); mask bool (B, 1, N, K) over the K keys (K = N, or the cache length), or None.
 
-        With a cache ((B, heads, K, head_dim) keys and values: the layout the attention
-        products read without a transpose), the N new keys/values are written at
-        positions [index, index + N). Returns (output (B, N, D), updated cache or None).
+        ``causal``: query i also sees only keys j <= i (on top of ``mask``). With a cache ((B, K, heads,
+        head_dim) keys and values: the layout the attention reads without a transpose), the N new
+        keys/values are written at positions [index, index + N). A query with no visible key gets a
+        uniform row; such positions are themselves invalid keys, so no valid position reads their output.
+        Returns (output (B, N, D), updated cache or None).
         """
         b, n, d = x.shape
-        heads = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
+        heads = lambda y: y.reshape(b, n, self.num_heads, d // self.num_heads)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=2)
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
             cache = (k, v)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        # A query with no valid key (a padding or dropped caption position) gets a uniform row; such
-        # positions are themselves invalid keys, so no valid position ever reads their output.
-        scores = jnp.where(mask, scores * (d // self.num_heads) ** -0.5, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, n, d)
-        return self.o_proj(out), cache
+        impl = _attention_impl(self.impl, q, k.shape[1], mask is not None)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+        return self.o_proj(out.reshape(b, n, d)), cache
 
 
 class Mlp(nnx.Module):
@@ -262,8 +309,8 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs)
         self.dropout = cfg.dropout
 
-    def __call__(self, x, mask, *, key=None, cache=None, index=0):
-        h, cache = self.attn(self.attn_norm(x), mask, cache, index)
+    def __call__(self, x, mask, *, causal, key=None, cache=None, index=0):
+        h, cache = self.attn(self.attn_norm(x), mask, causal=causal, cache=cache, index=index)
         x = x + _dropout(h, self.dropout, _fold(key, 0))
         x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, _fold(key, 1))
         return x, cache
@@ -284,9 +331,9 @@ class TextEncoder(nnx.Module):
         valid = text != TEXT_PAD
         x = (jnp.take(self.byte_embed[...], text, axis=0) + self.pos_embed[...]).astype(self.dtype)
         x = _dropout(x, self.dropout, _fold(key, len(self.blocks)))
-        mask = valid[:, None, None, :]
+        mask = jnp.broadcast_to(valid[:, None, None, :], (text.shape[0], 1, text.shape[1], text.shape[1]))
         for i, block in enumerate(self.blocks):
-            x, _ = block(x, mask, key=_fold(key, i))
+            x, _ = block(x, mask, causal=False, key=_fold(key, i))
         return self.norm(x), valid
 
 
@@ -348,10 +395,8 @@ class ARTransformer(nnx.Module):
         ctx = self.condition(cond, drop, key=_fold(key, 0))
         x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens[:, :-1])], axis=1)
         x = _dropout(x, self.config.dropout, _fold(key, 1))
-        length = x.shape[1]
-        valid = jnp.concatenate([ctx.valid, jnp.ones((x.shape[0], length - ctx.valid.shape[1]), bool)], 1)
-        mask = jnp.tril(jnp.ones((length, length), bool))[None, None] & valid[:, None, None, :]
-        hidden, _ = self._blocks(x, mask, key=_fold(key, 2))
+        mask = _prefix_mask(ctx.valid, x.shape[1], x.shape[1])
+        hidden, _ = self._blocks(x, mask, causal=True, key=_fold(key, 2))
         return self._logits(hidden[:, ctx.prefix.shape[1] :])
 
     def condition(self, cond: jax.Array | None, drop: jax.Array, *, key: jax.Array | None = None) -> Context:
@@ -380,9 +425,9 @@ class ARTransformer(nnx.Module):
 
     # ---- cached decoding ----------------------------------------------------------------------
     def init_cache(self, batch: int, num_tokens: int) -> Cache:
-        """Zero key/value caches, one (B, heads, P + num_tokens, head_dim) pair per block."""
+        """Zero key/value caches, one (B, P + num_tokens, heads, head_dim) pair per block."""
         cfg = self.config
-        shape = (batch, cfg.num_heads, cfg.prefix_len + num_tokens, cfg.width // cfg.num_heads)
+        shape = (batch, cfg.prefix_len + num_tokens, cfg.num_heads, cfg.width // cfg.num_heads)
         return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.blocks]
 
     def prefill(self, ctx: Context, tokens: jax.Array, cache: Cache):
@@ -391,9 +436,10 @@ class ARTransformer(nnx.Module):
         Returns (logits for token K (B, V), cache, key validity (B, cache length)).
         """
         x = jnp.concatenate([ctx.prefix, self._inputs(ctx, tokens)], axis=1)
-        batch, length = cache[0][0].shape[0], cache[0][0].shape[2]
+        batch, length = cache[0][0].shape[:2]
         key_valid = jnp.concatenate([ctx.valid, jnp.ones((batch, length - ctx.valid.shape[1]), bool)], axis=1)
-        hidden, cache = self._blocks(x, _cache_mask(key_valid, 0, x.shape[1]), cache=cache, index=0)
+        mask = _prefix_mask(ctx.valid, x.shape[1], length)
+        hidden, cache = self._blocks(x, mask, causal=True, cache=cache, index=0)
         return self._logits(hidden[:, -1]), cache, key_valid
 
     def decode_step(self, token: jax.Array, position: jax.Array, cache: Cache, key_valid: jax.Array):
@@ -403,7 +449,7 @@ class ARTransformer(nnx.Module):
         """
         x = self._token_inputs(token[:, None], position[None])
         index = self.config.prefix_len + position
-        hidden, cache = self._blocks(x, _cache_mask(key_valid, index, 1), cache=cache, index=index)
+        hidden, cache = self._blocks(x, _cache_mask(key_valid, index, 1), causal=False, cache=cache, index=index)
         return self._logits(hidden[:, 0]), cache
 
     # ---- internals ----------------------------------------------------------------------------
@@ -424,10 +470,11 @@ class ARTransformer(nnx.Module):
         rest = self._token_inputs(tokens, jnp.arange(1, tokens.shape[1] + 1))
         return jnp.concatenate([bos, rest], axis=1)
 
-    def _blocks(self, x, mask, *, key=None, cache: Cache | None = None, index=0):
+    def _blocks(self, x, mask, *, causal: bool, key=None, cache: Cache | None = None, index=0):
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, mask, key=_fold(key, i), index=index, cache=None if cache is None else cache[i])
+            x, layer_cache = block(x, mask, causal=causal, key=_fold(key, i), index=index,
+                                   cache=None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else new_cache)
 
@@ -464,6 +511,18 @@ def _check_text(text: jax.Array, batch: int, max_len: int) -> jax.Array:
             f"got {text.dtype} {text.shape}"
         )
     return text
+
+
+def _prefix_mask(prefix_valid: jax.Array, num_queries: int, num_keys: int) -> jax.Array | None:
+    """(B, 1, N, S) validity of the keys (condition prefix, then always-valid token slots); None without a prefix.
+
+    The causal part is ``is_causal`` of the attention, so that cuDNN can skip the masked half.
+    """
+    if prefix_valid.shape[1] == 0:
+        return None
+    batch, prefix = prefix_valid.shape
+    valid = jnp.concatenate([prefix_valid, jnp.ones((batch, num_keys - prefix), bool)], axis=1)
+    return jnp.broadcast_to(valid[:, None, None, :], (batch, 1, num_queries, num_keys))
 
 
 def _cache_mask(key_valid: jax.Array, start: jax.Array | int, num_queries: int) -> jax.Array:
