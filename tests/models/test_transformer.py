@@ -196,8 +196,11 @@ def test_attention_impl_is_validated_and_left_out_of_fingerprints():
     assert jsonable(xla) == jsonable(cudnn) == jsonable(tr.TransformerConfig(**TINY, dtype="bfloat16"))
     assert "attention_impl" not in jsonable(xla)
     q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
-    assert model_lib._attention_impl(None, q, 4, masked=False) == "xla"  # no CUDA GPU here
-    assert model_lib._attention_impl("cudnn", q, 4, masked=True) == "cudnn"
+    auto = "cudnn" if model_lib._cuda_flash_capable() else "xla"  # xla on CPU
+    assert model_lib._attention_impl(None, q, 4, masked=False) == auto
+    assert model_lib._attention_impl(None, q, 3, masked=True) == "xla"  # the bias gradient needs even lengths
+    assert model_lib._attention_impl(None, q.astype(jnp.float32), 4, masked=False) == "xla"
+    assert model_lib._attention_impl("cudnn", q, 3, masked=True) == "cudnn"
 
 
 # ---- conditioning ------------------------------------------------------------------------------
