@@ -74,7 +74,7 @@ def load_pretrained(params: Any, pretrained: Any) -> Any:
     def take(path, leaf):
         key = jax.tree_util.keystr(path)
         if key not in values:
-            if not any(n in transformer_lib.LORA_LEAF_NAMES for n in transformer_lib._path_names(path)):
+            if not transformer_lib.is_lora_leaf(path):
                 raise ValueError(f"the DP model's parameter {key} is neither pretrained nor a LoRA adapter")
             return leaf
         if values[key].shape != leaf.shape:

@@ -21,8 +21,8 @@ from dpwave.models import transformer as transformer_lib
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
 from dpwave.models.transformer import TransformerConfig
+from dpwave.sample import METHODS
 
-METHODS = ("dpwave", "full_dp", "bicubic")
 ROLES = ("public", "private", "heldout", "test")
 CONDITIONS = ("label", "caption", "none")
 PROMPTS = ("labels", "heldout")

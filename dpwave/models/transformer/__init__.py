@@ -1,10 +1,8 @@
 """The AR transformer over wavelet tokens: the model (`model`), its losses and trainable subsets (`losses`) and
 its sampler (`sampler`). The public names of the three are importable from here."""
 
-from dpwave.models.lora import LORA_LEAF_NAMES  # noqa: F401 (see the note at the end)
 from dpwave.models.transformer.losses import (
     TRAINABLE_GROUPS,
-    _path_names,  # noqa: F401 (see the note at the end)
     batch_loss,
     batch_losses,
     is_lora_leaf,
@@ -31,5 +29,3 @@ __all__ = ["LORA_TARGETS", "TRAINABLE_GROUPS", "ARTransformer", "Attention", "Bl
            "TextEncoder", "TransformerConfig", "batch_loss", "batch_losses", "filter_logits", "guide", "is_lora_leaf",
            "lora_targets", "per_example_loss", "sample", "scale_vocab_mask", "token_nll", "trainable_groups",
            "trainable_mask"]
-# `LORA_LEAF_NAMES` and `_path_names` stay importable here only for dpwave.train.dp_recipe.load_pretrained,
-# until it calls `is_lora_leaf(path)`.
