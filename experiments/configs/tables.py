@@ -16,7 +16,7 @@ from experiments.configs import common
 PUBLIC = "public"  # the epsilon of the public-only control (dp.target_epsilon = 0)
 CONTROLS = ("inf", PUBLIC)
 EPSILONS = ("1", "10", *CONTROLS)
-CURVE_EPSILONS = ("0.5", "1", "2", "4", "8", "16", *CONTROLS)
+CURVE_EPSILONS = ("0.5", "1", "2", "4", "8", "10", "16", *CONTROLS)  # 1, 10 and the controls: the shift rows
 SCALING_SIZES = (500, 1000)  # and all 2,000: the shift table's own rows
 
 
