@@ -15,8 +15,9 @@ Shift (the demo with public data that lacks half the classes): the public split 
 digits, so digits 5-9 are learned under DP alone (and refined by a refiner that never saw them). Shift
 and tune use the DP recipe `sgd` (experiments/configs/recipes.py, chosen on public data: docs/tuning.md);
 `recipe=NAME` picks another. Its table is `python -m experiments.reproduce --table mnist_shift`; expected
-(dpwave, seed 0, docs/results.md): downstream accuracy 0.668 at epsilon 10 and 0.522 at epsilon 1,
-against 0.683 without noise and 0.528 for the public-only control.
+(dpwave, seeds 0-2, docs/results.md): downstream accuracy 0.622 +- 0.040 at epsilon 10 and 0.495 +- 0.024 at
+epsilon 1, against 0.678 +- 0.004 without noise and 0.494 +- 0.032 for the public-only control; FD-cls 69 +- 7,
+66 +- 1, 59 +- 7 and 65 +- 2.
 
 Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.target_epsilon = 0: no DP
 stage, the pretrained model is sampled, the private split is never read); `n_private=K` keeps the first
