@@ -74,7 +74,10 @@ def paper_config(args: ml_collections.ConfigDict, *, datasets: dict[str, dict], 
     c.pretrain.update(steps=pretrain_steps, batch_size=512, learning_rate=3e-4)
     c.dp.update(target_epsilon=common.epsilon_value(args.epsilon), delta=delta, expected_batch_size=4096,
                 steps=dp_steps, learning_rate=2e-4)
-    c.perf.microbatch_size = 16
+    # 16 decode threads, 16 steps ahead (a thread makes a whole step's batch): the tokenizer and refiner decode 256
+    # images of 256x256 RGB per step, and the up-front token encoding of the private set decodes every image once
+    # (~630 images/s per thread in experiments/bench/bench_input.py). AR pretraining and DP steps gather tokens.
+    c.perf.update(microbatch_size=16, input_workers=16, input_prefetch=16)
     c.refiner.model.update(widths=(256, 192, 128), num_blocks=4, objective="flow", sample_steps=20, cond_noise=0.05)
     c.refiner.update(steps=200_000, batch_size=256, learning_rate=2e-4)
     c.sample.update(num_samples=num_real, batch_size=250, guidance_scale=3.0, prompts="heldout")
