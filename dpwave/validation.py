@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_divisible_by_levels", "check_finite", "check_int", "float_images", "is_int", "single_image",
-           "uint8_images"]
+__all__ = ["check_divisible_by_levels", "check_finite", "check_int", "float_images", "int_in_range", "is_int",
+           "single_image", "uint8_images"]
 
 
 def is_int(value: Any) -> bool:
@@ -22,6 +22,16 @@ def is_int(value: Any) -> bool:
 def check_int(name: str, value: Any, minimum: int) -> None:
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def int_in_range(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an int; refuses bools, non-integers and values outside [low, high] (`high` None: no upper bound)."""
+    if not is_int(value):
+        raise ValueError(f"{name}={value!r} must be an int")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be {bound}")
+    return int(value)
 
 
 def check_finite(array: np.ndarray, name: str) -> np.ndarray:

@@ -1,7 +1,8 @@
 """dpwave's data layer: TFDS builders (array_record), privacy-tagged sources, samplers.
 
 ``load(DatasetSpec(name, split, privacy=...))`` returns a ``Source``; non-DP code calls
-``require_public(source, consumer)``; the DP trainer draws batches with ``PoissonSampler``;
+``require_public(source, consumer)``; public stages draw batches with ``ShuffleSampler`` (the DP stage's
+Poisson sampler is part of its mechanism: `dpwave.privacy.batch_selection`);
 ``overlap.check_disjoint`` refuses public sources holding an image of the private set.
 """
 from dpwave.data.boundary import require_public
@@ -10,10 +11,10 @@ from dpwave.data.errors import (DataError, DatasetLayoutError, DatasetNotPrepare
                                 InvalidExampleError, PrivacyError, PrivateOverlapError, PrivateSplitError)
 from dpwave.data.images import to_float, to_uint8
 from dpwave.data.loading import load
-from dpwave.data.sampling import BatchOverflowError, PoissonSampler, ShuffleSampler
+from dpwave.data.sampling import ShuffleSampler
 from dpwave.data.source import Source
 from dpwave.data.spec import DatasetSpec
 
-__all__ = ["BatchOverflowError", "DataError", "DatasetLayoutError", "DatasetNotPreparedError", "DatasetSpec",
-           "InvalidExampleError", "PoissonSampler", "PrivacyError", "PrivateOverlapError", "PrivateSplitError",
+__all__ = ["DataError", "DatasetLayoutError", "DatasetNotPreparedError", "DatasetSpec",
+           "InvalidExampleError", "PrivacyError", "PrivateOverlapError", "PrivateSplitError",
            "ShuffleSampler", "Source", "load", "mnist5k_arrays", "require_public", "to_float", "to_uint8"]

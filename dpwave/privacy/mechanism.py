@@ -27,28 +27,11 @@ import optax
 from dp_accounting import dp_event
 
 from dpwave.privacy import clipping
+from dpwave.privacy.batch_selection import PoissonSelection
 from dpwave.privacy.guard import BudgetGuard
 from dpwave.privacy.ledger import DpParams, PrivacyLedger
 from dpwave.privacy.optimizers import dp_optimizer
 from dpwave.privacy.noise import noise_and_normalize
-
-
-@dataclasses.dataclass(frozen=True)
-class PoissonSelection:
-    """Each of `dataset_size` examples joins each step independently with probability `sampling_prob`.
-
-    The draws take the secret seed: `dpwave.data.PoissonSampler(dataset_size, sampling_prob, seed=secret)`
-    draws exactly this distribution (it lives in `dpwave.data`, whose package loads TFDS, which the privacy
-    package does not need).
-    """
-
-    dataset_size: int
-    sampling_prob: float
-
-    @property
-    def expected_batch_size(self) -> float:
-        """q N: the public normalizer of the noised sum (never the realized batch size, which is private)."""
-        return self.sampling_prob * self.dataset_size
 
 
 @dataclasses.dataclass(frozen=True)

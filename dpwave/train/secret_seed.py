@@ -1,7 +1,7 @@
 """The DP stage's secret seed: from the config (reproducibility mode, not secret), an owner-only file, the
 environment, or drawn once from the OS and kept owner-only in the stage directory. It seeds the Poisson draws,
 the noise and the DP step's per-example randomness; it is never written in the clear anywhere else (checkpoints
-hold its commitment, `dpwave.data.sampling.seed_commitment`)."""
+hold its commitment, `dpwave.privacy.seed_commitment`)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from scipy import stats
 
-from dpwave.data import PoissonSampler
+from dpwave.privacy import PoissonSampler
 from experiments.bench.common import print_table, write_json
 
 

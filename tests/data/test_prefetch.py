@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpwave.data import DataError, DatasetSpec, PoissonSampler, ShuffleSampler, load
+from dpwave.data import DataError, DatasetSpec, ShuffleSampler, load
+from dpwave.privacy import PoissonSampler
 from dpwave.data.prefetch import prefetched
 
 STEPS = 9

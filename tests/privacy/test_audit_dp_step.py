@@ -3,7 +3,7 @@
 The step is built as the DP stage builds it: `steps.fold_step_key(steps.dp_step(...))` with the clipped sum and
 the optimizer of a `privacy.DpSgdMechanism` (inner `optax.sgd`), on a 1-device data mesh, fed the padded Poisson
 batches of
-`data.PoissonSampler`, once with per-example gradients (vmap) and once with ghost norms. The model is a small
+`privacy.PoissonSampler`, once with per-example gradients (vmap) and once with ghost norms. The model is a small
 `transformer.ARTransformer`; the per-example loss is `transformer.per_example_loss` plus white-box gradient
 canary terms, which are zero for the real examples.
 
@@ -27,7 +27,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dpwave import data, privacy
+from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
 from dpwave.privacy import audit, ghost
 from dpwave.train import distributed, steps
@@ -114,7 +114,7 @@ def train_and_score(seed: int, setting: Setting, noise_multiplier: float,
     examples, at, included = canary_data(seed, setting)
     graphdef, params = nnx.split(transformer_lib.ARTransformer(CONFIG, rngs=nnx.Rngs(seed)), nnx.Param)
     mesh = distributed.make_data_mesh(jax.devices()[:1])
-    sampler = data.PoissonSampler(len(examples["label"]), setting.sampling_prob, seed=seed,
+    sampler = privacy.PoissonSampler(len(examples["label"]), setting.sampling_prob, seed=seed,
                                   bucket_multiple=setting.microbatch_size)
     # Accounted over the expected set (the real examples and half the canaries): a normalizer free of the coins.
     mechanism = privacy.DpSgdMechanism(setting.l2_clip, privacy.DpParams(

@@ -17,8 +17,8 @@ from absl import logging as absl_logging
 from helpers import seeds
 from helpers import runs
 
-from dpwave import data, privacy
-from dpwave.data.sampling import seed_commitment
+from dpwave import privacy
+from dpwave.privacy import seed_commitment
 from dpwave.train import model_io, pipeline, secret_seed, settings
 from dpwave.train.pipeline import PIPELINES
 from dpwave.train.secret_seed import SECRET_SEED_ENV, SecretSeedError
@@ -89,7 +89,7 @@ def test_checkpoints_store_a_commitment_instead_of_the_seed(seeded_run):
     for path in metas:
         sampler = json.loads(path.read_text())["sampler"]
         assert "seed" not in sampler and sampler["seed_commitment"] == seed_commitment(SEED)
-    sampler = data.PoissonSampler(400, 0.04, seed=SEED)
+    sampler = privacy.PoissonSampler(400, 0.04, seed=SEED)
     assert "seed" not in sampler.checkpoint_state() and "seed" in sampler.state_dict()
     assert seed_commitment(SEED) != seed_commitment(SEED + 1)
 

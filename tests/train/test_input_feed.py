@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from helpers.runs import tiny_config
 
-from dpwave.data import DataError, PoissonSampler
+from dpwave.data import DataError
+from dpwave.privacy import PoissonSampler
 from dpwave.train import loop, pipeline, settings
 
 FEED = loop.InputFeed(workers=2, prefetch=4)

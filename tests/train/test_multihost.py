@@ -38,7 +38,7 @@ def example_loss(p, example, key):
   pred = nnx.merge(graphdef, p)(jnp.where(keep, example["x"], 0.0) / 0.8)
   return 0.5 * jnp.sum((pred - example["y"]) ** 2)
 
-sampler = data.PoissonSampler(N, 0.25, seed=11, bucket_multiple=4)
+sampler = privacy.PoissonSampler(N, 0.25, seed=11, bucket_multiple=4)
 opt = privacy.dp_optimizer(optax.adam(0.05), l2_clip=1.0, noise_multiplier=1.0,
                            expected_batch_size=sampler.expected_batch_size, key=3)
 step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=1.0), opt, mesh, l2_clip=1.0)

@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpwave import data, privacy
-from dpwave.data.sampling import seed_commitment
 from dpwave.models import transformer as transformer_lib
 from dpwave.train import distributed, dp_recipe, loop, model_io, secret_seed, steps
 from dpwave.train.fingerprints import jsonable
@@ -48,7 +47,7 @@ def _draws(sampler_state: dict) -> dict:
     written before it existed hold the plain seed)."""
     draws = {k: v for k, v in sampler_state.items() if k not in ("bucket_multiple", "buckets")}
     if "seed" in draws:
-        draws["seed_commitment"] = seed_commitment(draws.pop("seed"))
+        draws["seed_commitment"] = privacy.seed_commitment(draws.pop("seed"))
     return draws
 
 
@@ -66,9 +65,8 @@ class DpRun:
                                     f"{' (dp.tuning)' if dp.mechanism.tuning else ''}, got {source.privacy}")
         self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), source)
         self.mechanism = dp.mechanism.build(len(source))
-        selection = self.mechanism.selection
-        self.sampler = data.PoissonSampler(selection.dataset_size, selection.sampling_prob, seed=seed,
-                                           bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
+        self.sampler = self.mechanism.selection.sampler(
+            seed, bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
         self.params = self.mechanism.params
         self.ledger = self.mechanism.ledger()
         self.guard = self.mechanism.guard(self.ledger)
