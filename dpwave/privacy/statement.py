@@ -69,10 +69,30 @@ def _mechanism(event: dp_event.SelfComposedDpEvent) -> dict:
     return {"steps": event.count, "event": repr(inner)}
 
 
+_POISSON = ("Poisson: each example joins each step independently with probability sampling_prob; the draws are a "
+            "deterministic function of (seed, step)")
+_GAUSSIAN = ("Gaussian noise of std noise_multiplier * C added once per step to the sum of per-example gradients "
+             "clipped to L2 norm C")
+
+
+def describe_step(event: dp_event.DpEvent) -> tuple[str, str]:
+    """(sampling, mechanism): the statement's sentences for the DpEvent of one step, read from the event the
+    accountant composes so the words cannot drift from the accounting. An event without sentences here is
+    refused rather than described as something it is not."""
+    if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
+        return _POISSON, _GAUSSIAN
+    if isinstance(event, dp_event.TruncatedSubsampledGaussianDpEvent):
+        return (f"{_POISSON}; a draw larger than {event.truncated_batch_size} examples is cut to a uniformly random "
+                "subset of that size", _GAUSSIAN)
+    raise ValueError(f"the privacy statement cannot describe the DP event {event!r}: add its sentences to "
+                     "dpwave/privacy/statement.py (describe_step) before reporting a guarantee for it")
+
+
 def privacy_report(ledger: PrivacyLedger,
                    not_covered: Sequence[str] = DEFAULT_NOT_COVERED) -> dict:
     """The privacy guarantee of a ledger as a JSON-ready dict."""
     p = ledger.params
+    sampling, mechanism = describe_step(p.step_event())
     truncation = None
     if p.max_batch_size is not None and p.max_batch_size < p.dataset_size:
         truncation = {
@@ -97,12 +117,9 @@ def privacy_report(ledger: PrivacyLedger,
         "neighboring_relation": _RELATIONS[p.neighboring][0],
         "dataset_size_is_public": ("N is treated as public and written out (q = expected batch size / N); "
                                    + _RELATIONS[p.neighboring][1]),
-        "sampling": ("Poisson: each example joins each step independently with "
-                     "probability sampling_prob; the draws are a deterministic function "
-                     "of (seed, step)"),
+        "sampling": sampling,
         "truncation": truncation,
-        "mechanism": ("Gaussian noise of std noise_multiplier * C added once per step to "
-                      "the sum of per-example gradients clipped to L2 norm C"),
+        "mechanism": mechanism,
         "history": [_mechanism(e) for e in ledger.events],
         "not_covered": list(not_covered),
     }

@@ -12,7 +12,7 @@ from dp_accounting.pld import pld_privacy_accountant
 
 from dpwave.privacy import accounting as acc
 from dpwave.privacy.ledger import DpParams, LedgerMismatchError, PrivacyLedger
-from dpwave.privacy.statement import DEFAULT_NOT_COVERED, privacy_report, privacy_statement
+from dpwave.privacy.statement import DEFAULT_NOT_COVERED, describe_step, privacy_report, privacy_statement
 
 PRIVACY_DOC = Path(__file__).resolve().parents[2] / "docs" / "privacy.md"
 
@@ -91,3 +91,16 @@ def test_a_ledger_written_before_the_relation_was_recorded_reads_as_add_or_remov
     del data["params"]["neighboring"]
     restored = PrivacyLedger.from_dict(data)
     assert restored.params.neighboring == "add_or_remove_one" and restored.epsilon() == ledger.epsilon()
+
+
+def test_mechanism_sentences_follow_the_accounted_event():
+    plain = PrivacyLedger(DpParams(1.0, 0.02, 1e-5, dataset_size=5000))
+    cut = PrivacyLedger(DpParams(1.0, 0.02, 1e-5, dataset_size=5000, max_batch_size=140))
+    for ledger in (plain, cut):
+        ledger.record_steps(10)
+    assert "Poisson" in privacy_report(plain)["sampling"] and "cut" not in privacy_report(plain)["sampling"]
+    assert "larger than 140 examples is cut" in privacy_report(cut)["sampling"]
+    assert "clipped to L2 norm C" in privacy_report(cut)["mechanism"]
+    laplace = dp_event.PoissonSampledDpEvent(0.02, dp_event.LaplaceDpEvent(1.0))
+    with pytest.raises(ValueError, match="cannot describe the DP event"):
+        describe_step(laplace)
