@@ -37,11 +37,13 @@ class ClipAux(NamedTuple):
       losses: (B,) per-example losses.
       num_nonfinite: int32 count of valid (mask=1) examples whose gradient held NaN/inf (or whose
         squared norm overflowed float32); their contribution was zeroed.
+      clipped: (B,) bool, the norm exceeded the clip norm C (the example's gradient was scaled down).
     """
 
     norms: jax.Array
     losses: jax.Array
     num_nonfinite: jax.Array
+    clipped: jax.Array
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -211,7 +213,7 @@ def clipped_grad(
         train, frozen = partition(params, trainable)
         if microbatch_size is None or microbatch_size >= size:
             grad_sum, norms, losses, nnf = chunk(train, frozen, batch, mask, keys)
-            return grad_sum, ClipAux(norms, losses, nnf)
+            return grad_sum, ClipAux(norms, losses, nnf, norms > l2_clip)
         chunks = -(-size // microbatch_size)
         pad = chunks * microbatch_size - size
 
@@ -232,6 +234,7 @@ def clipped_grad(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train)
         (grad_sum, nnf), (norms, losses) = jax.lax.scan(body, (zeros, jnp.int32(0)), (xs, masks))
-        return grad_sum, ClipAux(norms.reshape(-1)[:size], losses.reshape(-1)[:size], nnf)
+        norms = norms.reshape(-1)[:size]
+        return grad_sum, ClipAux(norms, losses.reshape(-1)[:size], nnf, norms > l2_clip)
 
     return fn

@@ -79,11 +79,11 @@ def fold_step_key(step_fn: Callable) -> Callable:
 
 
 def dp_step(clipped_sum: clipping.ClippedGradFn, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-            l2_clip: float, trainable: PyTree = None) -> Callable:
+            trainable: PyTree = None) -> Callable:
     """`step(state, batch, mask, rng) -> (state, metrics)`: one DP-SGD/DP-Adam step.
 
     `clipped_sum(params, batch, mask, keys)` is the mechanism's clipped aggregation
-    (`DpSgdMechanism.clipped_sum`, clipping to `l2_clip`). `batch` and `mask` are the padded Poisson batch
+    (`DpSgdMechanism.clipped_sum`). `batch` and `mask` are the padded Poisson batch
     (leading axis a multiple of the device count). `rng` is the step's key and must be secret (from the DP
     secret seed); example i's key is `keys.content_key(rng, batch[i])`. `optimizer` must be the mechanism's
     (`DpSgdMechanism.optimizer`: noise once on the global sum, normalized by the expected batch size). With
@@ -93,7 +93,7 @@ def dp_step(clipped_sum: clipping.ClippedGradFn, optimizer: optax.GradientTransf
     def local_sum(params, batch, mask, rng):
         grad_sum, aux = clipped_sum(params, batch, mask, keys.example_keys(rng, batch))
         valid = mask.astype(jnp.float32)
-        stats = {"loss_sum": jnp.sum(aux.losses * valid), "clipped_frac_sum": jnp.sum((aux.norms > l2_clip) * valid),
+        stats = {"loss_sum": jnp.sum(aux.losses * valid), "clipped_frac_sum": jnp.sum(aux.clipped * valid),
                  "num_nonfinite": aux.num_nonfinite, "batch_size": jnp.sum(valid)}
         return jax.lax.psum((grad_sum, stats), DATA_AXIS)
 

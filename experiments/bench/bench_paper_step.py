@@ -123,8 +123,7 @@ def build_step(settings: settings_lib.Settings, cfg: transformer_lib.Transformer
 
     clipped_sum = mechanism.clipped_sum(example_loss, microbatch_size=spec.microbatch, trainable=trainable,
                                         use_ghost_norms=spec.mode == "dp_ghost")
-    step = steps.fold_step_key(steps.dp_step(clipped_sum, optimizer, mesh, l2_clip=mechanism.l2_clip,
-                                             trainable=trainable))
+    step = steps.fold_step_key(steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable))
     return (dp_recipe.with_ema(step, recipe.ema_decay),
             lambda p: init_state(p, trainable, optimizer, bool(recipe.ema_decay)), graphdef, params)
 

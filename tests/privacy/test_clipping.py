@@ -49,6 +49,7 @@ def test_matches_per_example_loop_definition(name, ghost):
     got, aux = fn(params, batch, mask, example_keys(RNG, batch))
     _tree_allclose(got, ref_sum)
     np.testing.assert_allclose(aux.norms, ref_norms, rtol=1e-5)
+    np.testing.assert_array_equal(aux.clipped, np.asarray(ref_norms) > clip)  # the DP step's clipped fraction
     assert int(aux.num_nonfinite) == 0
 
 

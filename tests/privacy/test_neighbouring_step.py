@@ -34,7 +34,7 @@ def _setup(ghost: bool, dtype: str):
     optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
     clipped_sum = privacy.clipped_grad(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key),
                                        l2_clip=CLIP, microbatch_size=8, use_ghost_norms=ghost)
-    step = steps.dp_step(clipped_sum, optimizer, distributed.make_data_mesh(), l2_clip=CLIP)
+    step = steps.dp_step(clipped_sum, optimizer, distributed.make_data_mesh())
     return step, optimizer, params, model
 
 

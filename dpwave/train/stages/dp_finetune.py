@@ -86,8 +86,7 @@ class DpRun:
         clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=settings.perf.microbatch_size,
                                                  trainable=trainable, use_ghost_norms=settings.perf.use_ghost_norms)
         # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
-        self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh,
-                                                         l2_clip=self.mechanism.l2_clip, trainable=trainable))
+        self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh, trainable=trainable))
         self.step_fn = dp_recipe.with_ema(self.step_fn, dp.recipe.ema_decay)
         self.mesh = mesh
         self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
