@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from experiments import reproduce
+from experiments.configs import tables
 from experiments.configs.tables import get_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,6 +338,31 @@ def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
     assert table_line(md, "dpwave", "n_private=500")[2:5] == ["1", "1", "50"]
     assert table_line(md, "dpwave", "")[2:4] == ["0 (public only)", "0"]
     assert table_line(md, "dpwave", "n_private=2000")[2] == "1"
+
+
+def test_fair_table_shares_the_shift_rows_and_labels_its_own_public_control():
+    rows = get_table("mnist_fair")
+    same = [r for r in rows if r.setting_label == "pretrain_steps=800"]
+    matched = [r for r in rows if r.setting_label == tables.MATCHED_PRETRAIN]
+    assert {r.spec for r in same} == {r.spec for r in get_table("mnist_shift") if r.method != "bicubic"}
+    assert [r.label for r in matched] == ["full_dp_pre210_eps1", "full_dp_pre210_eps10", "full_dp_pre210_epsinf",
+                                          "full_dp_pre210_public"]  # a public control of its own: pretraining differs
+    assert len({r.label for r in rows}) == len(rows)
+    assert tables.label("dpwave", "public", "n_private=500,recipe=cond") == "dpwave_public"  # reads neither
+
+
+@pytest.mark.integration
+def test_matched_pretraining_steps_give_full_dp_dpwaves_pretraining_flops():
+    from dpwave.train import settings
+    from experiments.bench import bench_flops
+
+    def flops(spec: str) -> float:
+        config = reproduce.load_config(["python", "-m", "dpwave.main", f"--config={spec}", "--workdir=/tmp/x"])
+        return bench_flops.measure(settings.read(config).transformer)["xla_train_flops"] * config.pretrain.steps
+
+    dpwave = next(r for r in get_table("mnist_fair") if r.label == "dpwave_public")
+    matched = next(r for r in get_table("mnist_fair") if r.label == "full_dp_pre210_public")
+    assert flops(matched.spec) == pytest.approx(flops(dpwave.spec), rel=0.005)
 
 
 def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_path):
