@@ -1,5 +1,5 @@
 """What a run shows and keeps: a short console (one line per stage, progress bars, warnings, a closing summary)
-and the full log in ``<workdir>/log.txt``.
+and the full log in ``<workdir>/log.txt``, owner-only (0600): it holds the DP stage's step timestamps.
 
 The libraries a run drives (Orbax, TFDS, absl, JAX) log hundreds of INFO lines per stage; they all go to the log
 file (with the config and every stage's metrics), none to the console. The console shows the pipeline's
@@ -68,7 +68,7 @@ class _LogFile(logging.Handler):
         try:
             self._pending.append(self.format(record) + "\n")
             if self._out is None and files.exists(os.path.dirname(self.path)):
-                self._out = files.Appender(self.path)
+                self._out = files.Appender(self.path, private=True)
             if self._out is not None:
                 self._out.write("".join(self._pending))
                 self._pending.clear()
@@ -131,7 +131,7 @@ def summary(workdir: str, log: str) -> str:
     metrics = files.read_json(os.path.join(workdir, "metrics.json"))
     epsilon, delta = metrics.get("epsilon"), metrics.get("delta")
     privacy = {
-        "public_only": "public-only control (no private data read, epsilon 0)",
+        "public_only": "public-only control (no model trained on private data, epsilon 0)",
         "tuning": "tuning run on public data (no privacy claim)",
     }.get(metrics.get("mode"))
     if privacy is None:

@@ -167,21 +167,27 @@ def read_npz(path: PathLike) -> dict[str, np.ndarray]:
 
 
 class Appender:
-    """A file that only grows (log lines, JSONL records, event records), for one writer at a time.
+    """A file that only grows (log lines, JSONL records, event records), for one writer at a time; ``private``
+    makes it owner-only (0600, also when it exists already).
 
     Local disk: opened for append, and every `write` reaches the file at once (a reader sees whole
     records). Object store: the existing content is read once, writes are buffered, and `flush` (called
     by `write` at most every ``flush_every_s`` seconds, and by `close`) rewrites the whole file atomically.
     """
 
-    def __init__(self, path: PathLike, *, binary: bool = False, flush_every_s: float = 30.0) -> None:
+    def __init__(self, path: PathLike, *, binary: bool = False, flush_every_s: float = 30.0,
+                 private: bool = False) -> None:
         self.path = as_path(path)
         self._binary = binary
         self._flush_every_s = flush_every_s
+        self._private = private
         self._local = is_local(self.path)
         makedirs(self.path.parent)
         if self._local:
-            self._file = open(self.path, "ab" if binary else "a", encoding=None if binary else "utf-8")  # noqa: SIM115
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
+            if private:
+                os.fchmod(fd, 0o600)  # a file an older run left group- or world-readable
+            self._file = open(fd, "ab" if binary else "a", encoding=None if binary else "utf-8")  # noqa: SIM115
         else:
             self._content = bytearray(self.path.read_bytes() if self.path.exists() else b"")
             self._dirty = False
@@ -202,7 +208,7 @@ class Appender:
         if self._local:
             self._file.flush()
         elif self._dirty:
-            write_bytes(self.path, bytes(self._content), all_processes=True)
+            write_bytes(self.path, bytes(self._content), private=self._private, all_processes=True)
             self._dirty = False
             self._flushed_at = time.monotonic()
 

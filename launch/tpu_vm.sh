@@ -14,7 +14,7 @@ Usage: launch/tpu_vm.sh --name=TPU_NAME --zone=ZONE [--project=PROJECT] [--secre
    DPWAVE_DISTRIBUTED=auto on every worker (jax.distributed detects the pod).
 On a multi-host pod, --workdir must be shared by all workers (a gs:// path), and the DP stage needs
 the same secret seed on every worker: --secret-seed-file copies an owner-only local file holding it
-(write one with: (umask 077; python3 -c 'import secrets; print(secrets.randbits(62))' > FILE)) into
+(write one with: (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > FILE)) into
 ~/.dpwave_secret/dp_seed (mode 0600, in a 0700 directory) on every worker and passes
 --config.dp.secret_seed_file to dpwave. The seed never appears on a command line.
 

@@ -93,3 +93,20 @@ def test_summary_names_privacy_metrics_and_paths(tmp_path, mode, epsilon, expect
     assert "FD-cls 26.1, precision 0.83, FID Infinity" in text and "recall" not in text
     for name in ("report.md", "samples.png", "log.txt"):
         assert str(tmp_path / name) in text
+
+
+def test_the_log_is_owner_only_even_when_an_older_run_left_it_world_readable(tmp_path, restore_logging):
+    """It holds the DP stage's step timestamps (a timing channel of the Poisson draws)."""
+    (tmp_path / "log.txt").write_text("an older run's line\n")
+    (tmp_path / "log.txt").chmod(0o644)
+    console.setup(str(tmp_path))
+    console.set_process_index(0)
+    absl_logging.info("[dp_finetune] step 3: epsilon=0.5")
+    assert (tmp_path / "log.txt").stat().st_mode & 0o777 == 0o600
+    assert "an older run's line" in (tmp_path / "log.txt").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    console.setup(str(other))
+    console.set_process_index(2)
+    absl_logging.info("another process")
+    assert (other / "log.process2.txt").stat().st_mode & 0o777 == 0o600

@@ -82,15 +82,17 @@ class DpSgdMechanism:
         return clipping.clipped_grad(loss_fn, l2_clip=self.l2_clip, microbatch_size=microbatch_size,
                                      trainable=trainable, use_ghost_norms=use_ghost_norms)
 
-    def noise(self, key: int | jax.Array) -> optax.GradientTransformation:
-        """The clipped sum -> (sum + N(0, (sigma C)^2)) / q N, with the noise of step t from fold_in(key, t)."""
+    def noise(self, key: int | jax.Array, mask_key: jax.Array | None = None) -> optax.GradientTransformation:
+        """The clipped sum -> (sum + N(0, (sigma C)^2)) / q N, with the noise of step t from fold_in(key, t) (XOR
+        fold_in(mask_key, t)'s bits, `noise.noise_and_normalize`)."""
         return noise_and_normalize(l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
-                                   expected_batch_size=self.expected_batch_size, key=key)
+                                   expected_batch_size=self.expected_batch_size, key=key, mask_key=mask_key)
 
-    def optimizer(self, inner: optax.GradientTransformation, key: int | jax.Array) -> optax.GradientTransformation:
-        """`optax.chain(self.noise(key), inner)`: the DP optimizer over the clipped sum."""
+    def optimizer(self, inner: optax.GradientTransformation, key: int | jax.Array,
+                  mask_key: jax.Array | None = None) -> optax.GradientTransformation:
+        """`optax.chain(self.noise(key, mask_key), inner)`: the DP optimizer over the clipped sum."""
         return dp_optimizer(inner, l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
-                            expected_batch_size=self.expected_batch_size, key=key)
+                            expected_batch_size=self.expected_batch_size, key=key, mask_key=mask_key)
 
     def step_event(self) -> dp_event.DpEvent:
         """The DpEvent of one step (the ledger composes it once per step taken)."""

@@ -6,8 +6,11 @@ EXPECTED batch size q * N, a public constant (never the realized batch size, whi
 under Poisson sampling).
 
 The noise of step t is drawn from `fold_in(key, t)`: keys never repeat across steps and a
-restored state continues the exact noise sequence. `noise_multiplier=0` is the non-private
-reference: gradients are still clipped and normalized, no noise is drawn.
+restored state continues the exact noise sequence. With a `mask_key` (never stored in the state), the noise is
+drawn from the XOR of the bit streams of `fold_in(key, t)` and `fold_in(mask_key, t)`: two independent 64-bit
+threefry keys, so recovering the noise takes a search over both (`dpwave.privacy.secret`), and a leaked state
+alone does not reveal it. `noise_multiplier=0` is the non-private reference: gradients are still clipped and
+normalized, no noise is drawn.
 """
 
 import math
@@ -42,6 +45,9 @@ def _key_parts(key: int | jax.Array | np.ndarray) -> tuple[jax.Array, Any]:
     if isinstance(key, bool) or not isinstance(key, (int, jax.Array)):
         raise ValueError(f"key must be an int seed or a jax PRNG key, got {key!r}.")
     if isinstance(key, int):
+        if not 0 <= key < 2**32:
+            raise ValueError(f"an int key must lie in [0, 2**32): jax.random.key keeps only its low 32 bits; derive a "
+                             f"key from a secret instead (dpwave.privacy.DpSecret.noise_keys), got {key!r}.")
         return jax.random.key_data(jax.random.key(key)), None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape:
@@ -52,17 +58,38 @@ def _key_parts(key: int | jax.Array | np.ndarray) -> tuple[jax.Array, Any]:
     return key, None
 
 
+def normal_from_bits(bits: jax.Array) -> jax.Array:
+    """Standard normal float32 samples from uint32 bits, as `jax.random.normal` maps its bits: the top 23 bits make
+    a uniform in (-1, 1), and sqrt(2) erfinv maps it to N(0, 1)."""
+    floats = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+    uniform = jnp.maximum(low, floats * (1.0 - low) + low)
+    return jnp.float32(np.sqrt(2.0)) * jax.scipy.special.erfinv(uniform)
+
+
+def _gaussian(key: jax.Array, mask_key: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    if mask_key is None:
+        return jax.random.normal(key, shape, jnp.float32)
+    return normal_from_bits(jax.random.bits(key, shape, jnp.uint32) ^ jax.random.bits(mask_key, shape, jnp.uint32))
+
+
+def _leaf_keys(raw: jax.Array, impl: Any, count: jax.Array, n: int) -> jax.Array:
+    return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(raw, impl=impl), count), n)
+
+
 def _add_noise(
-    sums: PyTree, state: NoiseState, std: float, expected_batch_size: float, impl: Any
+    sums: PyTree, state: NoiseState, std: float, expected_batch_size: float, impl: Any,
+    mask: tuple[jax.Array, Any] | None,
 ) -> tuple[PyTree, NoiseState]:
     leaves, treedef = jax.tree.flatten(sums)
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key, impl=impl), state.count)
-    keys = jax.random.split(step_key, max(len(leaves), 1))
+    n = max(len(leaves), 1)
+    keys = _leaf_keys(state.key, impl, state.count, n)
+    mask_keys = [None] * n if mask is None else _leaf_keys(*mask, state.count, n)
     out = []
-    for g, k in zip(leaves, keys):
+    for g, k, m in zip(leaves, keys, mask_keys):
         g = g.astype(jnp.float32)
         if std > 0:
-            g = g + jnp.float32(std) * jax.random.normal(k, g.shape, jnp.float32)
+            g = g + jnp.float32(std) * _gaussian(k, m, g.shape)
         out.append(g / jnp.float32(expected_batch_size))
     return treedef.unflatten(out), NoiseState(state.key, state.count + 1)
 
@@ -81,7 +108,8 @@ def _init(key: int | jax.Array, l2_clip: float, noise_multiplier: float, expecte
 
 
 def noise_and_normalize(
-    *, l2_clip: float, noise_multiplier: float, expected_batch_size: float, key: int | jax.Array
+    *, l2_clip: float, noise_multiplier: float, expected_batch_size: float, key: int | jax.Array,
+    mask_key: jax.Array | None = None,
 ) -> optax.GradientTransformation:
     """Summed clipped gradients -> (sum + N(0, (noise_multiplier * l2_clip)^2)) / expected_batch_size.
 
@@ -89,13 +117,17 @@ def noise_and_normalize(
       l2_clip: the clipping norm C the sum was clipped with (> 0).
       noise_multiplier: sigma >= 0; 0 is the explicit non-private reference (no noise).
       expected_batch_size: q * N (> 0), the public normalizer.
-      key: int seed or PRNG key of the noise stream; use a key no other stream uses.
+      key: int seed in [0, 2^32) or PRNG key of the noise stream (kept in the state); use a key no other
+        stream uses.
+      mask_key: optional second PRNG key, never stored in the state: the noise then comes from the XOR of both
+        keys' bit streams (the DP stage passes `DpSecret.noise_keys()`).
     """
     init_fn, impl = _init(key, l2_clip, noise_multiplier, expected_batch_size)
+    mask = None if mask_key is None else _key_parts(mask_key)
     std = float(noise_multiplier) * float(l2_clip)
 
     def update_fn(updates: PyTree, state: NoiseState, params: PyTree = None):
         del params
-        return _add_noise(updates, state, std, expected_batch_size, impl)
+        return _add_noise(updates, state, std, expected_batch_size, impl, mask)
 
     return optax.GradientTransformation(init_fn, update_fn)

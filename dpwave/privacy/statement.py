@@ -33,14 +33,15 @@ DEFAULT_NOT_COVERED = (
     "are computed from private data without noise. They are off by default (`dp.log_private_metrics=False`: "
     "only epsilon is logged); turning them on leaks outside the guarantee.",
     "Secrecy of the DP seed: the Poisson draws, the noise and the per-example randomness of the DP stage come "
-    "from one secret seed, and whoever knows it, or holds the DP stage's directory (its checkpoints hold the "
-    "noise key), can undo the sampling and the noise. Publish parameters, never the workdir. The `sampling and "
-    "noise seed` line says where this run's seed came from; `dp.secret_seed` (reproducibility mode) is NOT "
-    "secret.",
+    "from one secret (at least 128 bits for a new run; every stream depends on all its bits), and whoever knows "
+    "it, or holds the DP stage's directory (it may hold the drawn secret), can undo the sampling and the noise. "
+    "Publish parameters, never the workdir. The `sampling and noise seed` line says where this run's secret came "
+    "from and its size; `dp.secret_seed` (reproducibility mode) is NOT secret.",
     "Timing and other side channels: the DP stage's wall time depends on the Poisson draws (batch sizes, "
     "padding buckets), so it is kept out of `summary.json`, `metrics.json` and `report.md` (the operator finds "
-    "it in the owner-only `dp_finetune/private_timing.json`); step timestamps in the DP stage's logs and "
-    "TensorBoard events, memory use and floating-point effects are not covered either.",
+    "it in the owner-only `dp_finetune/private_timing.json`); the DP stage's step timestamps sit only in "
+    "owner-only files (the run log `log.txt`, the stage directory's metrics and TensorBoard events): publish "
+    "none of them. Memory use and floating-point effects are not covered either.",
 )
 
 _RELATIONS = {

@@ -1,7 +1,11 @@
-"""The DP stage's secret seed: from the config (reproducibility mode, not secret), an owner-only file, the
-environment, or drawn once from the OS and kept owner-only in the stage directory. It seeds the Poisson draws,
-the noise and the DP step's per-example randomness; it is never written in the clear anywhere else (checkpoints
-hold its commitment, `dpwave.privacy.seed_commitment`)."""
+"""The DP stage's secret: from the config (reproducibility mode, not secret), an owner-only file, the environment,
+or drawn once from the OS (256 bits) and kept owner-only in the stage directory. It seeds the Poisson draws, the
+noise and the DP step's per-example randomness (`dpwave.privacy.DpSecret` derives each stream from all its bits);
+it is never written in the clear anywhere else (checkpoints hold its commitment).
+
+Files and the environment variable hold 32 to 64 hex digits (128 to 256 bits). A decimal seed below 2**63 (what
+dpwave drew before, 62 bits) only resumes the run it started: a new run refuses a secret shorter than 128 bits.
+"""
 
 from __future__ import annotations
 
@@ -12,34 +16,43 @@ import stat
 
 import jax
 
+from dpwave import privacy
+from dpwave.privacy.secret import SECRET_BITS
 from dpwave.train import loop
 from dpwave.train.settings import Dp
 
 SECRET_SEED_ENV = "DPWAVE_DP_SECRET_SEED"
 SECRET_SEED_FILE = "secret_seed.json"
-_MAX_SEED = 2**63 - 1
-_DRAW = "python -c 'import secrets; print(secrets.randbits(62))'"
+_HEX_DIGITS = (privacy.MIN_SECRET_BITS // 4, SECRET_BITS // 4)
+_LEGACY_MAX = 2**63 - 1
+_LEGACY_BITS = 63
+_DRAW = f"python -c 'import secrets; print(secrets.token_hex({SECRET_BITS // 8}))'"
 
 
 class SecretSeedError(ValueError):
-    """The DP secret seed's file or environment variable is missing, unreadable, not owner-only or malformed."""
+    """The DP secret's file or environment variable is missing, unreadable, not owner-only, malformed or too short
+    for a new run."""
 
 
 def _new_seed_file(path: str) -> str:
     return f"(umask 077; {_DRAW} > {path})"
 
 
-def _parse_seed(text: str, where: str, fix: str) -> int:
-    """The decimal seed in `text`; the error never repeats the text (it may be a mistyped secret)."""
+def _parse_secret(text: str, where: str, fix: str) -> privacy.DpSecret:
+    """The secret in `text`: hex (up to 256 bits) or a legacy decimal seed below 2**63 (read first: a hex secret of
+    19 digits or fewer is too short for a new run either way); the error never repeats the text."""
     text = text.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) > _MAX_SEED:
-        raise SecretSeedError(f"{where} must hold one decimal integer in [0, 2**63) and nothing else (its content "
-                              f"is not shown); {fix}")
-    return int(text)
+    low, high = _HEX_DIGITS
+    if text.isascii() and text.isdigit() and len(text) <= len(str(_LEGACY_MAX)) and int(text) <= _LEGACY_MAX:
+        return privacy.DpSecret(int(text), _LEGACY_BITS)
+    if text.isascii() and 0 < len(text) <= high and all(c in "0123456789abcdefABCDEF" for c in text):
+        return privacy.DpSecret(int(text, 16), 4 * len(text))  # fewer than `low` digits: refused for a new run
+    raise SecretSeedError(f"{where} must hold {low} to {high} hex digits ({privacy.MIN_SECRET_BITS} to "
+                          f"{SECRET_BITS} bits) and nothing else (its content is not shown); {fix}")
 
 
-def read_seed_file(path: str) -> int:
-    """The seed in the owner-only file `path`, which holds one decimal integer."""
+def read_seed_file(path: str) -> privacy.DpSecret:
+    """The secret in the owner-only file `path`."""
     where = f"dp.secret_seed_file {path!r}"
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -52,7 +65,7 @@ def read_seed_file(path: str) -> int:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SecretSeedError(f"{where} is not a regular file; point dp.secret_seed_file at a file holding "
-                                  "the seed")
+                                  "the secret")
         if info.st_mode & 0o077:
             raise SecretSeedError(f"{where} has mode {stat.S_IMODE(info.st_mode):04o}: group or other users may "
                                   f"access it; make it owner-only with chmod 600 {path}")
@@ -63,11 +76,11 @@ def read_seed_file(path: str) -> int:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         text = ""
-    return _parse_seed(text, where, f"write a fresh one with {_new_seed_file(path)}")
+    return _parse_secret(text, where, f"write a fresh one with {_new_seed_file(path)}")
 
 
-def seed_source(dp: Dp) -> tuple[int, str] | None:
-    """The DP secret seed given by `dp.secret_seed`, `dp.secret_seed_file` or the environment variable
+def seed_source(dp: Dp) -> tuple[privacy.DpSecret, str] | None:
+    """The DP secret given by `dp.secret_seed`, `dp.secret_seed_file` or the environment variable
     DPWAVE_DP_SECRET_SEED, with how it was given; None when the stage draws its own (single host only).
 
     Raises SecretSeedError for a bad file or variable, more than one source, or a multi-host run without one.
@@ -77,39 +90,72 @@ def seed_source(dp: Dp) -> tuple[int, str] | None:
     if len(given) > 1:
         raise SecretSeedError(f"the DP secret seed is given more than once ({', '.join(given)}); keep only one")
     if dp.secret_seed is not None:
-        return int(dp.secret_seed), "set in the config (reproducibility mode: NOT secret)"
+        value = int(dp.secret_seed)
+        return (privacy.DpSecret(value, max(1, value.bit_length()), reproducible=True),
+                "set in the config (reproducibility mode: NOT secret)")
     if dp.secret_seed_file is not None:
-        return (read_seed_file(dp.secret_seed_file),
-                "read from the owner-only file dp.secret_seed_file (secret)")
+        return read_seed_file(dp.secret_seed_file), "read from the owner-only file dp.secret_seed_file (secret)"
     if SECRET_SEED_ENV in os.environ:
-        seed = _parse_seed(os.environ[SECRET_SEED_ENV], SECRET_SEED_ENV,
-                           f"set it to the output of {_DRAW} (the same on every host)")
-        return seed, f"read from the environment variable {SECRET_SEED_ENV} (secret)"
+        secret = _parse_secret(os.environ[SECRET_SEED_ENV], SECRET_SEED_ENV,
+                               f"set it to the output of {_DRAW} (the same on every host)")
+        return secret, f"read from the environment variable {SECRET_SEED_ENV} (secret)"
     if jax.process_count() > 1:
         raise SecretSeedError(
-            "a multi-host DP run needs the same secret seed on every host: set dp.secret_seed_file to an owner-only "
+            "a multi-host DP run needs the same secret on every host: set dp.secret_seed_file to an owner-only "
             f"file every host can read (write one with {_new_seed_file('FILE')}), or export {SECRET_SEED_ENV} on "
             "every host")
     return None
 
 
-def secret_seed(dp: Dp, stage_dir: str) -> tuple[int, str]:
-    """The seed of the Poisson draws, the noise and the DP step's per-example randomness, and how it was given.
+def has_checkpoints(stage_dir: str) -> bool:
+    """Whether the DP stage has started (a resume, not a new run)."""
+    try:
+        return any(name.isdigit() for name in os.listdir(os.path.join(stage_dir, "checkpoints")))
+    except OSError:
+        return False
 
-    Unless `seed_source` gives one, it is drawn once from the OS and kept in `<stage_dir>/secret_seed.json`
-    (owner-only, in an owner-only directory), so a resumed run continues the same draws.
+
+def check_strength(secret: privacy.DpSecret, origin: str, stage_dir: str) -> None:
+    """Refuses a secret shorter than MIN_SECRET_BITS for a new run; a legacy seed may resume the run it started."""
+    if secret.strong or has_checkpoints(stage_dir):
+        return
+    raise SecretSeedError(
+        f"the DP secret ({origin.split(' (')[0]}) has {secret.bits} bits; a new DP run needs at least "
+        f"{privacy.MIN_SECRET_BITS} (a decimal seed only resumes the run it started): write a new one with "
+        f"{_new_seed_file('FILE')}")
+
+
+def _draw(path: str) -> None:
+    loop.private_dir(os.path.dirname(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"secret_hex": secrets.token_hex(SECRET_BITS // 8)}, f)
+    os.replace(tmp, path)
+
+
+def _read_drawn(path: str) -> privacy.DpSecret:
+    with open(path) as f:
+        record = json.load(f)
+    if "secret_hex" in record:
+        return privacy.DpSecret(int(record["secret_hex"], 16), 4 * len(record["secret_hex"]))
+    return privacy.DpSecret(int(record["secret_seed"]), _LEGACY_BITS)  # drawn before 256-bit secrets
+
+
+def secret_seed(dp: Dp, stage_dir: str) -> tuple[privacy.DpSecret, str]:
+    """The secret of the Poisson draws, the noise and the DP step's per-example randomness, and how it was given.
+
+    Unless `seed_source` gives one, it is drawn once from the OS (256 bits) and kept in
+    `<stage_dir>/secret_seed.json` (owner-only, in an owner-only directory), so a resumed run continues the same
+    draws; a legacy 62-bit file there is replaced unless the stage has checkpoints to resume.
     """
     given = seed_source(dp)
-    if given is not None:
-        return given
+    origin = (f"drawn from the OS, kept owner-only in the workdir ({os.path.basename(stage_dir)}/"
+              f"{SECRET_SEED_FILE})")
     path = os.path.join(stage_dir, SECRET_SEED_FILE)
-    if not os.path.exists(path):
-        loop.private_dir(stage_dir)
-        tmp = f"{path}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"secret_seed": secrets.randbits(62)}, f)
-        os.replace(tmp, path)
-    with open(path) as f:
-        return (int(json.load(f)["secret_seed"]),
-                f"drawn from the OS, kept owner-only in the workdir ({os.path.basename(stage_dir)}/{SECRET_SEED_FILE})")
+    if given is None and (not os.path.exists(path)
+                          or not (_read_drawn(path).strong or has_checkpoints(stage_dir))):
+        _draw(path)
+    secret, origin = given if given is not None else (_read_drawn(path), origin)
+    check_strength(secret, origin, stage_dir)
+    return secret, origin

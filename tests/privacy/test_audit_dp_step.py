@@ -119,7 +119,7 @@ def train_and_score(seed: int, setting: Setting, noise_multiplier: float,
     # Accounted over the expected set (the real examples and half the canaries): a normalizer free of the coins.
     mechanism = privacy.DpSgdMechanism(setting.l2_clip, privacy.DpParams(
         noise_multiplier, setting.sampling_prob, DELTA, dataset_size=setting.num_real + setting.num_canaries // 2))
-    optimizer = mechanism.optimizer(optax.sgd(setting.learning_rate), privacy.noise_key(seed))
+    optimizer = mechanism.optimizer(optax.sgd(setting.learning_rate), *privacy.DpSecret(seed, 256).noise_keys())
     trainable = transformer_lib.trainable_mask(params, "all")
     clipped_sum = mechanism.clipped_sum(canary_loss(graphdef), microbatch_size=setting.microbatch_size,
                                         trainable=trainable, use_ghost_norms=use_ghost_norms)

@@ -18,13 +18,15 @@ from helpers import seeds
 from helpers import runs
 
 from dpwave import privacy
+from dpwave.models import transformer
 from dpwave.privacy import seed_commitment
 from dpwave.train import model_io, pipeline, secret_seed, settings
 from dpwave.train.pipeline import PIPELINES
 from dpwave.train.secret_seed import SECRET_SEED_ENV, SecretSeedError
 from dpwave.train.stages import evaluate
 
-SEED = seeds.rng("test_dp_secrecy").getrandbits(62) | 1 << 61  # 19 decimal digits: no accidental match
+SEED = seeds.rng("test_dp_secrecy").getrandbits(256) | 1 << 255  # 64 hex digits: no accidental match
+SEED_HEX = f"{SEED:064x}"
 
 
 def _write_seed(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -34,11 +36,11 @@ def _write_seed(path: Path, text: str, mode: int = 0o600) -> Path:
 
 
 def _seed_encodings(seed: int) -> dict[str, bytes]:
-    """Ways a plain copy of the seed could sit in a file."""
-    key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
-    return {"decimal": str(seed).encode(), "hex": f"{seed:x}".encode(), "int64 le": seed.to_bytes(8, "little"),
-            "int64 be": seed.to_bytes(8, "big"), "key data": key_data.tobytes(),
-            "key data be": key_data.byteswap().tobytes()}
+    """Ways a plain copy of the secret, or of the noise key never stored (the mask key), could sit in a file."""
+    mask = np.asarray(jax.random.key_data(privacy.DpSecret(seed, 256).noise_keys()[1]))
+    return {"decimal": str(seed).encode(), "hex": f"{seed:x}".encode(), "HEX": f"{seed:X}".encode(),
+            "bytes le": seed.to_bytes(32, "little"), "bytes be": seed.to_bytes(32, "big"),
+            "mask key data": mask.tobytes(), "mask key data be": mask.byteswap().tobytes()}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def seeded_run(base_workdir, tmp_path_factory) -> tuple[Path, str]:
     """A finished TINY DP stage whose seed came from an owner-only file; (workdir, log text of the run)."""
     root = tmp_path_factory.mktemp("secret")
     workdir = Path(shutil.copytree(base_workdir, root / "run"))
-    seed_file = _write_seed(root / "dp_seed", f"{SEED}\n")
+    seed_file = _write_seed(root / "dp_seed", f"{SEED_HEX}\n")
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
@@ -100,7 +102,7 @@ def test_summary_has_no_wall_time_and_the_statement_calls_the_file_seed_secret(s
     assert "wall_time_s" not in summary
     assert json.loads((stage / "private_timing.json").read_text())["wall_time_s"] > 0
     line = summary["statement"].splitlines()[-1]
-    assert line == "  sampling and noise seed: read from the owner-only file dp.secret_seed_file (secret)"
+    assert line == "  sampling and noise seed: read from the owner-only file dp.secret_seed_file (secret), 256 bits"
     assert "reproducibility mode: NOT secret" not in summary["statement"]
 
 
@@ -108,16 +110,16 @@ def test_the_environment_variable_resumes_the_file_seeds_run_and_another_seed_is
         seeded_run, tmp_path, monkeypatch):
     workdir = Path(shutil.copytree(seeded_run[0], tmp_path / "run"))
     config = runs.tiny_config({"dp.secret_seed": None, "dp.steps": 12})
-    other = SEED ^ 1 << 40
-    monkeypatch.setenv(SECRET_SEED_ENV, str(other))
+    other = f"{SEED ^ 1 << 200:064x}"
+    monkeypatch.setenv(SECRET_SEED_ENV, other)
     with pytest.raises(privacy.LedgerMismatchError) as error:
         runs.run_dp(config, workdir)
     message = str(error.value)
-    assert "seed_commitment" in message and str(SEED) not in message and str(other) not in message
-    monkeypatch.setenv(SECRET_SEED_ENV, str(SEED))
+    assert "seed_commitment" in message and SEED_HEX not in message and other not in message
+    monkeypatch.setenv(SECRET_SEED_ENV, SEED_HEX.upper())
     summary = runs.run_dp(config, workdir).summary
     assert summary["final_step"] == 12
-    assert summary["privacy"]["seed"] == f"read from the environment variable {SECRET_SEED_ENV} (secret)"
+    assert summary["privacy"]["seed"] == f"read from the environment variable {SECRET_SEED_ENV} (secret), 256 bits"
 
 
 def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(base_workdir):
@@ -128,8 +130,27 @@ def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(base_workdir
     np.testing.assert_array_equal(seven, key({"seed": 1, "dp.secret_seed": 7}))
     assert not np.array_equal(seven, key({"seed": 0, "dp.secret_seed": 8}))
     streams = {stage.stream for stage in PIPELINES["dpwave"] if stage.stream is not None}
-    for other in (*(model_io.stage_key(0, stream) for stream in streams), privacy.noise_key(7)):
+    for other in (*(model_io.stage_key(0, stream) for stream in streams), *privacy.DpSecret(7, 3).noise_keys()):
         assert not np.array_equal(seven, np.asarray(jax.random.key_data(other)))
+
+
+def _dp_stage_draws(base_workdir, secret: int) -> dict[str, np.ndarray]:
+    """The DP stage's secret-derived randomness: its per-example key, its noise on a zero sum, its first batch."""
+    run = runs.dp_stage(runs.tiny_config({"dp.secret_seed": secret}), base_workdir)
+    trainable = transformer.trainable_mask(run.state.params, run.settings.dp.recipe.trainable)
+    zeros = jax.tree.map(np.zeros_like, privacy.partition(run.state.params, trainable)[0])
+    noise = jax.tree.leaves(run.optimizer.update(zeros, run.optimizer.init(zeros), zeros)[0])
+    return {"per-example key": np.asarray(jax.random.key_data(run.key)),
+            "noise": np.concatenate([np.ravel(leaf) for leaf in noise]), "batch": run.sampler.batch(0)[0]}
+
+
+@pytest.mark.parametrize("bit", [40, 45, 61])
+def test_every_bit_of_the_dp_secret_reaches_the_stages_noise_per_example_keys_and_draws(base_workdir, bit):
+    """Fails on the code that passed the seed to jax.random.key, which keeps its low 32 bits only."""
+    secret = seeds.rng("secret bits").getrandbits(61)
+    base, flipped = _dp_stage_draws(base_workdir, secret), _dp_stage_draws(base_workdir, secret ^ 1 << bit)
+    for name, value in base.items():
+        assert not np.array_equal(value, flipped[name]), f"bit {bit} of the secret does not reach the {name}"
 
 
 def seed_source(config):
@@ -138,13 +159,14 @@ def seed_source(config):
 
 _BAD_FILES = {  # case -> (file content or None for no file, mode, fragments of the error)
     "missing": (None, 0o600, ["does not exist", "umask 077"]),
-    "unreadable": ("12345\n", 0o000, ["cannot be read", "chmod 600"]),
-    "group_readable": ("12345\n", 0o640, ["mode 0640", "chmod 600"]),
-    "world_readable": ("12345\n", 0o644, ["mode 0644", "chmod 600"]),
-    "malformed": ("98765x\n", 0o600, ["one decimal integer", "umask 077"]),
-    "negative": ("-98765\n", 0o600, ["one decimal integer"]),
-    "too_large": (f"{2**64}\n", 0o600, ["one decimal integer"]),
-    "empty": ("", 0o600, ["one decimal integer"]),
+    "unreadable": ("ab" * 32 + "\n", 0o000, ["cannot be read", "chmod 600"]),
+    "group_readable": ("ab" * 32 + "\n", 0o640, ["mode 0640", "chmod 600"]),
+    "world_readable": ("ab" * 32 + "\n", 0o644, ["mode 0644", "chmod 600"]),
+    "malformed": ("98765x\n", 0o600, ["32 to 64 hex digits", "umask 077", "token_hex(32)"]),
+    "not_hex": ("g" * 32 + "\n", 0o600, ["32 to 64 hex digits"]),
+    "negative": ("-98765\n", 0o600, ["32 to 64 hex digits"]),
+    "too_large": ("a" * 65 + "\n", 0o600, ["32 to 64 hex digits"]),
+    "empty": ("", 0o600, ["32 to 64 hex digits"]),
     "directory": (None, 0o700, ["not a regular file"]),
 }
 
@@ -187,13 +209,47 @@ def test_bad_environment_variable_and_ambiguous_or_missing_sources(tmp_path, mon
     monkeypatch.setenv(SECRET_SEED_ENV, "123")
     with pytest.raises(SecretSeedError, match="more than once"):
         seed_source(runs.tiny_config())  # TINY also sets dp.secret_seed
-    assert seed_source(runs.tiny_config({"dp.secret_seed": None}))[0] == 123
+    assert seed_source(runs.tiny_config({"dp.secret_seed": None}))[0].value == 123
     monkeypatch.delenv(SECRET_SEED_ENV)
     config = runs.tiny_config({"dp.secret_seed": None})
     assert seed_source(config) is None  # single host: the stage draws its own
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(SecretSeedError, match=f"dp.secret_seed_file.*{SECRET_SEED_ENV}"):
         seed_source(config)
+
+
+@pytest.mark.parametrize("text", ["123456789\n", "f" * 31 + "\n"])
+def test_a_new_run_refuses_a_secret_shorter_than_128_bits_before_anything_is_written(tmp_path, text):
+    path = _write_seed(tmp_path / "dp_seed", text)
+    workdir = tmp_path / "run"
+    with pytest.raises(SecretSeedError, match=r"has (63|124) bits; a new DP run needs at least 128") as error:
+        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
+                                    str(workdir))
+    assert "\n" not in str(error.value) and text.strip() not in str(error.value) and not workdir.exists()
+
+
+def test_a_legacy_decimal_seed_resumes_the_run_it_started(workdir, tmp_path, monkeypatch):
+    """A run started with a 62-bit decimal seed file (as the code before 128-bit secrets allowed: simulated by
+    lifting the size check) resumes from it: same sampler commitment and ledger; the statement gives its size."""
+    path = _write_seed(tmp_path / "dp_seed", f"{seeds.rng('legacy seed').getrandbits(62)}\n")
+    config = {"dp.secret_seed": None, "dp.secret_seed_file": str(path)}
+    with monkeypatch.context() as patch:
+        patch.setattr(secret_seed, "check_strength", lambda *args: None)
+        assert runs.run_dp(runs.tiny_config({**config, "dp.steps": 4}), workdir).finished
+    summary = runs.run_dp(runs.tiny_config({**config, "dp.steps": 6}), workdir).summary
+    assert summary["final_step"] == 6 and summary["ledger"]["steps"] == 6
+    assert summary["privacy"]["seed"].endswith("(secret), 63 bits")
+
+
+def test_a_drawn_secret_has_256_bits_and_a_legacy_drawn_file_is_replaced_before_the_first_step(tmp_path):
+    stage = tmp_path / "dp_finetune"
+    stage.mkdir()
+    (stage / secret_seed.SECRET_SEED_FILE).write_text(json.dumps({"secret_seed": 12345}))
+    dp = settings.read(runs.tiny_config({"dp.secret_seed": None})).dp
+    secret, origin = secret_seed.secret_seed(dp, str(stage))
+    assert secret.bits == 256 and secret.value != 12345 and "drawn from the OS" in origin
+    assert secret_seed.secret_seed(dp, str(stage))[0].value == secret.value  # kept for the resume
+    assert (stage / secret_seed.SECRET_SEED_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_report_leaves_out_the_dp_wall_time(tmp_path):

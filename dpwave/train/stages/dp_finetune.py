@@ -29,11 +29,6 @@ from dpwave.train.stages.base import Context, Stage
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 
-# Folded into jax.random.key(secret seed) for the DP step's per-example randomness (condition dropout): a
-# stream apart from the noise key (optimizers.NOISE_STREAM) and the Poisson draws (numpy Philox).
-DP_STEP_STREAM = 0x64707374  # "dpst"
-
-
 def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTransformation,
                ema: bool = False) -> steps.TrainState:
     """The DP stage's state; with `ema`, `extra` holds the EMA of the parameters (starting at `params`)."""
@@ -57,7 +52,8 @@ class DpRun:
     def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
         self.settings = settings
         dp = settings.dp
-        seed, self.seed_origin = secret_seed.secret_seed(dp, stage_dir)
+        secret, origin = secret_seed.secret_seed(dp, stage_dir)
+        self.seed_origin = f"{origin}, {secret.bits} bits"
         source = settings.data.load("private")
         expected = "public" if dp.mechanism.tuning else "private"  # a tuning run's DP input stands in for it
         if source.privacy != expected:
@@ -66,7 +62,7 @@ class DpRun:
         self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), source)
         self.mechanism = dp.mechanism.build(len(source))
         self.sampler = self.mechanism.selection.sampler(
-            seed, bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
+            secret.poisson_seed(), bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
         self.params = self.mechanism.params
         self.ledger = self.mechanism.ledger()
         self.guard = self.mechanism.guard(self.ledger)
@@ -76,7 +72,7 @@ class DpRun:
         params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
         trainable = transformer_lib.trainable_mask(params, dp.recipe.trainable)
         self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
-                                                  privacy.noise_key(seed))
+                                                  *secret.noise_keys())
         self.state = distributed.replicate(init_state(params, trainable, self.optimizer, bool(dp.recipe.ema_decay)),
                                            mesh)
 
@@ -89,7 +85,7 @@ class DpRun:
         self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh, trainable=trainable))
         self.step_fn = dp_recipe.with_ema(self.step_fn, dp.recipe.ema_decay)
         self.mesh = mesh
-        self.key = jax.random.fold_in(jax.random.key(seed), DP_STEP_STREAM)
+        self.key = secret.step_key()
         self.last_epsilon = 0.0
 
     def batch(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
