@@ -338,8 +338,8 @@ def _control_line(ax: Axes, result: RowResult, key: str, colour: str, name: str)
 def figure(table: str, results: Sequence[RowResult]) -> Figure:
     """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method (and setting),
     std as error bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their
-    std as a band. A public-only control without a setting (it reads no private data) is drawn once per method,
-    in black when the method has lines for several settings."""
+    std as a band. A public-only control without a setting (nothing in it trains on private data) is drawn once
+    per method, in black when the method has lines for several settings."""
     keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
     epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")

@@ -8,7 +8,8 @@ Poisson sampler is part of its mechanism: `dpwave.privacy.batch_selection`);
 from dpwave.data.boundary import require_public
 from dpwave.data.builders.mnist5k import mnist5k_arrays
 from dpwave.data.errors import (DataError, DatasetLayoutError, DatasetNotPreparedError,
-                                InvalidExampleError, PrivacyError, PrivateOverlapError, PrivateSplitError)
+                                InvalidExampleError, PrivacyError, PrivateOverlapError, PrivateSplitError,
+                                SplitExpressionError)
 from dpwave.data.images import to_float, to_uint8
 from dpwave.data.loading import load
 from dpwave.data.sampling import ShuffleSampler
@@ -17,4 +18,5 @@ from dpwave.data.spec import DatasetSpec
 
 __all__ = ["DataError", "DatasetLayoutError", "DatasetNotPreparedError", "DatasetSpec",
            "InvalidExampleError", "PrivacyError", "PrivateOverlapError", "PrivateSplitError",
-           "ShuffleSampler", "Source", "load", "mnist5k_arrays", "require_public", "to_float", "to_uint8"]
+           "ShuffleSampler", "Source", "SplitExpressionError", "load", "mnist5k_arrays", "require_public",
+           "to_float", "to_uint8"]

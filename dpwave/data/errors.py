@@ -13,6 +13,10 @@ class InvalidExampleError(DataError):
     """An example's pixels are non-finite, out of range or of the wrong shape (names the example id)."""
 
 
+class SplitExpressionError(DataError):
+    """A split expression does not parse, or names a split the dataset does not have (lists the valid ones)."""
+
+
 class DatasetNotPreparedError(DataError):
     """An official TFDS dataset is not prepared as array_record and cannot be prepared here."""
 

@@ -28,13 +28,20 @@ def _download_config(spec: DatasetSpec) -> tfds.download.DownloadConfig:
     return tfds.download.DownloadConfig(manual_dir=spec.manual_dir, try_download_gcs=False)
 
 
-def _dpwave_builder(spec: DatasetSpec) -> tfds.core.DatasetBuilder:
-    """One of dpwave's builders, built into ``data_dir`` unless already there (idempotent)."""
+def _dpwave_builder(spec: DatasetSpec, role: str | None) -> tfds.core.DatasetBuilder:
+    """One of dpwave's builders, built into ``data_dir`` unless already there (idempotent), once the split
+    expression has passed the privacy boundary against the splits the builder declares."""
     cls = BUILDERS[spec.name]
     config = cls.config_for(spec.resolution, spec.channels, spec.manual_dir)
+    declared = cls.declared_splits(config)
+    check_split_tag(spec, declared, cls.PRIVATE_SPLITS, cls.PRIVATE_BY_DEFAULT, role)
     builder = cls(config=config, data_dir=spec.data_dir)
     if not builder.is_prepared():
         builder.download_and_prepare(download_config=_download_config(spec))
+    undeclared = sorted(set(builder.info.splits) - set(declared))
+    if undeclared:  # 'all' would read them unchecked
+        raise DataError(f"{spec.name} at {builder.data_dir} has split(s) {undeclared} that its builder does not "
+                        f"declare ({list(declared)}); delete that prepared dataset directory and load again")
     return builder
 
 
@@ -70,8 +77,9 @@ def load(spec: DatasetSpec | Mapping[str, Any] | ml_collections.ConfigDict, role
       role: where the spec comes from (``config.data.public``), for error messages.
 
     Raises:
-      PrivateSplitError: the spec tags public a split its builder declares private (always, or by
-        default without ``override_private_default``).
+      SplitExpressionError: the split expression does not parse or names a split the dataset lacks.
+      PrivateSplitError: the split expression reads a split its builder declares private (always, or by
+        default without ``override_private_default``) and the spec tags it public.
       DatasetLayoutError: a manual dir is missing or malformed (the message shows the layout).
       DatasetNotPreparedError: an official dataset is not prepared and TensorFlow is missing.
       DataError: unknown name, or the split is empty.
@@ -79,11 +87,11 @@ def load(spec: DatasetSpec | Mapping[str, Any] | ml_collections.ConfigDict, role
     if not isinstance(spec, DatasetSpec):
         spec = DatasetSpec.from_config(spec)
     if spec.name in BUILDERS:
-        cls = BUILDERS[spec.name]
-        check_split_tag(spec, cls.PRIVATE_SPLITS, cls.PRIVATE_BY_DEFAULT, role)
-        builder = _dpwave_builder(spec)
+        builder = _dpwave_builder(spec, role)
     else:
         builder = _official_builder(spec)
+        if builder.info.splits:  # known once prepared; official datasets declare no private split
+            check_split_tag(spec, list(builder.info.splits), role=role)
     # Split sizes are known once prepared (only tfds' test mocks serve unprepared builders).
     if builder.is_prepared() and builder.info.splits[spec.split].num_examples == 0:
         raise DataError(f"{spec.label} has no examples; choose a non-empty split")

@@ -8,7 +8,7 @@
   checkpoints) and sampled from; post-processing of the noised iterates, so it costs no privacy.
 * `dp.cond_dropout`: condition dropout of the DP stage (None: pretraining's `transformer.cond_dropout`).
 * Modes (`settings.Mechanism`, the stages): `dp.target_epsilon = 0` is the public-only control (no DP stage;
-  the pretrained model is sampled; no private data is read). `dp.tuning` runs the DP stage on a PUBLIC split
+  the pretrained model is sampled; nothing trains on private data). `dp.tuning` runs the DP stage on a PUBLIC split
   standing in for the private one (docs/tuning.md); with `dp.tuning_private_size` its sampling rate and noise
   per step (q and sigma/B) are those of the private run it stands in for.
 """

@@ -120,11 +120,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # gs://bucket/run stays a bucket path
     run_stages = stages(settings)
     if any(s is DP_FINETUNE for s in run_stages) and loop.read_summary(os.path.join(workdir, DP_FINETUNE.name)) is None:
-        secret_seed.seed_source(settings.dp)  # a bad DP secret seed file or variable fails before anything is written
+        given = secret_seed.seed_source(settings.dp)  # a bad or short DP secret fails before anything is written
+        if given is not None:
+            secret_seed.check_strength(*given, os.path.join(workdir, DP_FINETUNE.name))
     inputs = stage_inputs(settings)
     check_finished_stages(workdir, inputs)
-    if settings.mode == "dp":  # the public-only control and tuning runs read no private data at all
-        settings.data.check_boundary()  # before any training step: no private image in a public role
+    # Every mode, before any training step: split tags of every role, and no private image in a public role.
+    settings.data.check_boundary()
     files.makedirs(workdir)
     write_run_info(config, workdir)
     ctx = Context(settings, workdir, distributed.make_data_mesh(), inputs)

@@ -43,16 +43,33 @@ class DataSettings:
     def load(self, role: str) -> data.Source:
         return data.load(self.specs[role], role=f"config.data.{role}")
 
+    @property
+    def holds_private(self) -> bool:
+        """Whether the private role is tagged private: every mode but tuning, whose DP input is a public
+        stand-in (`_dataset_spec` allows no other combination)."""
+        return self.specs["private"].privacy == "private"
+
     def check_boundary(self) -> dict[str, overlap.PixelHashes]:
-        """Run-start check of every role: privacy and split tags, then no image of the private set in a role read
-        without DP (public; heldout, whose captions are also the sampling prompts; test).
+        """Run-start check of every role, in every mode (dp, epsilon inf, the public-only control, tuning).
+
+        Each role is opened once, which resolves its split expression (`all`, `a+b`, slices) into the splits it
+        reads and refuses a public tag on any private one. Then, when the private role holds private data, its
+        pixels are hashed (read for this only: the public-only control trains nothing on them) and no image of
+        the private set may be in a role read without DP (public; heldout, whose captions are also the sampling
+        prompts; test). A tuning run names no private data (its private role is a public stand-in), so it has
+        no content check: every role is public-tagged and split-checked.
+
+        Returns:
+          The pixel hashes, "private" first then by role; empty for a tuning run.
 
         Raises:
-          PrivateSplitError, PrivateOverlapError, ValueError: naming the role.
+          SplitExpressionError, PrivateSplitError, PrivateOverlapError, ValueError: naming the role.
         """
         sources = {role: data.load(dataclasses.replace(self.specs[role], in_memory=False), role=f"config.data.{role}")
                    for role in ROLES}
         private = sources.pop("private")
+        if not self.holds_private:
+            return {}
         return overlap.check_disjoint(private, {f"config.data.{role}": s for role, s in sources.items()})
 
 
@@ -244,7 +261,8 @@ class Settings:
 
     @property
     def public_only(self) -> bool:
-        """The public-only control (dp.target_epsilon = 0): no DP stage, no private data read."""
+        """The public-only control (dp.target_epsilon = 0): no DP stage, nothing trains on private data (the
+        private split is opened only to hash its pixels for the run-start content check)."""
         return self.dp.mechanism.public_only
 
     @property

@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dp = ml_collections.ConfigDict(dict(
         # The mechanism (dpwave/train/settings.py: Mechanism), what the guarantee depends on. target_epsilon: > 0
         # calibrates noise_multiplier (None) to it over `steps`; inf: the non-private reference (no noise, still
-        # clipped); 0: the public-only control (no DP stage, no private data read).
+        # clipped); 0: the public-only control (no DP stage, nothing trains on private data).
         target_epsilon=10.0, delta=1e-5, noise_multiplier=placeholder(float),
         l2_clip=1.0,  # C: the clipped sum moves by at most C when one example is added or removed
         expected_batch_size=128, steps=200,  # q = expected_batch_size / N; sigma is calibrated over `steps`
@@ -115,10 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
         # Operations: how a run is kept, resumed and logged; no stage input.
         compose_on_resume=False,  # a resume under changed mechanism settings composes them instead of refusing
         log_private_metrics=False,  # DP-stage loss etc. are computed from private data WITHOUT noise: off
-        # The secret seed of the Poisson draws, the noise and the DP step's per-example randomness. By default a
-        # fresh one is drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
-        # host). secret_seed_file: an owner-only (chmod 600) file holding the seed, the same on every host; or
-        # set the environment variable DPWAVE_DP_SECRET_SEED. secret_seed: reproducibility mode (tests), NOT
+        # The secret of the Poisson draws, the noise and the DP step's per-example randomness. By default 256
+        # bits are drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
+        # host). secret_seed_file: an owner-only (chmod 600) file holding 32 to 64 hex digits (128 to 256 bits),
+        # the same on every host; or set the environment variable DPWAVE_DP_SECRET_SEED (same format). Write one
+        # with python -c 'import secrets; print(secrets.token_hex(32))'. secret_seed: reproducibility mode (tests), NOT
         # secret: it is written to config.json and the logs, and whoever knows it can undo the noise.
         secret_seed_file=placeholder(str), secret_seed=placeholder(int)))
 

@@ -9,7 +9,7 @@ Variants (`:arg`, comma-separated):
       full_dp: the same AR family over the tokens of all scales, all DP-finetuned (the baseline);
       nonprivate: full_dp at epsilon inf, the non-private reference.
   epsilon=1|10|inf|public  target epsilon (default 1; inf for nonprivate; public: the public-only control,
-      no DP stage and no private data read). delta = 1e-5 (< 1/24,000).
+      no DP stage, nothing trains on private data). delta = 1e-5 (< 1/24,000).
   seed=K            the run's seed.
   manual_dir=DIR    root of the raw releases: DIR/mm_celeba_hq/ (the official MM-CelebA-HQ layout, see
       dpwave/data/builders/mm_celeba_hq.py) and DIR/ffhq/ (public faces, see below).

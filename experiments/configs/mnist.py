@@ -20,9 +20,10 @@ epsilon 1, against 0.678 +- 0.004 without noise and 0.494 +- 0.032 for the publi
 66 +- 1, 59 +- 7 and 65 +- 2.
 
 Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.target_epsilon = 0: no DP
-stage, the pretrained model is sampled, the private split is never read); `n_private=K` keeps the first
-K of the 2,000 private digits (the split expression `private[:K]`); `pretrain_steps=K` replaces the variant's
-AR pretraining steps (800 in demo and shift; 210 is the FLOPs-matched full-DP baseline of `--table mnist_fair`), e.g.
+stage, the pretrained model is sampled; the private split is opened only to hash its pixels for the run-start
+content check); `n_private=K` keeps the first K of the 2,000 private digits (the split expression
+`private[:K]`); `pretrain_steps=K` replaces the variant's AR pretraining steps (800 in demo and shift; 210 is
+the FLOPs-matched full-DP baseline of `--table mnist_fair`), e.g.
 
     python -m dpwave.main --config=experiments/configs/mnist.py:shift,epsilon=public --workdir=/tmp/shift_public
     python -m dpwave.main --config=experiments/configs/mnist.py:shift,n_private=500,epsilon=1 --workdir=/tmp/shift_n500

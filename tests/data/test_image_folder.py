@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpwave.data import DataError, DatasetLayoutError, DatasetSpec, InvalidExampleError, load
+from dpwave.data import DataError, DatasetLayoutError, DatasetSpec, InvalidExampleError, SplitExpressionError, load
 from dpwave.data.builders import image_folder_config
 
 
@@ -39,7 +39,7 @@ def test_flat_folder_with_captions_single_train_split_and_gray(caption_folder, d
     assert source[1]["caption"] == "second"
     assert source[0]["image"].shape == (4, 4, 1)
     assert "label" not in source[0]
-    with pytest.raises(ValueError, match="Unknown split 'test'"):
+    with pytest.raises(SplitExpressionError, match=r"unknown split\(s\) \['test'\]; the valid splits are \['train'\]"):
         folder("test", caption_folder, data_dir, resolution=4, channels=1)
 
 

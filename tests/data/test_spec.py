@@ -4,6 +4,9 @@ import pytest
 
 from dpwave.data import DatasetSpec, PrivacyError, require_public
 from dpwave.data.boundary import check_split_tag, split_names
+from dpwave.data.builders.mnist5k import Mnist5k
+
+MNIST5K = Mnist5k.SPLITS
 
 
 def test_privacy_is_required_and_validated():
@@ -64,9 +67,9 @@ def test_require_public():
 
 
 def test_split_names_and_private_split_tags():
-    assert split_names("train[:10%]+ test[5:] ") == {"train", "test"}
-    assert split_names("private") == {"private"}
-    check_split_tag(DatasetSpec("mnist5k", "private[:50%]", "private"), ("private",))
-    check_split_tag(DatasetSpec("mnist5k", "public", "private"), ("private",))  # conservative: ok
+    assert split_names("train[:10%]+ test[5:]", ("train", "test")) == {"train", "test"}
+    assert split_names("private", ("public", "private")) == {"private"}
+    check_split_tag(DatasetSpec("mnist5k", "private[:50%]", "private"), MNIST5K, ("private",))
+    check_split_tag(DatasetSpec("mnist5k", "public", "private"), MNIST5K, ("private",))  # conservative: ok
     with pytest.raises(PrivacyError, match=r"\['private'\] hold private data.*privacy='private'"):
-        check_split_tag(DatasetSpec("mnist5k", "public+private[:10]", "public"), ("private",))
+        check_split_tag(DatasetSpec("mnist5k", "public+private[:10]", "public"), MNIST5K, ("private",))

@@ -200,37 +200,47 @@ PUBLIC_ONLY = {"dp.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples
 
 
 @pytest.mark.e2e
-def test_public_only_never_opens_the_private_split_and_reports_epsilon_zero(base_workdir, tmp_path,
-                                                                             monkeypatch):
-    opened = []
+def test_public_only_opens_the_private_split_only_to_hash_it_and_reports_epsilon_zero(base_workdir, tmp_path,
+                                                                                       monkeypatch):
+    opened, hashing = [], []
     source_init = data.Source.__init__
     as_data_source = tfds.core.DatasetBuilder.as_data_source
+    check_boundary = settings.DataSettings.check_boundary
+
+    def boundary(self):  # the run-start content check: the one place the private split may be opened
+        hashing.append(True)
+        try:
+            return check_boundary(self)
+        finally:
+            hashing.pop()
 
     def checked_source(self, source, spec, *args, **kw):
-        opened.append(spec.split)
-        assert spec.privacy != "private", f"the public-only control opened {spec.label}"
+        opened.append((spec.split, bool(hashing)))
+        assert spec.privacy != "private" or hashing, f"the public-only control opened {spec.label} outside the check"
         source_init(self, source, spec, *args, **kw)
 
     def checked_split(self, split, *args, **kw):
-        assert "private" not in str(split), f"the public-only control read split {split}"
+        assert "private" not in str(split) or hashing, f"the public-only control read split {split} outside the check"
         return as_data_source(self, split, *args, **kw)
 
+    monkeypatch.setattr(settings.DataSettings, "check_boundary", boundary)
     monkeypatch.setattr(data.Source, "__init__", checked_source)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", checked_split)
     config = runs.tiny_config(PUBLIC_ONLY)
     assert "dp_finetune" not in stage_names(config)
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     assert pipeline.train_and_evaluate(config, str(workdir))
-    assert {"public", "heldout", "test"} <= set(opened)
+    assert ("private[:400]", True) in opened and {"public", "heldout", "test"} <= {s for s, _ in opened}
     assert not (workdir / "dp_finetune").exists()
 
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert (metrics["epsilon"], metrics["delta"], metrics["target_epsilon"], metrics["mode"]) == (
         0.0, 0.0, 0.0, "public_only")
     assert metrics["privacy_ledger"] is None and metrics["dp_steps"] == 0
-    assert metrics["memorization_ratio"] is None and "never read" in metrics["reasons"]["memorization_ratio"]
+    assert metrics["memorization_ratio"] is None and "no model was trained on private data" in (
+        metrics["reasons"]["memorization_ratio"])
     statement = (workdir / "privacy_statement.txt").read_text()
-    assert statement.startswith("(0, 0)-differential privacy") and "no private data was read" in statement
+    assert statement.startswith("(0, 0)-differential privacy") and "no model was trained on private data" in statement
     report = (workdir / "report.md").read_text()
     assert "epsilon 0 (public-only control)" in report and "reads the private images" not in report
     # The samples come from the pretrained weights.

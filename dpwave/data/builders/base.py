@@ -39,12 +39,14 @@ class DpwaveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base builder: writes array_record (never parquet) in generation order.
 
     Subclasses set ``LAYOUT`` (the expected manual-dir tree) and ``SOURCE`` (where to get the data),
-    ``PRIVATE_SPLITS`` for splits that hold private data whatever the spec says, and
+    ``SPLITS`` (every split they generate: ``all`` and split expressions resolve against them before
+    anything is built), ``PRIVATE_SPLITS`` for splits that hold private data whatever the spec says, and
     ``PRIVATE_BY_DEFAULT`` for splits a spec may tag public only with ``override_private_default``.
     """
 
     LAYOUT: ClassVar[str] = ""
     SOURCE: ClassVar[str] = ""
+    SPLITS: ClassVar[tuple[str, ...]] = ()
     PRIVATE_SPLITS: ClassVar[tuple[str, ...]] = ()
     PRIVATE_BY_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
@@ -73,6 +75,12 @@ class DpwaveBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if any(c.name == name for c in cls.BUILDER_CONFIGS):
             return name
         return ResolutionConfig(name=name, resolution=resolution, description=f"{resolution}x{resolution}")
+
+    @classmethod
+    def declared_splits(cls, config: str | tfds.core.BuilderConfig | None) -> tuple[str, ...]:
+        """The splits the build config ``config`` (from ``config_for``) generates."""
+        del config  # the same for every config unless a subclass says otherwise
+        return cls.SPLITS
 
     @classmethod
     def layout_error(cls, root: Any, problem: str) -> DatasetLayoutError:

@@ -56,6 +56,7 @@ class CocoCaptions(CaptionedImages, skip_registration=True):
 
     name = "coco_captions"
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MS-COCO 2017 captions")
+    SPLITS = tuple(SPLITS)  # the module's split -> folder names
     PRIVATE_BY_DEFAULT = ("train",)
     LAYOUT = LAYOUT
     SOURCE = SOURCE

@@ -17,9 +17,10 @@ from dpwave.data.images import prepare_image, read_image_file
 
 @dataclasses.dataclass(eq=False)
 class ImageFolderConfig(ResolutionConfig):
-    """Resolution, channels and what the scan found (it decides the features)."""
+    """Resolution, channels and what the scan found (it decides the features and the splits)."""
 
     channels: int = 3
+    splits: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     captioned: bool = False
     fingerprint: str = ""
@@ -37,7 +38,7 @@ def image_folder_config(root: str, resolution: int, channels: int = 3) -> ImageF
     return ImageFolderConfig(
         name=f"{slug or 'root'}_{resolution}px_{channels}ch_{scan.fingerprint}",
         description=f"{os.path.abspath(root)} at {resolution}x{resolution}x{channels}",
-        resolution=resolution, channels=channels, class_names=scan.class_names,
+        resolution=resolution, channels=channels, splits=tuple(scan.splits), class_names=scan.class_names,
         captioned=scan.captioned, fingerprint=scan.fingerprint)
 
 
@@ -60,7 +61,13 @@ class ImageFolder(DpwaveBuilder, skip_registration=True):
     LAYOUT = folder_scan.LAYOUT
     SOURCE = folder_scan.SOURCE
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Point the manual dir at the folder:\n{LAYOUT}"
+    SPLITS = folder_scan.SPLIT_FOLDERS
     PRIVATE_BY_DEFAULT = folder_scan.SPLIT_FOLDERS
+
+    @classmethod
+    def declared_splits(cls, config: str | tfds.core.BuilderConfig | None) -> tuple[str, ...]:
+        """The split folders the scan found (``train``, and ``test`` when there is one)."""
+        return config.splits if isinstance(config, ImageFolderConfig) and config.splits else cls.SPLITS
 
     @classmethod
     def config_for(cls, resolution: int | None, channels: int | None, manual_dir: str | None

@@ -66,6 +66,7 @@ class MmCelebaHq(CaptionedImages, skip_registration=True):
 
     name = "mm_celeba_hq"
     BUILDER_CONFIGS = resolution_configs(256, 128, 64, what="MM-CelebA-HQ")
+    SPLITS = SPLITS
     PRIVATE_BY_DEFAULT = ("train",)
     LAYOUT = LAYOUT
     SOURCE = SOURCE

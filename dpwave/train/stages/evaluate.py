@@ -28,7 +28,8 @@ from dpwave.train.stages.sample import STAGE as SAMPLE
 PUBLIC_ONLY_SUMMARY = {
     "epsilon": 0.0, "delta": 0.0, "noise_multiplier": None, "steps": 0, "wall_time_s": 0.0, "ledger": None,
     "statement": "(0, 0)-differential privacy: public-only control (dp.target_epsilon = 0).\n"
-                 "  No DP stage ran and no private data was read: the samples come from the model pretrained on "
+                 "  No DP stage ran and no model was trained on private data (the private split was opened only to "
+                 "hash its pixels for the run-start content check): the samples come from the model pretrained on "
                  "public data."}
 
 
@@ -62,7 +63,7 @@ def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarr
 
 def _sample_report(settings: Settings, samples: dict[str, np.ndarray]) -> tuple[dict, int | None]:
     """`evaluate.evaluate_samples` against the run's test, heldout and private images, and the number of private
-    images read (None: the public-only control never opens the private split)."""
+    images read (None: the public-only control reads no private images here; it has no memorization check)."""
     d, ev = settings.data, settings.eval
     test = _images(d.load("test"), ev.num_real)
     heldout = _images(d.load("heldout"))
@@ -135,8 +136,9 @@ class Evaluate(Stage):
         if epsilon is None:
             reasons["epsilon"] = "non-private reference run (no noise): epsilon is infinite"
         if mode == "public_only":
-            reasons.update(memorization_ratio="public-only control: the private split is never read",
-                           dp_step_flops="public-only control: no DP stage")
+            reasons.update(
+                memorization_ratio="public-only control: no model was trained on private data, nothing to memorize",
+                dp_step_flops="public-only control: no DP stage")
         elif mode == "tuning":
             dp = {**dp, "statement": dp_recipe.tuning_banner(settings, num_private) + dp["statement"]}
             epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.tuning): no privacy claim"
