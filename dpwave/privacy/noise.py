@@ -6,10 +6,11 @@ EXPECTED batch size q * N, a public constant (never the realized batch size, whi
 under Poisson sampling).
 
 The noise of step t is drawn from `fold_in(key, t)`: keys never repeat across steps and a
-restored state continues the exact noise sequence. With a `mask_key` (never stored in the state), the noise is
-drawn from the XOR of the bit streams of `fold_in(key, t)` and `fold_in(mask_key, t)`: two independent 64-bit
-threefry keys, so recovering the noise takes a search over both (`dpwave.privacy.secret`), and a leaked state
-alone does not reveal it. `noise_multiplier=0` is the non-private reference: gradients are still clipped and
+restored state continues the exact noise sequence. With a `mask_key` (never stored in the state), the noise of
+step t comes from XLA's threefry bit generator (`lax.rng_bit_generator`, RNG_THREE_FRY) keyed by
+`fold_in(key, t)` with its counter starting at `fold_in(mask_key, t)`: a 128-bit secret state, so recovering the
+noise takes a search over both keys (`dpwave.privacy.secret`), a leaked state alone does not reveal it, and it
+draws about 3x faster on CPU than `jax.random.normal`. `noise_multiplier=0` is the non-private reference: gradients are still clipped and
 normalized, no noise is drawn.
 """
 
@@ -68,9 +69,14 @@ def normal_from_bits(bits: jax.Array) -> jax.Array:
 
 
 def _gaussian(key: jax.Array, mask_key: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+    """N(0, 1) float32 draws of `shape`: `jax.random.normal(key)` without a mask key; with one, from XLA's threefry
+    bit generator whose 128-bit state is (key, counter) = (`key`'s 64 bits, `mask_key`'s 64 bits)."""
     if mask_key is None:
         return jax.random.normal(key, shape, jnp.float32)
-    return normal_from_bits(jax.random.bits(key, shape, jnp.uint32) ^ jax.random.bits(mask_key, shape, jnp.uint32))
+    state = jnp.concatenate([jax.random.key_data(key), jax.random.key_data(mask_key)])
+    _, bits = jax.lax.rng_bit_generator(state, (math.prod(shape),), jnp.uint32,
+                                        algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
+    return normal_from_bits(bits).reshape(shape)
 
 
 def _leaf_keys(raw: jax.Array, impl: Any, count: jax.Array, n: int) -> jax.Array:
@@ -119,8 +125,8 @@ def noise_and_normalize(
       expected_batch_size: q * N (> 0), the public normalizer.
       key: int seed in [0, 2^32) or PRNG key of the noise stream (kept in the state); use a key no other
         stream uses.
-      mask_key: optional second PRNG key, never stored in the state: the noise then comes from the XOR of both
-        keys' bit streams (the DP stage passes `DpSecret.noise_keys()`).
+      mask_key: optional second PRNG key, never stored in the state: the noise then comes from a generator whose
+        128-bit state holds both keys (the DP stage passes `DpSecret.noise_keys()`).
     """
     init_fn, impl = _init(key, l2_clip, noise_multiplier, expected_batch_size)
     mask = None if mask_key is None else _key_parts(mask_key)

@@ -4,9 +4,9 @@ A `DpSecret` is an integer of up to 256 bits with the number of bits it was give
 function of ALL its bits, through HMAC-SHA256 keyed by its canonical 32 bytes (never by passing an int to
 `jax.random.key`, which keeps only the low 32 bits when 64-bit mode is off):
 
-* `noise_keys()`: two threefry keys, 64 bits each, from one 256-bit HMAC output. The DP noise is drawn from the
-  XOR of their bit streams (`noise.noise_and_normalize(key=..., mask_key=...)`), so recovering it means finding
-  both: a search over 2^128 keys (a meet-in-the-middle search would need 2^64 steps AND 2^64 stored streams).
+* `noise_keys()`: two threefry keys, 64 bits each, from one 256-bit HMAC output. The DP noise is drawn by XLA's
+  threefry bit generator keyed by the first with its counter starting at the second
+  (`noise.noise_and_normalize(key=..., mask_key=...)`), so recovering it means finding both: 2^128 candidates.
 * `step_key()`: the threefry key (64 bits) of the DP step's per-example randomness (condition dropout). Its
   secrecy is not part of the guarantee: the clipped sum moves by at most C for EVERY fixed step key
   (`dpwave.privacy.keys`).

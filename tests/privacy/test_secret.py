@@ -84,6 +84,15 @@ def test_the_mask_key_changes_the_noise_is_never_stored_and_keeps_it_standard_no
     assert abs(np.mean(masked > 0) - 0.5) < 0.005 and abs(np.corrcoef(masked, plain)[0, 1]) < 0.01
 
 
+@pytest.mark.parametrize("which, bit", [(w, b) for w in (0, 1) for b in (0, 1, 31, 32, 33, 63)])
+def test_every_bit_of_both_noise_keys_reaches_the_noise(which, bit):
+    keys = [_key_data(k) for k in DpSecret(_SECRET, 256).noise_keys()]
+    flipped = [k.copy() for k in keys]
+    flipped[which][bit // 32] ^= np.uint32(1 << bit % 32)
+    wrap = lambda data: jax.random.wrap_key_data(jnp.asarray(data), impl="threefry2x32")  # noqa: E731
+    assert not np.array_equal(_noise(*map(wrap, keys), shape=(64,))[0], _noise(*map(wrap, flipped), shape=(64,))[0])
+
+
 def test_an_int_key_that_jax_would_truncate_is_refused():
     with pytest.raises(ValueError, match="low 32 bits"):
         noise.noise_and_normalize(l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0, key=2**32 + 5)
