@@ -10,8 +10,8 @@ restored state continues the exact noise sequence. With a `mask_key` (never stor
 step t comes from XLA's threefry bit generator (`lax.rng_bit_generator`, RNG_THREE_FRY) keyed by
 `fold_in(key, t)` with its counter starting at `fold_in(mask_key, t)`: a 128-bit secret state, so recovering the
 noise takes a search over both keys (`dpwave.privacy.secret`), a leaked state alone does not reveal it, and it
-draws about 3x faster on CPU than `jax.random.normal`. `noise_multiplier=0` is the non-private reference: gradients are still clipped and
-normalized, no noise is drawn.
+draws about 3x faster on CPU than `jax.random.normal`. `noise_multiplier=0` is the non-private reference:
+gradients are still clipped and normalized, no noise is drawn.
 """
 
 import math

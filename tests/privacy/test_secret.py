@@ -89,7 +89,7 @@ def test_every_bit_of_both_noise_keys_reaches_the_noise(which, bit):
     keys = [_key_data(k) for k in DpSecret(_SECRET, 256).noise_keys()]
     flipped = [k.copy() for k in keys]
     flipped[which][bit // 32] ^= np.uint32(1 << bit % 32)
-    wrap = lambda data: jax.random.wrap_key_data(jnp.asarray(data), impl="threefry2x32")  # noqa: E731
+    wrap = lambda data: jax.random.wrap_key_data(jnp.asarray(data), impl="threefry2x32")
     assert not np.array_equal(_noise(*map(wrap, keys), shape=(64,))[0], _noise(*map(wrap, flipped), shape=(64,))[0])
 
 
