@@ -208,3 +208,16 @@ def test_mnist_public_control_subsampling_and_tuning_variants():
             c.dp.tuning, c.dp.tuning_private_size = False, 0
     assert tune.to_json_best_effort() == shift.to_json_best_effort()
     assert load_config("experiments/configs/mnist.py:tune,n_private=500").dp.tuning_private_size == 500
+
+
+def test_mnist_style_variant_restyles_every_role_but_public_and_is_the_shift_run_otherwise():
+    style = load_config("experiments/configs/mnist.py:style,epsilon=1")
+    shift = load_config("experiments/configs/mnist.py:shift,epsilon=1")
+    specs = settings.read(style).data.specs
+    assert {role: spec.name for role, spec in specs.items()} == {
+        "public": "mnist5k", "private": "mnist5k_style", "heldout": "mnist5k_style", "test": "mnist5k_style"}
+    assert specs["public"].labels is None and specs["private"].privacy == "private"
+    with style.unlocked(), shift.unlocked():
+        for c in (style, shift):
+            c.data = None
+    assert style.to_json_best_effort() == shift.to_json_best_effort()  # same recipe and sizes

@@ -103,6 +103,7 @@ def _tune() -> tuple[Row, ...]:
 
 
 SHIFT = "experiments/configs/mnist.py:shift"
+STYLE = "experiments/configs/mnist.py:style"
 # In the shift config full DP's AR model costs 3.81x dpwave's per training example (48 tokens vs 16, XLA's count;
 # tests/test_reproduce.py checks it), so 800 / 3.81 = 210 pretraining steps give it dpwave's pretraining FLOPs.
 MATCHED_PRETRAIN = "pretrain_steps=210"
@@ -134,6 +135,8 @@ TUNE_SEARCH = (
 TABLES: dict[str, tuple[Row, ...]] = {
     "mnist_cpu": grid("experiments/configs/mnist.py:demo", common.METHODS, EPSILONS),
     "mnist_shift": grid(SHIFT, common.METHODS, EPSILONS),
+    # The style shift: public digits upright and thin, private/heldout/test italic and thick, all ten classes.
+    "mnist_style": grid(STYLE, common.METHODS, EPSILONS),
     # FD-cls and downstream accuracy against epsilon, with both controls (the shift variant).
     "mnist_curve": grid(SHIFT, ("dpwave", "full_dp"), CURVE_EPSILONS),
     # The full-DP baseline with the same pretraining steps and with the same pretraining FLOPs as dpwave.

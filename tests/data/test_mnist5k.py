@@ -141,3 +141,21 @@ def test_label_filter_keeps_exactly_the_named_classes(data_dir, splits, in_memor
 def test_label_filter_that_keeps_nothing_is_an_error(data_dir):
     with pytest.raises(DataError, match=r"no example with a label in \[10\]"):
         load(DatasetSpec("mnist5k", "public", "public", data_dir=data_dir, labels=[10]))
+
+
+def test_style_splits_are_the_same_digits_restyled(data_dir, splits):
+    from dpwave.data.builders.mnist5k_style import restyle
+
+    for name in ("private", "test"):
+        styled = load(DatasetSpec("mnist5k_style", name, "private" if name == "private" else "public",
+                                  data_dir=data_dir, in_memory=True))
+        plain = splits[name].get_batch(np.arange(len(splits[name])))
+        batch = styled.get_batch(np.arange(len(styled)))
+        assert list(batch["id"]) == [i.replace("mnist5k-", "mnist5k_style-") for i in plain["id"]]
+        np.testing.assert_array_equal(batch["label"], plain["label"])
+        np.testing.assert_array_equal(batch["image"][:50], restyle(plain["image"][:50]))
+    # Italic and thick: more ink than the plain digit, and none of the styled digits equals its source.
+    assert batch["image"].mean() > 1.4 * plain["image"].mean()
+    assert not np.any(np.all(batch["image"] == plain["image"], axis=(1, 2, 3)))
+    with pytest.raises(PrivacyError):
+        load(DatasetSpec("mnist5k_style", "private", "public", data_dir=data_dir))

