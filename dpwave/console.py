@@ -116,7 +116,7 @@ def set_process_index(index: int) -> str:
     return next(h.path for h in logging.getLogger().handlers if isinstance(h, _LogFile))
 
 
-_SHORT = {"fd_cls": "FD-cls", "fid": "FID"}
+_SHORT = {"fd_cls": "FD-cls", "fd_lowpass": "FD-lowpass", "cond_accuracy": "conditioning accuracy", "fid": "FID"}
 
 
 def _number(value: Any) -> str:

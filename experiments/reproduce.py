@@ -17,9 +17,10 @@ a method train them once;
 the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
 
 Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`, `DIR/<table>.json`
-and `DIR/<table>.png` (FD-cls, downstream accuracy and, when measured, FID vs epsilon per method, std as
-error bars; each method's controls, epsilon inf and the public-only model, as horizontal lines with
-their std as a band).
+and `DIR/<table>.png` (FD-cls, FD-lowpass, downstream and conditioning accuracy and, when measured, FID vs
+epsilon per method, std as error bars; each method's controls, epsilon inf and the public-only model, as
+horizontal lines with their std as a band). A metric missing from every metrics.json of a row (written
+before the metric existed) shows as "-".
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("epsilon", "ε spent", lambda v: f"{v:.3g}"),
     ("fd_cls", "FD-cls (surrogate, not FID)", lambda v: f"{v:.3g}"),
+    ("fd_lowpass", "FD-lowpass (shape)", lambda v: f"{v:.3g}"),
     ("fid", "FID", lambda v: f"{v:.3g}"),
     ("precision", "precision", lambda v: f"{v:.3f}"),
     ("recall", "recall", lambda v: f"{v:.3f}"),
+    ("cond_accuracy", "cond acc", lambda v: f"{v:.3f}"),
     ("downstream_accuracy", "downstream acc", lambda v: f"{v:.3f}"),
     ("memorization_ratio", "memorization ratio", lambda v: f"{v:.3f}"),
     ("dp_wall_time_s", "DP wall time (s)", lambda v: f"{v:.3g}"),
@@ -61,7 +64,7 @@ METRICS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 )
 TITLES = {key: title for key, title, _ in METRICS}
 CONFIG_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, flags.Error)
-PLOTTED = ("fd_cls", "downstream_accuracy")
+PLOTTED = ("fd_cls", "fd_lowpass", "downstream_accuracy", "cond_accuracy")
 Runner = Callable[[list[str]], int]
 
 
@@ -104,6 +107,7 @@ class RowResult:
     seeds_wanted: int
     stats: dict[str, Stat]
     reasons: dict[str, list[str]]  # metric -> distinct reasons it was null
+    absent: frozenset[str] = frozenset()  # metrics no finished seed's metrics.json has (older runs)
 
 
 def plan(rows: Sequence[Row], workdir: Path, seeds: Sequence[int], extra_args: str = "",
@@ -276,7 +280,8 @@ def aggregate(rows: Sequence[Row], runs: Sequence[Run]) -> list[RowResult]:
             for key, why in (m.get("reasons") or {}).items():
                 if m.get(key) is None and str(why) not in reasons.setdefault(key, []):
                     reasons[key].append(str(why))
-        results.append(RowResult(row, len(metrics), len(row_runs), stats, reasons))
+        absent = frozenset(key for key, _, _ in METRICS if metrics and not any(key in m for m in metrics))
+        results.append(RowResult(row, len(metrics), len(row_runs), stats, reasons, absent))
     return results
 
 
@@ -293,15 +298,18 @@ def markdown(table: str, results: Sequence[RowResult]) -> str:
     header = ["method", *["setting"] * settings, "ε target", *(title for _, title, _ in shown), "seeds"]
     lines = [f"## {table}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        values = [r.stats[k].format(fmt) if r.seeds_done else "—" for k, _, fmt in shown]
+        values = ["—" if not r.seeds_done else "-" if k in r.absent else r.stats[k].format(fmt)
+                  for k, _, fmt in shown]
         cells = [r.row.method, *[r.row.setting_label] * settings, epsilon_label(r.row.epsilon), *values,
                  f"{r.seeds_done}/{r.seeds_wanted}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample std over seeds; — not run yet; n/a null in every run (reasons "
-              "below). FD-cls is the Fréchet distance in the features of a classifier trained on held-out real "
-              "data (a surrogate, not FID). DP wall time is the operator's own measurement (owner-only "
-              "dp_finetune/private_timing.json): it depends on the Poisson draws and is not covered by the DP "
-              "guarantee."]
+              "below); - not in the runs' metrics.json (written before the metric existed). FD-cls is the Fréchet "
+              "distance in the features of a classifier trained on held-out real data (a surrogate, not FID); "
+              "FD-lowpass the Fréchet distance of the 8x8 low-pass images (shape, not texture); cond acc the share "
+              "of samples that classifier labels as their prompted class. DP wall time is the operator's own "
+              "measurement (owner-only dp_finetune/private_timing.json): it depends on the Poisson draws and is not "
+              "covered by the DP guarantee."]
     notes = sorted({(key, why) for r in results for key, whys in r.reasons.items() for why in whys})
     if notes:
         lines += ["", "n/a:"] + [f"- {key}: {why}" for key, why in notes]
@@ -336,10 +344,10 @@ def _control_line(ax: Axes, result: RowResult, key: str, colour: str, name: str)
 
 
 def figure(table: str, results: Sequence[RowResult]) -> Figure:
-    """FD-cls and downstream accuracy (and FID when measured) vs epsilon, one line per method (and setting),
-    std as error bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their
-    std as a band. A public-only control without a setting (nothing in it trains on private data) is drawn once
-    per method, in black when the method has lines for several settings."""
+    """The PLOTTED metrics (and FID when measured) vs epsilon, one line per method (and setting), std as error
+    bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their std as a band.
+    A public-only control without a setting (nothing in it trains on private data) is drawn once per method, in
+    black when the method has lines for several settings."""
     keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
     epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
     fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")

@@ -22,8 +22,9 @@ TINY = get_table("mnist_tiny")
 def fake_metrics(seed: int, fd_cls: float | None, accuracy: float | None, epsilon: float = 1.0,
                  **extra) -> dict:
     """A metrics.json as the pipeline writes it (FID null without Inception weights)."""
-    metrics = {"epsilon": epsilon, "delta": 1e-5, "fd_cls": fd_cls, "precision": 0.5 + seed / 10,
-               "recall": 0.25, "downstream_accuracy": accuracy, "memorization_ratio": 1.0 + seed,
+    metrics = {"epsilon": epsilon, "delta": 1e-5, "fd_cls": fd_cls, "fd_lowpass": 2.0 + seed,
+               "precision": 0.5 + seed / 10, "recall": 0.25, "cond_accuracy": 0.6 + seed / 10,
+               "downstream_accuracy": accuracy, "memorization_ratio": 1.0 + seed,
                "fid": None, "dp_wall_time_s": 10.0 * (seed + 1), "dp_step_flops": 2e9, "dp_steps": 20,
                "method": "dpwave", "seed": seed,
                "reasons": {"fid": "no Inception weights (set eval.inception_weights)"}}
@@ -137,7 +138,9 @@ def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
     assert (one["FD-cls (surrogate, not FID)"], one["ε spent"], one["seeds"]) == ("n/a", "9.5", "1/2")
     assert "- fd_cls: classifier diverged" in md
     assert "- fid: no Inception weights (set eval.inception_weights)" in md
-    assert table_line(md, "bicubic", "1")[2:] == ["—"] * 8 + ["0/2"]
+    assert cells["FD-lowpass (shape)"] == f"2.5 ± {statistics.stdev([2.0, 3.0]):.3g}"
+    assert cells["cond acc"] == f"0.650 ± {statistics.stdev([0.6, 0.7]):.3f}"
+    assert table_line(md, "bicubic", "1")[2:] == ["—"] * 10 + ["0/2"]
     assert len([line for line in md.splitlines() if line.startswith("| ")]) == 1 + len(TINY)
 
     record = json.loads((tmp_path / "mnist_tiny.json").read_text())
@@ -148,8 +151,8 @@ def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
     assert by_label["bicubic_eps1"]["seeds_done"] == 0
 
     image = np.asarray(Image.open(tmp_path / "mnist_tiny.png").convert("RGB"))
-    assert image.shape == (400, 1000, 3)
-    for panel in (image[:, :500], image[:, 500:]):  # both panels drew coloured lines, not only axes
+    assert image.shape == (400, 2000, 3)  # FD-cls, FD-lowpass, downstream acc, cond acc
+    for panel in np.split(image, 4, axis=1):  # every panel drew coloured lines, not only axes
         colourful = np.ptp(panel.astype(int), axis=-1) > 60
         assert colourful.sum() > 200
 
@@ -161,7 +164,25 @@ def test_fid_column_and_panel_appear_when_measured(tmp_path):
     md = md_path.read_text()
     assert "| FID |" in md
     assert "33.3" in table_line(md, "dpwave", "1")
-    assert Image.open(png_path).size == (1500, 400)  # FID, FD-cls, downstream acc (empty) panels
+    assert Image.open(png_path).size == (2500, 400)  # FID and the four PLOTTED panels
+
+
+def test_runs_from_before_a_metric_existed_show_a_dash(tmp_path):
+    old = fake_metrics(0, 4.0, 0.9)
+    del old["fd_lowpass"], old["cond_accuracy"]
+    write_run(tmp_path, "dpwave_eps1", 0, old)
+    write_run(tmp_path, "full_dp_eps1", 0, fake_metrics(0, 9.0, 0.5))
+    results = reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0]))
+    md_path, js_path, _ = reproduce.write_outputs("t", results, tmp_path)
+    md = md_path.read_text()
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    old_cells, new_cells = (dict(zip(header, table_line(md, method, "1"))) for method in ("dpwave", "full_dp"))
+    assert old_cells["FD-lowpass (shape)"] == old_cells["cond acc"] == "-"
+    assert old_cells["FD-cls (surrogate, not FID)"] == "4"
+    assert (new_cells["FD-lowpass (shape)"], new_cells["cond acc"]) == ("2", "0.600")
+    assert "- not in the runs' metrics.json" in md
+    by_label = {r["label"]: r for r in json.loads(js_path.read_text())["rows"]}
+    assert by_label["dpwave_eps1"]["metrics"]["fd_lowpass"] == {"mean": None, "std": None, "n": 0}
 
 
 def test_bad_metrics_value_names_the_file(tmp_path):

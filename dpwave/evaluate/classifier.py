@@ -108,6 +108,12 @@ def classifier_features(model: Classifier, images: np.ndarray, *, batch_size: in
     return apply_in_batches(model, "features", _prepare(images, model.image_shape, "images"), batch_size)
 
 
+def predict_from_features(model: Classifier, features: np.ndarray) -> np.ndarray:
+    """Predicted class per row of `classifier_features(model, ...)`: the head applied in NumPy (no second pass)."""
+    logits = np.asarray(features) @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
+    return logits.argmax(-1)
+
+
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, rest: nnx.State, x: jax.Array, y: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of the classifier given by (graphdef, params, rest)."""
     logits = nnx.merge(graphdef, params, rest)(x)

@@ -43,6 +43,8 @@ def test_surrogate_is_named_in_dict_and_string(good_report):
 
 def test_real_digits_score_like_real_data(good_report):
     assert 0.0 <= good_report["fd_cls"] < 5.0
+    assert 0.0 <= good_report["fd_lowpass"] < 1.5
+    assert good_report["cond_accuracy"] > 0.85
     assert good_report["precision"] > 0.6 and good_report["recall"] > 0.6
     assert good_report["downstream_accuracy"] > 0.8
     assert 0.85 < good_report["memorization_ratio"] < 1.15
@@ -54,6 +56,8 @@ def test_bad_samples_rank_worse(mnist, heldout_classifier, good_report):
     noise = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 1), dtype=np.uint8)
     noisy = evaluate_samples(noise, None, classifier=heldout_classifier, **refs)
     assert noisy["fd_cls"] > 10 * good_report["fd_cls"]
+    assert noisy["fd_lowpass"] > 10 * good_report["fd_lowpass"]
+    assert noisy["cond_accuracy"] is None and "unlabeled" in noisy["reasons"]["cond_accuracy"]
     assert noisy["precision"] < 0.05
     assert noisy["downstream_accuracy"] is None and "unlabeled" in noisy["reasons"]["downstream_accuracy"]
     copies = evaluate_samples(mnist["private"][0][::5], None, classifier=heldout_classifier, **refs)
@@ -63,8 +67,11 @@ def test_bad_samples_rank_worse(mnist, heldout_classifier, good_report):
 def test_missing_inputs_give_none_with_reasons(mnist):
     samples = mnist["public"][0][:20]
     report = evaluate_samples(samples, None, real_test=mnist["test"], heldout=None, private_train=None)
-    for m in METRICS:
+    assert report["fd_lowpass"] is not None  # needs only the samples and real_test
+    for m in set(METRICS) - {"fd_lowpass"}:
         assert report[m] is None and report["reasons"][m]
+    report = evaluate_samples(samples[:1], None, real_test=mnist["test"], heldout=None, private_train=None)
+    assert report["fd_lowpass"] is None and "at least 2 samples" in report["reasons"]["fd_lowpass"]
     json.dumps(report, allow_nan=False)
 
 

@@ -32,6 +32,12 @@ PUBLIC_ONLY_SUMMARY = {
                  "hash its pixels for the run-start content check): the samples come from the model pretrained on "
                  "public data."}
 
+# Why the conditioning accuracy is None in runs not prompted with class labels.
+COND_REASONS = {
+    "caption": "caption run: no caption dataset here (coco_captions, mm_celeba_hq, image_folder with captions) "
+               "pairs its captions with a class label or attribute that a classifier could check samples against",
+    "none": "unconditional run: the samples have no prompts to agree with"}
+
 
 def dp_step_flops(settings: Settings) -> float | None:
     """Model FLOPs of one DP step at the expected batch size: forward + backward (gradients of the trainable
@@ -96,10 +102,12 @@ def report_markdown(settings: Settings, workdir: str, metrics: dict, report: dic
         value = metrics[name]
         shown = f"{value:.4f}" if value is not None else f"n/a: {metrics['reasons'].get(name, '')}"
         lines.append(f"| {report['names'][name]} | {shown} |")
+    per_class = evaluate.conditioning_line(metrics.get("details", {}))
     walls = [f"{name} {summary['wall_time_s']:.0f}" for name in ("tokenizer", "pretrain", "refiner", "sample")
              if (summary := loop.read_summary(os.path.join(workdir, name)))]
     lines += [f"| DP steps | {metrics['dp_steps']} |",
               f"| model FLOPs per DP step (expected batch) | {metrics['dp_step_flops'] or 0:.3g} |", "",
+              *([per_class, ""] if per_class else []),
               f"Stage wall times (s): {', '.join(walls)}; the DP stage's is left out (it depends on the Poisson "
               "draws: a timing side channel).", "",
               "## Privacy", "", "```", statement.rstrip(), "```", "",
@@ -132,6 +140,8 @@ class Evaluate(Stage):
         dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(DP_FINETUNE.name))
         metrics = {m: report[m] for m in evaluate.METRICS}
         reasons = dict(report["reasons"])
+        if settings.data.condition in COND_REASONS:
+            reasons["cond_accuracy"] = COND_REASONS[settings.data.condition]
         epsilon = dp["epsilon"] if isinstance(dp["epsilon"], float) else None  # "Infinity" for sigma = 0
         if epsilon is None:
             reasons["epsilon"] = "non-private reference run (no noise): epsilon is infinite"
