@@ -36,7 +36,7 @@ class ClipAux(NamedTuple):
       norms: (B,) float32 per-example gradient L2 norms before clipping (padding rows included).
       losses: (B,) per-example losses.
       num_nonfinite: int32 count of valid (mask=1) examples whose gradient held NaN/inf (or whose
-        squared norm overflowed float32); their contribution was zeroed.
+        norm overflowed float32 or exceeded 2^126 C); their contribution was zeroed.
       clipped: (B,) bool, the norm exceeded the clip norm C (the example's gradient was scaled down).
     """
 
@@ -94,31 +94,29 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
 
 
 def clip_factors(norms: jax.Array, mask: jax.Array, l2_clip: float) -> tuple[jax.Array, jax.Array]:
-    """(weights, finite): weight_i = [mask_i != 0] * min(1, C / norm_i); 0 if norm_i is not finite.
+    """(weights, usable): weight_i = [mask_i != 0] * min(1, C / norm_i); 0 if norm_i is not usable.
 
-    The mask is binarized, so no mask value can scale a contribution beyond C.
+    A norm is usable if it is finite and C / norm_i is a normal float32 (norm_i <= 2^126 C): a subnormal
+    factor rounds with a large relative error, up to 2x, so that example is dropped instead. The mask is
+    binarized, so no mask value can scale a contribution beyond C.
     """
-    norms = norms.astype(jnp.float32)
-    finite = jnp.isfinite(norms)
-    scale = jnp.minimum(jnp.float32(1.0), jnp.float32(l2_clip) / norms)
+    scale = jnp.minimum(jnp.float32(1.0), jnp.float32(l2_clip) / norms.astype(jnp.float32))
+    usable = scale >= jnp.finfo(jnp.float32).tiny  # False for NaN and inf norms (factor NaN and 0)
     valid = (mask != 0).astype(jnp.float32)
-    weights = jnp.where(finite, valid * scale, jnp.float32(0.0))
-    return weights, finite
-
-
-def _sq_norms(per_example_grads: PyTree, batch: int) -> jax.Array:
-    sq = jnp.zeros((batch,), jnp.float32)
-    for g in jax.tree.leaves(per_example_grads):
-        sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(batch, -1), axis=1)
-    return sq
+    weights = jnp.where(usable, valid * scale, jnp.float32(0.0))
+    return weights, usable
 
 
 def per_example_norms(per_example_grads: PyTree) -> jax.Array:
-    """Float32 L2 norm over the whole tree of each row of per-example gradients (leading axis B)."""
+    """Float32 L2 norm over the whole tree of each row of per-example gradients (leading axis B).
+
+    Scaled by a power of two per row (`ghost.l2_norms`): gradient entries below 1e-19, whose squares
+    underflow, or above 1e19, whose squares overflow, still get their norm.
+    """
     leaves = jax.tree.leaves(per_example_grads)
     if not leaves:
         raise ValueError("per-example gradients are an empty pytree: nothing to clip.")
-    return jnp.sqrt(_sq_norms(per_example_grads, leaves[0].shape[0]))
+    return ghost.l2_norms(leaves)
 
 
 def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
@@ -194,12 +192,12 @@ def clipped_grad(
         if use_ghost_norms:
             res = ghost.ghost_norms(example_loss, train, examples, keys)
             losses, grads, dense_sum = res.losses, res.fallback_grads, res.dense_sum
-            norms = jnp.sqrt(res.dense_sq_norms + _sq_norms(grads, len(keys)))
+            norms = ghost.l2_norms([*jax.tree.leaves(grads), res.dense_norms])
         else:
             losses, grads = jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0, 0))(train, examples, keys)
             norms = per_example_norms(grads)
-        weights, finite = clip_factors(norms, weights_mask, l2_clip)
-        num_nonfinite = jnp.sum((weights_mask != 0) & ~finite).astype(jnp.int32)
+        weights, usable = clip_factors(norms, weights_mask, l2_clip)
+        num_nonfinite = jnp.sum((weights_mask != 0) & ~usable).astype(jnp.int32)
         grad_sum = weighted_sum(grads, weights)
         if dense_sum is not None:
             grad_sum = combine(grad_sum, dense_sum(weights))

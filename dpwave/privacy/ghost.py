@@ -5,9 +5,9 @@ A weight W that enters one example's loss only as an operand of `dot_general` op
 G = sum_u x_u^T dY_u. Stacking the uses' inputs X (N x K) and output cotangents D (N x M):
   ||G||^2 = sum((X X^T) * (D D^T))      O(N^2 (K + M)), chosen when cheaper than
   ||G||^2 = sum((X^T D)^2)              O(N K M) (N: positions, e.g. sequence length),
-each widened by its float32 rounding error bound, so the clip factor never lets an example add
-more than C (`_norm_bound`),
-and the weighted sum over a batch, sum_i w_i G_i = X_all^T (w * D_all), is one ordinary
+each computed on X and D scaled by powers of two (so no square under- or overflows, `_scale`) and
+widened by its float32 rounding error bound, so the clip factor never lets an example add more than C
+(`_norm_bound`), and the weighted sum over a batch, sum_i w_i G_i = X_all^T (w * D_all), is one ordinary
 weight-gradient matmul. X and D come out of ONE per-example forward/backward pass: the loss is
 re-evaluated from its traced jaxpr with a zero perturbation z added to each such dot_general's
 output, so dL/dz = dY exactly while W itself is not differentiated. Every other leaf (biases,
@@ -16,7 +16,7 @@ caller to handle with materialized per-example gradients. Generic over the loss:
 knows about models.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import math
 from typing import Any, NamedTuple
@@ -52,8 +52,8 @@ class GhostResult(NamedTuple):
 
     Attributes:
       losses: (B,) per-example losses.
-      dense_sq_norms: (B,) float32 certified upper bounds on the squared gradient norms summed over
-        the ghost-handled leaves (within a relative 1e-4 of the exact value on real models).
+      dense_norms: (B,) float32 certified upper bounds on the gradient norms over the ghost-handled
+        leaves (within a relative 1e-4 of the exact value on real models; not finite where X or D is not).
       fallback_grads: per-example gradients (leading axis B) of the other leaves, `None` at
         ghost-handled ones.
       dense_sum: `dense_sum(weights)` -> sum_i weights_i * G_i (float32) for the ghost-handled
@@ -61,7 +61,7 @@ class GhostResult(NamedTuple):
     """
 
     losses: jax.Array
-    dense_sq_norms: jax.Array
+    dense_norms: jax.Array
     fallback_grads: PyTree
     dense_sum: Callable[[jax.Array], PyTree]
 
@@ -167,6 +167,67 @@ def _canonical(use: _Use, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.A
 _U = 1.01 * 2.0**-24  # float32 unit roundoff, with slack for the first-order error bounds below
 
 
+def _pow2(e: jax.Array) -> jax.Array:
+    """2.0**e in float32 for int32 e in [-126, 127], exactly (from the bits: no rounding, no subnormal)."""
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(e + 127, 23), jnp.float32)
+
+
+def _times_pow2(a: jax.Array, e: jax.Array) -> jax.Array:
+    """a * 2^e for int32 e in [-252, 252]: two exact steps of the same direction, so nothing under- or
+    overflows midway that the result would not."""
+    half = jax.lax.shift_right_arithmetic(e, 1)  # floor(e / 2)
+    return a * _pow2(half) * _pow2(e - half)
+
+
+def _row_exponents(a: jax.Array) -> jax.Array:
+    """(B,) int32 e in [-126, 126]: every entry of row b of the (B, ...) array `a` is below 2^e_b in magnitude
+    (below 2^(e_b + 2) if it reaches 2^126). Read from the bits of the row maxima: exact in any subnormal mode."""
+    peak = jnp.max(jnp.abs(a.astype(jnp.float32)).reshape(a.shape[0], -1), axis=1)
+    biased = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(peak, jnp.int32), 23)
+    return jnp.clip(biased - 126, -126, 126)
+
+
+def _scaled_rows(a: jax.Array, e: jax.Array) -> jax.Array:
+    """Float32 a * 2^-e_b for each row b of a (B, ...) array."""
+    return a.astype(jnp.float32) * _pow2(-e).reshape((-1,) + (1,) * (a.ndim - 1))
+
+
+def _row_norms(a: jax.Array) -> jax.Array:
+    """(B,) float32 L2 norm of each row of a (B, ...) array, never squaring out of range.
+
+    Each row is scaled by a power of two (exactly) so that its largest entry lies in [1/2, 4) (below 1/2
+    only if subnormal): no square overflows, a square that underflows is below 2^-124 of the largest one,
+    and the norm is scaled back. A row holding NaN or inf has a non-finite norm.
+    """
+    e = _row_exponents(a)
+    return _times_pow2(jnp.sqrt(jnp.sum(jnp.square(_scaled_rows(a, e)).reshape(a.shape[0], -1), axis=1)), e)
+
+
+def l2_norms(parts: Sequence[jax.Array]) -> jax.Array:
+    """(B,) float32 L2 norm over row b of all the (B, ...) arrays in `parts`, never squaring out of range.
+
+    The norm of the parts' row norms (`_row_norms`), so that each part is scaled by its own row maxima: a
+    scale shared by all parts is a chain over the parts that XLA would recompute for every entry.
+    """
+    return _row_norms(jnp.stack([_row_norms(p) for p in parts], axis=1))
+
+
+class _Scaled(NamedTuple):
+    """One weight's stacked X and D of each example, scaled: X_b^T D_b = 2^e_b x_b^T d_b."""
+
+    x: jax.Array  # (B, N, K) X_b * 2^-ex_b: entries below 4 in magnitude (below 1 unless X_b reaches 2^126)
+    d: jax.Array  # (B, N, M) D_b * 2^-ed_b, the same
+    e: jax.Array  # (B,) int32 ex + ed
+
+
+def _scale(x: jax.Array, d: jax.Array) -> _Scaled:
+    """Scales each example's X and D by powers of two so that no square or product of theirs overflows and
+    only entries below 2^-62 of the largest have squares that underflow (unscaled, an entry of 1e-23 has a
+    square of 0)."""
+    ex, ed = _row_exponents(x), _row_exponents(d)
+    return _Scaled(_scaled_rows(x, ex), _scaled_rows(d, ed), ex + ed)
+
+
 def _norm_bound(x: jax.Array, d: jax.Array) -> jax.Array:
     """(B,) certified upper bounds on the Frobenius norm of X_i^T D_i as float32 computes it.
 
@@ -178,9 +239,15 @@ def _norm_bound(x: jax.Array, d: jax.Array) -> jax.Array:
     clipped gradient is added with; the result is capped by T (the triangle inequality) widened the
     same way. An example whose norm cancels is clipped harder, never added with more than C; on real
     models the widening is about 1e-5 of the norm (tests/privacy/test_ghost.py).
+
+    Underflow: X and D come scaled by `_scale` (entries below 4 in magnitude). A row norm then loses less
+    than 2^-62 sqrt(K) to squares that underflow, so that much is added to each; every other float32
+    operation loses at most 2^-126 (flushed subnormals included), which moves the bound by less than
+    2^-58 (N + 1) sqrt((K + 1) (M + 1)): 4 times that is added.
     """
     n, k, m = x.shape[1], x.shape[2], d.shape[2]
-    nx, nd = jnp.linalg.norm(x, axis=2), jnp.linalg.norm(d, axis=2)
+    row_norms = lambda a: jnp.linalg.norm(a, axis=2) + 2.0**-62 * math.sqrt(a.shape[2])
+    nx, nd = row_norms(x), row_norms(d)
     t = jnp.sum(nx * nd, axis=1) * (1 + (k + m + n + 4) * _U)
     if n * (k + m) < k * m:
         gx = jnp.einsum("bnk,bsk->bns", x, x, precision=_HIGHEST)
@@ -196,7 +263,8 @@ def _norm_bound(x: jax.Array, d: jax.Array) -> jax.Array:
         sq = jnp.sum(jnp.einsum("bkm,bkm->bk", g, g, precision=_HIGHEST), axis=1)
         base = sq * (1 + (k + m + 4) * _U)
     margin = 2 * (n + 2) * _U
-    return jnp.minimum(jnp.sqrt(base) + margin * t, t * (1 + margin))
+    underflow = 2.0**-56 * (n + 1) * math.sqrt((k + 1) * (m + 1))
+    return jnp.minimum(jnp.sqrt(base) + margin * t, t * (1 + margin)) + underflow
 
 
 def ghost_norms(
@@ -260,17 +328,16 @@ def ghost_norms(
             px, pd = stacked[use.param]
             xc, dc = jnp.concatenate([px, xc], axis=1), jnp.concatenate([pd, dc], axis=1)
         stacked[use.param] = (xc, dc)
-    sq = jnp.zeros((batch,), jnp.float32)
-    for x, d in stacked.values():
-        sq = sq + jnp.square(_norm_bound(x, d))
-    sq = sq * (1 + (len(stacked) + 2) * _U)
+    scaled = {p: _scale(x, d) for p, (x, d) in stacked.items()}
+    bounds = [_times_pow2(_norm_bound(s.x, s.d), s.e) for s in scaled.values()]
+    norms = l2_norms(bounds) * (1 + (len(bounds) + 2) * _U) if bounds else jnp.zeros((batch,), jnp.float32)
 
     def dense_sum(weights: jax.Array) -> PyTree:
         out: list[Any] = [None] * len(leaves)
         keep = (weights != 0)[:, None, None]
-        w = weights.astype(jnp.float32)[:, None, None]
-        for p, (x, d) in stacked.items():
-            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, x, 0.0), jnp.where(keep, d * w, 0.0), precision=_HIGHEST)
+        for p, s in scaled.items():
+            w = _times_pow2(weights.astype(jnp.float32), s.e)[:, None, None]  # X^T (w D) = x^T (w 2^e d)
+            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, s.x, 0.0), jnp.where(keep, s.d * w, 0.0), precision=_HIGHEST)
             order = orders[p]
             g = g.reshape([leaves[p].shape[a] for a in order])
             out[p] = jnp.transpose(g, np.argsort(order))
@@ -279,4 +346,4 @@ def ghost_norms(
     fb_tree: list[Any] = [None] * len(leaves)
     for i, g in zip(fallback, fb_grads):
         fb_tree[i] = g
-    return GhostResult(losses, sq, treedef.unflatten(fb_tree), dense_sum)
+    return GhostResult(losses, norms, treedef.unflatten(fb_tree), dense_sum)

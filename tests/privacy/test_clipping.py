@@ -9,7 +9,7 @@ import pytest
 
 from helpers.dp_models import attention_problem, clip_and_sum, mlp_problem, reference_clipped_sum
 
-from dpwave.privacy.clipping import clipped_grad, combine, partition
+from dpwave.privacy.clipping import clip_factors, clipped_grad, combine, partition
 from dpwave.privacy.keys import example_keys
 
 RNG = jax.random.key(7)
@@ -109,6 +109,34 @@ def test_nonfinite_example_is_zeroed_and_counted(bad, ghost):
     assert int(aux.num_nonfinite) == 1
     assert not np.isfinite(aux.norms[2])
     _tree_allclose(got, expected, atol=0, rtol=0)
+
+
+@PATHS
+@pytest.mark.parametrize("scale, clip", [(1e-23, 1e-23), (1e20, 1.0)], ids=["underflow", "overflow"])
+def test_gradients_whose_squares_under_or_overflow_are_clipped(scale, clip, ghost):
+    """Per-example gradient entries of 1e-23 (squares 0 in float32) or 1e20 (squares inf): before the
+    power-of-two scaling the first read norm 0 and were added unclipped (12 C), the second were dropped."""
+    rng = np.random.default_rng(3)
+    grads = jnp.asarray(scale * rng.choice([-1.0, 1.0], (4, 16, 16)) * rng.uniform(0.5, 1.0, (4, 16, 16)), jnp.float32)
+    fn = jax.jit(clipped_grad(lambda p, g, key: jnp.sum(p["w"] * g), l2_clip=clip, use_ghost_norms=ghost))
+    params, keys = {"w": jnp.zeros((16, 16))}, example_keys(RNG, grads)
+    exact = np.linalg.norm(np.asarray(grads, np.float64).reshape(4, -1), axis=1)
+    assert np.all(exact > 10 * clip)
+    for i in range(4):
+        added = np.linalg.norm(np.asarray(fn(params, grads, jnp.eye(4)[i], keys)[0]["w"], np.float64))
+        assert clip * (1 - 1e-5) <= added <= clip * (1 + 1e-5), added / clip
+    _, aux = fn(params, grads, jnp.ones(4), keys)
+    np.testing.assert_allclose(aux.norms, exact, rtol=1e-5)
+    assert int(aux.num_nonfinite) == 0
+
+
+def test_clip_factors_below_the_normal_range_drop_the_example():
+    # C / norm below 2^-126 would be a subnormal factor, rounded with up to 2x relative error where the
+    # hardware keeps subnormals: that example is dropped and counted instead.
+    weights, usable = clip_factors(jnp.array([1e38, 2.0, 1e30]), jnp.ones(3), 1e-6)
+    np.testing.assert_array_equal(usable, [False, True, True])
+    assert float(weights[0]) == 0.0
+    np.testing.assert_allclose(weights[1:], [5e-7, 1e-36], rtol=1e-6)
 
 
 def _dict_mlp():
