@@ -1,14 +1,18 @@
 """End to end: `python -m dpwave.main` on mnist.py:tiny and on the paper configs' :smoke variants."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from experiments import regress
 from helpers.trees import smoke_args, write_smoke_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,17 +53,35 @@ def check_run(workdir: Path, *, target_epsilon: float) -> dict:
     return metrics
 
 
-# The tiny run's numbers with a fixed DP seed (reproducibility mode), pinned so that a refactor that must
-# not change any number is checked: parameters per stage and the metrics (2-core x86_64 CPU, jax 0.10.2).
-PINNED_SEED = 20261129
-PINNED_PARAMS = {
-    "tokenizer": "315f53c35562f372babe37114b0c0841f4fef187519a1271c43893fface27009",
-    "pretrain": "59cb92d10e1dde4f5f4925afdff4a21f5732f1a297441ce1710ecf70006903ec",
-    "dp_finetune": "d4e172d8465bbae35a9ee5f3392c8c94549299d280bf923c0a9614abe0459ceb",
-    "refiner": "666eeb8011317b19cc901c175093ad9e61ede8cb58ea158cf1e249691d58be28",
-}
-PINNED_METRICS = {"epsilon": 9.947927378012682, "fd_cls": 33.62482998757669, "precision": 0.16, "recall": 0.05,
-                  "downstream_accuracy": 0.285, "memorization_ratio": 1.0962438075762984}
+# The tiny run with a fixed DP seed (reproducibility mode), pinned within tolerances that hold on any supported
+# machine: float rounding differs between CPUs and instruction sets (AVX-512, AVX2, FMA or not, aarch64), so no
+# digest is pinned here. A refactor that must not change any number is checked bit for bit on one machine with
+# `python -m experiments.regress --against=<rev>`. Re-pin from a fresh run when a change moves these on purpose.
+PINNED_SEED = regress.SECRET_SEED
+# Global L2 norm of each training stage's final parameters. Float rounding moved them by at most 3e-9 (relative)
+# across --xla_cpu_max_isa=SSE4_2, AVX, AVX2 and the default (AVX-512) on one Xeon, while the three DP noise
+# derivations of f1b7275~1, f1b7275 and 1f6f42a gave dp_finetune norms 4e-5 to 1e-3 apart: 1e-5 sits between.
+PINNED_NORMS = {"tokenizer": 27.5405228, "pretrain": 10.4043092, "dp_finetune": 10.4757595, "refiner": 15.7188317}
+NORM_REL = 1e-5
+# epsilon comes from the accountant alone (float64 NumPy, no XLA): 1e-6. The others are statistics of 100 samples
+# whose tokens another CPU's rounding could flip (a flipped token changes the rest of its sample): FD-cls and the
+# memorization ratio within 5%, precision (over 100 samples), recall (over 200 real images) and downstream
+# accuracy (over 200 test images, of a classifier trained on 90 samples) within 6 to 10 images. Under the
+# instruction sets above FD-cls moved by 1e-4 and the others not at all; the two DP noise draws above moved
+# downstream accuracy by 0.02-0.07 and the others by less than their tolerance. They guard, coarsely, what the
+# metrics compute and the models they score.
+PINNED_METRICS = {"epsilon": pytest.approx(9.947927378012682, rel=1e-6), "fd_cls": pytest.approx(33.4314, rel=0.05),
+                  "precision": pytest.approx(0.17, abs=0.03), "recall": pytest.approx(0.055, abs=0.03),
+                  "downstream_accuracy": pytest.approx(0.235, abs=0.05),
+                  "memorization_ratio": pytest.approx(1.09849, rel=0.05)}
+
+
+def params_norm(stage_dir: Path) -> float:
+    """Global L2 norm (float64) of a finished training stage's parameters, from its final checkpoint."""
+    step = json.loads((stage_dir / "summary.json").read_text())["final_step"]
+    state = ocp.StandardCheckpointer().restore(stage_dir / "checkpoints" / str(step) / "state")
+    return math.sqrt(sum(float(np.sum(np.square(np.asarray(leaf, np.float64))))
+                         for leaf in jax.tree.leaves(state["params"])))
 
 
 @pytest.mark.e2e
@@ -69,15 +91,15 @@ def test_mnist_tiny_end_to_end_and_rerun_skips(tmp_path):
     result = run_main("experiments/configs/mnist.py:tiny", workdir, seed)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = check_run(workdir, target_epsilon=10.0)
-    digests = {name: json.loads((workdir / name / "summary.json").read_text())["params_sha256"]
-               for name in PINNED_PARAMS}
-    assert digests == PINNED_PARAMS
-    assert {k: metrics[k] for k in PINNED_METRICS} == pytest.approx(PINNED_METRICS, rel=1e-9)
+    norms = {name: params_norm(workdir / name) for name in PINNED_NORMS}
+    assert norms == pytest.approx(PINNED_NORMS, rel=NORM_REL)
+    off = {key: (metrics[key], want) for key, want in PINNED_METRICS.items() if metrics[key] != want}
+    assert not off, off
     for key in METRICS:  # every metric is computable on labeled MNIST
         assert metrics[key] is not None, (key, metrics["reasons"].get(key))
     # The console: one line per stage and the bars; the summary on stdout; the full log in the workdir.
     assert [line for line in result.stderr.splitlines() if line.startswith("stage ")] == [
-        f"stage {name}: starting or resuming in {workdir / name}" for name in (*PINNED_PARAMS, "sample", "evaluate")]
+        f"stage {name}: starting or resuming in {workdir / name}" for name in (*PINNED_NORMS, "sample", "evaluate")]
     assert "orbax" not in result.stderr.lower() and "I1" not in result.stderr
     assert "privacy:  (epsilon 9.95, delta 1e-05)-differential privacy" in result.stdout
     assert f"report:   {workdir / 'report.md'}" in result.stdout

@@ -32,11 +32,11 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dpwave.models import transformer as transformer_lib
@@ -173,13 +173,18 @@ def compile_row(settings: settings_lib.Settings, spec: StepSpec, mesh: jax.shard
 
 
 def largest_fit(rows: list[dict[str, Any]], budget: float) -> int | None:
-    """The largest microbatch whose per-device memory, on the straight line through `rows`' (microbatch,
-    total_gb), stays within `budget` GB; None if not even 1 does."""
-    mb = np.array([r["microbatch"] for r in rows], float)
-    slope, intercept = np.polyfit(mb, [r["total_gb"] for r in rows], 1)
-    if intercept + slope > budget:
+    """The largest microbatch whose per-device memory, on the least-squares line through `rows`' (microbatch,
+    total_gb), stays within `budget` GB; None if not even 1 does. The fit is exact rational arithmetic on the
+    given floats, so the floor is the same on every machine (a LAPACK fit's slope of 0.99999... floors 72 to 71)."""
+    xs = [Fraction(r["microbatch"]) for r in rows]
+    ys = [Fraction(r["total_gb"]) for r in rows]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+             / sum((x - mean_x) ** 2 for x in xs))
+    intercept = mean_y - slope * mean_x
+    if intercept + slope > Fraction(budget):
         return None
-    return int((budget - intercept) // slope) if slope > 0 else None
+    return int((Fraction(budget) - intercept) // slope) if slope > 0 else None
 
 
 def derive(rows: list[dict[str, Any]], per_device: int, scanned: list[dict[str, Any]]) -> list[dict[str, Any]]:
