@@ -4,19 +4,24 @@ Nothing else in dpwave reads a ConfigDict. Each stage declares the settings it r
 fingerprint is their JSON plus the fingerprints of the stages it consumes. Settings no stage reads (`perf`,
 `ops`, where the DP secret seed comes from, `dp.compose_on_resume`, `dp.log_private_metrics`) never make a
 finished stage stale.
+
+`read` raises a ValueError naming the config key (or section) at fault; `Settings.check_dp_input` is the one check
+that needs the data (the DP input's size), made before the first stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ml_collections
 
 from dpwave import data, privacy
-from dpwave.data import overlap
+from dpwave.data import near_duplicates, overlap
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
@@ -39,6 +44,7 @@ class DataSettings:
     condition: str  # label | caption | none
     num_classes: int | None  # label conditioning only
     specs: Mapping[str, data.DatasetSpec]
+    near_copy_threshold: float = overlap.DEFAULT_THRESHOLD  # the content check's (`overlap.check_disjoint`)
 
     def load(self, role: str) -> data.Source:
         return data.load(self.specs[role], role=f"config.data.{role}")
@@ -70,7 +76,10 @@ class DataSettings:
         private = sources.pop("private")
         if not self.holds_private:
             return {}
-        return overlap.check_disjoint(private, {f"config.data.{role}": s for role, s in sources.items()})
+        cache = overlap.cache_path(private)  # the closest pairs name private images: reported beside their cache
+        return overlap.check_disjoint(private, {f"config.data.{role}": s for role, s in sources.items()},
+                                      threshold=self.near_copy_threshold,
+                                      report_dir=None if cache is None else os.path.dirname(cache))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +153,22 @@ class Mechanism:
             return 0.0
         return privacy.calibrate_noise(self.target_epsilon, self.delta, self.expected_batch_size / dataset_size,
                                        self.steps, accountant=self.accountant, neighboring=self.neighboring)
+
+    def check(self, dataset_size: int) -> None:
+        """Refuses what `build(dataset_size)` would refuse, in words of the config: an expected batch larger than
+        the set it samples from, a delta >= 1/N, a sigma or epsilon out of range."""
+        simulated = self.simulated_size(dataset_size)
+        if self.expected_batch_size > simulated:
+            more = ("raise dp.tuning_private_size" if simulated != dataset_size else
+                    "give config.data.private more examples")
+            raise ValueError(f"dp.expected_batch_size={self.expected_batch_size} is larger than the {simulated} "
+                             f"examples it samples from (Poisson sampling probability "
+                             f"{self.expected_batch_size / simulated:.3g} > 1); lower dp.expected_batch_size (well "
+                             f"below {simulated}) or {more}")
+        try:
+            self.build(dataset_size)
+        except ValueError as e:
+            raise ValueError(f"config.dp over the {dataset_size} examples of config.data.private: {e}") from None
 
     def build(self, dataset_size: int) -> privacy.DpSgdMechanism:
         """The DP stage's mechanism over a DP input of `dataset_size` examples."""
@@ -270,6 +295,14 @@ class Settings:
         """public_only, tuning (DP stage on a public stand-in) or dp."""
         return "public_only" if self.public_only else "tuning" if self.dp.mechanism.tuning else "dp"
 
+    def check_dp_input(self) -> None:
+        """Refuses, before the first stage, DP settings the DP stage could not build over its input
+        (`Mechanism.check`); opens config.data.private for its size only. Nothing to check without a DP stage."""
+        if self.public_only:
+            return
+        spec = dataclasses.replace(self.data.specs["private"], in_memory=False)
+        self.dp.mechanism.check(len(data.load(spec, role="config.data.private")))
+
 
 _PATHS = ("init_params_from", "inception_weights")  # "" (e.g. `--config.eval.inception_weights=`) means None
 
@@ -321,7 +354,16 @@ def _transformer(config: ml_collections.ConfigDict, tok: TokenizerConfig, coarse
 def _check(config: ml_collections.ConfigDict) -> None:
     """Refuses inconsistent choices before anything is built."""
     _check_run(config)
+    _check_ops(config)
     _check_dp(config.dp)
+
+
+def _check_ops(config: ml_collections.ConfigDict) -> None:
+    for key, value in (("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("checkpoint.max_to_keep", config.checkpoint.max_to_keep),
+                       ("log_every_steps", config.log_every_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{key}={value!r} must be an int >= 1")
 
 
 def _check_run(config: ml_collections.ConfigDict) -> None:
@@ -331,6 +373,7 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     for key in ("image_size", "channels"):
         if not (isinstance(d[key], int) and d[key] >= 1):
             raise ValueError(f"config.data.{key}={d[key]!r}: the config must set it (a positive int)")
+    near_duplicates.check_threshold(d.near_copy_threshold, "config.data.near_copy_threshold")
     if d.condition not in CONDITIONS:
         raise ValueError(f"config.data.condition={d.condition!r}; use one of {CONDITIONS}")
     if d.condition == "label" and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
@@ -377,24 +420,46 @@ def _check_dp(dp: ml_collections.ConfigDict) -> None:
                          "frozen at zero; add 'lora' to dp.trainable (e.g. 'cond+lora') or set dp.lora_rank=0")
 
 
+@contextlib.contextmanager
+def _section(path: str) -> Iterator[None]:
+    """Names config section `path` in a ValueError or TypeError raised while it is read (a model config's own
+    checks name its field, not where the config sets it)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if str(e).startswith("config."):
+            raise
+        raise ValueError(f"config.{path}: {e}") from e
+
+
 def read(config: ml_collections.ConfigDict) -> Settings:
-    """`config` as validated `Settings` (raises ValueError naming the config key at fault)."""
+    """`config` as validated `Settings` (raises ValueError naming the config key or section at fault)."""
     _check(config)
     d, w, dp = config.data, config.wavelet, config.dp
     coarse_only = config.method != "full_dp"
     common = dict(channels=d.channels, levels=w.levels, wavelet=w.name, mode=w.mode)
-    tok = TokenizerConfig(image_size=(d.image_size, d.image_size), **common, **config.tokenizer.model.to_dict())
-    refiner = RefinerConfig(image_size=d.image_size, num_classes=d.num_classes if d.condition == "label" else None,
-                            **common, **config.refiner.model.to_dict())
+    with _section("tokenizer.model"):
+        tok = TokenizerConfig(image_size=(d.image_size, d.image_size), **common, **config.tokenizer.model.to_dict())
+    with _section("refiner.model"):
+        refiner = RefinerConfig(image_size=d.image_size, num_classes=d.num_classes if d.condition == "label" else None,
+                                **common, **config.refiner.model.to_dict())
+    specs = {}
+    for role in ROLES:
+        with _section(f"data.{role}"):
+            specs[role] = _dataset_spec(config, role)
+    with _section("transformer"):
+        transformer = _transformer(config, tok, coarse_only, finetune=False)
+    with _section("dp (the DP stage's transformer)"):
+        dp_transformer = _transformer(config, tok, coarse_only, finetune=True)
     return Settings(
         seed=config.seed, method=config.method,
         data=DataSettings(d.image_size, d.channels, d.condition, d.num_classes if d.condition == "label" else None,
-                          {role: _dataset_spec(config, role) for role in ROLES}),
+                          specs, d.near_copy_threshold),
         wavelet=Wavelet(w.name, w.levels, w.mode),
         tokenizer=_dataclass(ModelTraining, config.tokenizer, model=tok),
-        transformer=_transformer(config, tok, coarse_only, finetune=False),
+        transformer=transformer,
         pretrain=_dataclass(Training, config.pretrain),
-        dp_transformer=_transformer(config, tok, coarse_only, finetune=True),
+        dp_transformer=dp_transformer,
         dp=Dp(_dataclass(Mechanism, dp), _dataclass(Recipe, dp), dp.secret_seed, dp.secret_seed_file,
               dp.compose_on_resume, dp.log_private_metrics),
         refiner=_dataclass(ModelTraining, config.refiner, model=refiner),

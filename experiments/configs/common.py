@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.private = dataset(None, None, "private")
     c.data.heldout = dataset(None, None, "public")  # memorization reference; its captions prompt the sampler
     c.data.test = dataset(None, None, "public")  # reference of the sample metrics and downstream accuracy
+    # The run-start content check refuses a public, heldout or test image identical to a private one, or a near
+    # copy of one: similarity >= this (dpwave/data/near_duplicates.py; in [0.9, 1], lower refuses more).
+    c.data.near_copy_threshold = 0.998
 
     c.wavelet = dict(name="haar", levels=2, mode="symmetric")  # the coarse band is image_size / 2**levels
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -85,9 +86,9 @@ def test_every_mode_runs_the_boundary_and_all_but_tuning_the_content_check(mode,
     checked = []
     check_disjoint = overlap.check_disjoint
 
-    def spy(private, public):
+    def spy(private, public, **options):
         checked.append((private.spec.label, private.privacy, sorted(public)))
-        return check_disjoint(private, public)
+        return check_disjoint(private, public, **options)
 
     monkeypatch.setattr(overlap, "check_disjoint", spy)
     with pytest.raises(PastTheBoundary):
@@ -124,3 +125,34 @@ def test_content_check_refuses_a_private_image_in_a_public_role(mode, data_dir, 
                                                   rf"'{private[3]['id']}'\)"):
         pipeline.train_and_evaluate(config, os.fspath(workdir))
     assert not workdir.exists()
+
+
+def test_the_run_refuses_a_near_copy_and_reports_the_pairs_beside_the_private_data(data_dir, tmp_path):
+    """A private digit with its brightest pixel set to black, in the public folder, stops the run before any stage;
+    the closest pairs go to an owner-only report beside the private set's cached descriptors, not into the workdir;
+    the config's threshold is the one applied."""
+    private = load(DatasetSpec("mnist5k", "private", "private", data_dir=data_dir))
+    edited = private[3]["image"].copy()
+    edited[np.unravel_index(np.argmax(edited), edited.shape)] = 0  # similarity 0.99994
+    folder = leaky_folder(tmp_path / "public", edited)
+    config = mode_config("dp", data_dir)
+    with config.unlocked():
+        config.data.public.update(name="image_folder", split="train", manual_dir=os.fspath(folder),
+                                  override_private_default=True)
+    workdir = tmp_path / "run"
+    with pytest.raises(PrivateOverlapError, match=rf"config.data.public \(image_folder/train\) holds 1 of 3 near "
+                                                  rf"copies of private images \(e.g. 'leak.png' ~ private "
+                                                  rf"'{private[3]['id']}' \(0.99") as info:
+        pipeline.train_and_evaluate(config, os.fspath(workdir))
+    assert not workdir.exists()
+    report = str(info.value).rsplit("; the closest pairs: ", 1)[1]
+    assert os.path.dirname(report) == os.path.dirname(overlap.cache_path(private))
+    assert stat.S_IMODE(os.stat(report).st_mode) == 0o600
+    with config.unlocked():
+        config.data.near_copy_threshold = 0.99999  # the edited copy passes
+    with pytest.raises(PastTheBoundary):
+        pipeline.train_and_evaluate(config, os.fspath(workdir))
+    with config.unlocked():
+        config.data.near_copy_threshold = 0.5
+    with pytest.raises(ValueError, match=r"config.data.near_copy_threshold=0.5 must be a number in \[0.9, 1\]"):
+        pipeline.train_and_evaluate(config, os.fspath(workdir))
