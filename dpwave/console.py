@@ -53,8 +53,8 @@ class _ConsoleFormatter(logging.Formatter):
 class _LogFile(logging.Handler):
     """Every record, one line each, appended to a `files.Appender` (a local file or a bucket object).
 
-    Records are held in memory until the workdir exists (the pipeline creates it once its checks pass), so a
-    command refused at the start leaves no workdir behind.
+    Records are held in memory until `start_log_file` (called once the run holds its workdir), so a command
+    refused at the start leaves no workdir behind and a command refused by a held workdir writes nothing there.
     """
 
     def __init__(self, path: str) -> None:
@@ -63,11 +63,12 @@ class _LogFile(logging.Handler):
         self.path = path
         self._out: files.Appender | None = None
         self._pending: list[str] = []
+        self.started = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self._pending.append(self.format(record) + "\n")
-            if self._out is None and files.exists(os.path.dirname(self.path)):
+            if self._out is None and self.started:
                 self._out = files.Appender(self.path, private=True)
             if self._out is not None:
                 self._out.write("".join(self._pending))
@@ -103,6 +104,13 @@ def setup(workdir: str) -> None:
     root.addHandler(_LogFile(os.path.join(workdir, LOG)))
     root.addHandler(_ConsoleHandler())
     logging.captureWarnings(True)
+
+
+def start_log_file() -> None:
+    """Writes the held records, and every later one, to the log file (the run now holds its workdir)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _LogFile):
+            handler.started = True
 
 
 def set_process_index(index: int) -> str:

@@ -17,10 +17,13 @@ A workdir may be a local folder or a bucket (``gs://bucket/run``, ``s3://...``):
 * **Growing files** (`Appender`: ``metrics.jsonl``, ``log.txt``, TensorBoard events): appended in place
   on a local disk; an object store cannot append, so there the whole file is rewritten atomically at
   each flush.
+* **Full disk**: a write that fails for lack of space (ENOSPC, EDQUOT) raises `DiskFullError` naming the path; the
+  previous file is intact (atomic writes), and a growing file is cut back to its last whole record.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -33,12 +36,34 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-__all__ = ["Appender", "as_path", "dumps_json", "exists", "is_local", "is_process0", "makedirs", "read_bytes",
-           "read_json", "read_npz", "read_text", "strict_json", "write_bytes", "write_json", "write_npz",
-           "write_text"]
+__all__ = ["Appender", "DiskFullError", "as_path", "dumps_json", "exists", "is_disk_full", "is_local", "is_process0",
+           "makedirs", "read_bytes", "read_json", "read_npz", "read_text", "strict_json", "write_bytes", "write_json",
+           "write_npz", "write_text"]
 
 PathLike = str | os.PathLike[str]
 _MISSING = object()
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How TensorStore (Orbax's array writer) reports them: its errors are ValueErrors that quote the OS error.
+_FULL_TEXT = tuple(f"os_error_code='{code}'" for code in _FULL) + tuple(os.strerror(code) for code in _FULL)
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space or quota; what was written before it is intact."""
+
+    def __init__(self, path: PathLike, cause: BaseException) -> None:
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else os.strerror(errno.ENOSPC)
+        super().__init__(errno.ENOSPC, f"{reason} writing {path}; what was written before is intact: free space "
+                                       "(or move the workdir) and rerun the same command to resume", os.fspath(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True for an OSError with ENOSPC or EDQUOT, or an error (Orbax, TensorStore) whose message quotes one."""
+    if isinstance(error, OSError) and error.errno in _FULL:
+        return True
+    return any(text in str(error) for text in _FULL_TEXT)
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -81,7 +106,8 @@ def _temporary(path: epath.Path) -> epath.Path:
 
 def write_bytes(path: PathLike, data: bytes, *, private: bool = False,
                 all_processes: bool = False) -> epath.Path | None:
-    """Writes ``data`` to ``path`` atomically (see the module docstring); None off process 0."""
+    """Writes ``data`` to ``path`` atomically (see the module docstring); None off process 0. Raises
+    `DiskFullError` when the file system is full (``path`` unchanged)."""
     if not (all_processes or is_process0()):
         return None
     path = as_path(path)
@@ -98,8 +124,10 @@ def write_bytes(path: PathLike, data: bytes, *, private: bool = False,
             with tmp.open("wb") as f:
                 f.write(data)
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise DiskFullError(path, e) from e
         raise
     return path
 
@@ -171,8 +199,9 @@ class Appender:
     makes it owner-only (0600, also when it exists already).
 
     Local disk: opened for append, and every `write` reaches the file at once (a reader sees whole
-    records). Object store: the existing content is read once, writes are buffered, and `flush` (called
-    by `write` at most every ``flush_every_s`` seconds, and by `close`) rewrites the whole file atomically.
+    records); a write the disk has no room for is cut back off the file (`DiskFullError`). Object store: the
+    existing content is read once, writes are buffered, and `flush` (called by `write` at most every
+    ``flush_every_s`` seconds, and by `close`) rewrites the whole file atomically.
     """
 
     def __init__(self, path: PathLike, *, binary: bool = False, flush_every_s: float = 30.0,
@@ -184,10 +213,9 @@ class Appender:
         self._local = is_local(self.path)
         makedirs(self.path.parent)
         if self._local:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
             if private:
-                os.fchmod(fd, 0o600)  # a file an older run left group- or world-readable
-            self._file = open(fd, "ab" if binary else "a", encoding=None if binary else "utf-8")  # noqa: SIM115
+                os.fchmod(self._fd, 0o600)  # a file an older run left group- or world-readable
         else:
             self._content = bytearray(self.path.read_bytes() if self.path.exists() else b"")
             self._dirty = False
@@ -195,19 +223,29 @@ class Appender:
         self.closed = False
 
     def write(self, data: str | bytes) -> None:
+        raw = data if self._binary else data.encode("utf-8")
         if self._local:
-            self._file.write(data)
-            self._file.flush()
+            self._append(raw)
             return
-        self._content += data if self._binary else data.encode("utf-8")
+        self._content += raw
         self._dirty = True
         if time.monotonic() - self._flushed_at >= self._flush_every_s:
             self.flush()
 
+    def _append(self, raw: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as e:
+            os.ftruncate(self._fd, size)  # no half record
+            if is_disk_full(e):
+                raise DiskFullError(self.path, e) from e
+            raise
+
     def flush(self) -> None:
-        if self._local:
-            self._file.flush()
-        elif self._dirty:
+        if not self._local and self._dirty:
             write_bytes(self.path, bytes(self._content), private=self._private, all_processes=True)
             self._dirty = False
             self._flushed_at = time.monotonic()
@@ -217,7 +255,7 @@ class Appender:
             return
         self.flush()
         if self._local:
-            self._file.close()
+            os.close(self._fd)
         self.closed = True
 
     def __enter__(self) -> Appender:

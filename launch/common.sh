@@ -21,18 +21,24 @@ setenv() {
   fi
 }
 
-# ensure_venv REPO VENV [PIP_SPEC...]: create VENV with the pinned requirements if it is missing.
+# ensure_venv REPO VENV [PIP_SPEC...]: create VENV with the pinned requirements if it is missing, and install them
+# again when requirements.txt (or the extra specs) changed since the last install (a stamp file in VENV).
 ensure_venv() {
   local repo=$1 venv=$2
   shift 2
-  if [[ -x "$venv/bin/python" ]]; then
+  local stamp="$venv/.dpwave-requirements" want
+  want="$( { cat "$repo/requirements.txt"; echo "$*"; } | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$venv/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
     return 0
   fi
-  local python=${PYTHON:-python3.11}
-  command -v "$python" >/dev/null 2>&1 || python=python3
-  run "$python" -m venv "$venv"
+  if [[ ! -x "$venv/bin/python" ]]; then
+    local python=${PYTHON:-python3.11}
+    command -v "$python" >/dev/null 2>&1 || python=python3
+    run "$python" -m venv "$venv"
+  fi
   run "$venv/bin/pip" install -q -r "$repo/requirements.txt" "$@"
   run "$venv/bin/pip" install -q --no-deps -e "$repo"
+  echo "$want" >"$stamp"
 }
 
 # has_main_flags ARGS...: true if both --config and --workdir are among the dpwave.main flags.

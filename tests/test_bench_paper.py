@@ -37,6 +37,7 @@ def test_peak_flops_table():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # compiles the paper-shaped step twice: 30-70 s on 2 cores
 def test_device_check_dp_step_worker_runs_the_quick_ghost_step():
     result = device_check.dp_step_worker({"mode": "dp_ghost", "depth": 1, "microbatch": 4, "chunks": 2,
                                           "dtype": "bfloat16", "repeats": 1, "quick": True})

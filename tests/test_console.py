@@ -47,7 +47,7 @@ def test_console_shows_stage_lines_dpwave_warnings_and_errors():
     assert off_process0.filter(_record(logging.ERROR, _PIPELINE, "failed"))
 
 
-def test_log_file_waits_for_the_workdir_then_keeps_everything(tmp_path, restore_logging, capsys):
+def test_log_file_waits_until_the_run_holds_its_workdir_then_keeps_everything(tmp_path, restore_logging, capsys):
     workdir = tmp_path / "run"
     console.setup(str(workdir))
     assert console.set_process_index(0) == str(workdir / "log.txt")
@@ -55,15 +55,20 @@ def test_log_file_waits_for_the_workdir_then_keeps_everything(tmp_path, restore_
     logging.getLogger("orbax").info("an Orbax internal")
     assert not workdir.exists()  # a command refused at the start leaves no workdir
     workdir.mkdir()
+    absl_logging.info("the workdir exists, held by another run")
+    assert not (workdir / "log.txt").exists()  # a command refused by a held workdir writes nothing there
+    console.start_log_file()
     absl_logging.error("a failure")
     text = (workdir / "log.txt").read_text()
     assert "config: before the workdir exists" in text and "an Orbax internal" in text and "a failure" in text
+    assert "held by another run" in text
     assert capsys.readouterr().err == "error: a failure\n"
 
 
 def test_other_processes_log_to_their_own_file(tmp_path, restore_logging):
     console.setup(str(tmp_path))
     assert console.set_process_index(3) == str(tmp_path / "log.process3.txt")
+    console.start_log_file()
     absl_logging.info("hello")
     assert "hello" in (tmp_path / "log.process3.txt").read_text() and not (tmp_path / "log.txt").exists()
 
@@ -72,6 +77,7 @@ def test_log_file_on_a_bucket(restore_logging):
     with fake_bucket():
         files.makedirs("gs://bucket/run")
         console.setup("gs://bucket/run")
+        console.start_log_file()
         absl_logging.info("first line")
         for handler in logging.getLogger().handlers:
             handler.flush()
@@ -101,6 +107,7 @@ def test_the_log_is_owner_only_even_when_an_older_run_left_it_world_readable(tmp
     (tmp_path / "log.txt").chmod(0o644)
     console.setup(str(tmp_path))
     console.set_process_index(0)
+    console.start_log_file()
     absl_logging.info("[dp_finetune] step 3: epsilon=0.5")
     assert (tmp_path / "log.txt").stat().st_mode & 0o777 == 0o600
     assert "an older run's line" in (tmp_path / "log.txt").read_text()
@@ -108,5 +115,6 @@ def test_the_log_is_owner_only_even_when_an_older_run_left_it_world_readable(tmp
     other.mkdir()
     console.setup(str(other))
     console.set_process_index(2)
+    console.start_log_file()
     absl_logging.info("another process")
     assert (other / "log.process2.txt").stat().st_mode & 0o777 == 0o600

@@ -17,25 +17,34 @@ arrays have been copied to host (donating them afterwards is safe); `close` wait
 Restores always go against an abstract target (shape, dtype and sharding of each leaf), so optax
 state types, typed PRNG keys and `NamedSharding`s survive, including onto a different number of
 devices than the state was saved from. If the newest checkpoint cannot be restored (truncated or
-missing files), older ones are tried in turn, each failure logged as a warning.
+missing files), older ones are tried in turn: a fallback is one warning line (the full errors go to the log
+file) and sets the unreadable ones aside (renamed `unreadable-<step>-<time>`, which no restore lists), so that the
+steps taken again are saved again; when none restores, `CheckpointRestoreError` names the newest one. A save
+that finds the disk full raises `files.DiskFullError` (at that save or, asynchronous, at the next save or
+`close`); the step being written stays a temporary directory that no restore reads, so the previous
+checkpoints are intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import signal
 import threading
+import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
@@ -56,6 +65,30 @@ _FINAL_FILE = "final_steps.json"
 
 class CheckpointRestoreError(RuntimeError):
     """Checkpoints exist but none of them could be restored against the given target."""
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """`Type: message` of an error, cut to its first line and `limit` characters (Orbax errors run long)."""
+    text = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _stray_prints_to_the_log(grace_s: float = 0.2) -> Iterator[None]:
+    """Sends what is printed on sys.stderr meanwhile, and for `grace_s` after a failure, to the log file: TensorStore
+    prints a traceback ("Event loop is closed") for each read of a damaged checkpoint that ends after Orbax gave up
+    on it, which would land between the one-line messages of the fallback or the refusal."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            try:
+                yield
+            except Exception:
+                time.sleep(grace_s)  # the reads still in flight end within milliseconds
+                raise
+    finally:
+        if printed.getvalue():
+            logging.info("printed while restoring a checkpoint:\n%s", printed.getvalue())
 
 
 def config_fingerprint(config: Any) -> str:
@@ -202,15 +235,16 @@ class Checkpointer:
         meta = _checked_meta(meta)
         if final and self._keep_final:
             self._mark_final(step)
-        if step in self._manager.all_steps():
-            logging.info("Checkpoint for step %d already exists in %s; not overwritten.", step,
-                         self._directory)
-            return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_keys_to_data(state)),
-                                       _META: ocp.args.JsonSave(meta)}),
-            force=force or final)
+        with self._disk_full_is_an_error():
+            if step in self._manager.all_steps():
+                logging.info("Checkpoint for step %d already exists in %s; not overwritten.", step,
+                             self._directory)
+                return False
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_keys_to_data(state)),
+                                           _META: ocp.args.JsonSave(meta)}),
+                force=force or final)
 
     def restore(self, step: int, abstract: Any) -> tuple[Any, dict[str, Any]]:
         """Restores `(state, meta)` of `step` against `abstract` (see `abstract_state`)."""
@@ -225,41 +259,68 @@ class Checkpointer:
     def restore_latest(self, abstract: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """`(step, state, meta)` of the newest restorable checkpoint, or None if there is none.
 
-        A checkpoint that fails to restore is skipped with a warning and the next older one is tried.
-        Raises `CheckpointRestoreError` if checkpoints exist but none restores (never silently
-        restarts: the privacy ledger lives in the checkpoint). Pending saves are waited for first.
+        A checkpoint that fails to restore is skipped and the next older one is tried; a fallback logs one
+        warning line (each error in full goes to the log file at INFO). Raises `CheckpointRestoreError`, naming
+        the newest checkpoint's directory, if checkpoints exist but none restores (never silently restarts: the
+        privacy ledger lives in the checkpoint). Pending saves are waited for first.
         """
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.reload()
         steps = sorted(self._manager.all_steps(), reverse=True)
         failures: list[str] = []
         for step in steps:
             try:
-                state, meta = self.restore(step, abstract)
+                with _stray_prints_to_the_log():
+                    state, meta = self.restore(step, abstract)
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-                logging.warning("Checkpoint step %d in %s could not be restored (corrupt, partial, or "
-                                "incompatible with the target): %s: %s. Trying an older one.", step,
-                                self._directory, type(e).__name__, e)
-                failures.append(f"step {step}: {type(e).__name__}: {e}")
+                logging.info("Checkpoint step %d in %s could not be restored: %s: %s", step, self._directory,
+                             type(e).__name__, e)
+                failures.append(_first_line(e))
                 continue
             if failures:
-                logging.warning("Restored step %d after skipping %d unreadable newer checkpoint(s).",
-                                step, len(failures))
+                unreadable = ", ".join(map(str, steps[:len(failures)]))
+                logging.warning("Checkpoint step%s %s in %s could not be restored (%s); resuming from step %d, the "
+                                "newest readable one (set aside as unreadable-<step>-<time>; full errors in the log "
+                                "file).", "s" * (len(failures) > 1), unreadable, self._directory, failures[0], step)
+                self._set_aside(steps[:len(failures)])
             return step, state, meta
         if failures:
             raise CheckpointRestoreError(
-                f"None of the checkpoints {steps} in {self._directory} could be restored against the "
-                f"given target. Newest failure: {failures[0]}. If the model or optimizer changed, use a "
-                "new workdir; if the files are damaged, restore them from a copy.")
+                f"none of the checkpoints {steps} in {self._directory} could be restored (the newest, "
+                f"{self._directory / str(steps[0])}: {failures[0]})")
         return None
 
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        """Renames unreadable step directories out of Orbax's sight, so that those steps can be saved again."""
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for step in steps:
+                (self._directory / str(step)).rename(self._directory / f"unreadable-{step}-{stamp}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("dpwave checkpoints set aside")
+        self._manager.reload()
+
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        with self._disk_full_is_an_error():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending asynchronous saves and deletions, then releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        with self._disk_full_is_an_error():
+            self._manager.wait_until_finished()
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self) -> Iterator[None]:
+        """Orbax reports a full disk as a ValueError quoting the OS error; this makes it a `files.DiskFullError`."""
+        try:
+            yield
+        except files.DiskFullError:
+            raise
+        except Exception as e:
+            if files.is_disk_full(e):
+                raise files.DiskFullError(self._directory, e) from e
+            raise
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -8,6 +8,11 @@ reads and the fingerprints of the stages it consumes). Because of that, a run ki
 restores the newest checkpoint and continues bit-identically, and a rerun under other inputs is refused
 (`fingerprints.StaleStageError`) instead of continuing a different computation.
 
+Faults: a damaged newest checkpoint falls back to an older one (one warning line); when none restores the stage
+stops with `CheckpointRestoreError` naming the folder and the fix, and never starts over by itself (the DP stage's
+privacy ledger lives in its checkpoints). A full disk stops it with `files.DiskFullError`; the checkpoints and
+summaries written before are intact and the same command resumes once there is room.
+
 `batch` runs on input worker threads a few steps ahead (`dpwave.data.prefetch`); the time the loop waits for the
 next batch, over the stage's wall time, is its input-wait fraction (metrics, summary and log of a public stage;
 PRIVATE_TIMING of a private one).
@@ -27,7 +32,7 @@ from absl import logging
 from dpwave import files
 from dpwave.data.prefetch import prefetched
 from dpwave.train import fingerprints, hashing
-from dpwave.train.checkpoint import Checkpointer, PreemptionGuard
+from dpwave.train.checkpoint import Checkpointer, CheckpointRestoreError, PreemptionGuard
 from dpwave.train.metrics import MetricWriter, Progress
 
 SUMMARY = "summary.json"
@@ -112,6 +117,15 @@ def check_resume(task: Task, meta: Mapping[str, Any]) -> None:
             "inputs: restore the original values, or rerun with a new --workdir")
 
 
+def _unreadable_checkpoints(task: Task, stage_dir: str, error: CheckpointRestoreError) -> str:
+    """The one-line message of a stage none of whose checkpoints restores: the folder, and the two ways on."""
+    over = (" (for the DP stage that starts a new privacy ledger that does not count the steps already taken on the "
+            "private data: the run's privacy cost is then the new ledger's plus whatever the lost run released)"
+            if task.private else "")
+    return (f"stage {task.name!r}: {error}; restore that folder from a copy and rerun the same command, or delete "
+            f"{stage_dir} to train the stage again from step 0{over}")
+
+
 def private_dir(path: str) -> None:
     """Creates `path` if needed and makes it owner-only (0700 on a local disk)."""
     files.makedirs(path, private=True)
@@ -147,18 +161,52 @@ def run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, 
     """
     if task.private:
         private_dir(stage_dir)
-    with _owner_only_files(task.private):
+    with _owner_only_files(task.private), _disk_full_is_one_error(stage_dir):
         return _run(task, stage_dir, checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, log_every=log_every,
                     feed=feed)
 
 
+@contextlib.contextmanager
+def _disk_full_is_one_error(stage_dir: str) -> Iterator[None]:
+    """A full disk ends the stage with one `files.DiskFullError`: the first one raised (a writer that fails again
+    while closing, TensorBoard's, raises a plain OSError over it), else one naming the stage's folder."""
+    try:
+        yield
+    except files.DiskFullError:
+        raise
+    except Exception as e:
+        if not files.is_disk_full(e):
+            raise
+        first = e.__context__
+        while first is not None and not isinstance(first, files.DiskFullError):
+            first = first.__context__
+        if first is None:
+            raise files.DiskFullError(stage_dir, e) from e
+        raise first from first.__cause__
+
+
 def _run(task: Task, stage_dir: str, *, checkpoint_every: int, max_to_keep: int, log_every: int,
          feed: InputFeed) -> LoopResult:
-    is_process0 = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=max_to_keep,
                         save_interval_steps=max(1, checkpoint_every))
+    try:
+        return _train(task, stage_dir, ckpt, checkpoint_every=checkpoint_every, log_every=log_every, feed=feed)
+    except BaseException:
+        # Orbax's threads must not outlive a failed stage (at exit they print tracebacks over the one-line error);
+        # the error that stopped the stage is the one reported.
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        raise
+
+
+def _train(task: Task, stage_dir: str, ckpt: Checkpointer, *, checkpoint_every: int, log_every: int,
+           feed: InputFeed) -> LoopResult:
+    is_process0 = jax.process_index() == 0
     state, step, wall_before, wait_before = task.init_state, 0, 0.0, 0.0
-    restored = ckpt.restore_latest(task.init_state)
+    try:
+        restored = ckpt.restore_latest(task.init_state)
+    except CheckpointRestoreError as e:
+        raise CheckpointRestoreError(_unreadable_checkpoints(task, stage_dir, e)) from e
     if restored is not None:
         step, state, meta = restored
         wall_before = float(meta.get("wall_time_s", 0.0))

@@ -13,22 +13,26 @@ reads and the fingerprints of the stages it consumes. A finished stage whose fin
 current config's is refused (`StaleStageError`), and so is resuming a checkpoint written under other inputs:
 a config change never reuses stale results. Equal fingerprints let `experiments/reproduce.py` share the
 public stages between table rows.
+
+`train_and_evaluate` is `prepare` (every check, before anything is written: a refused command leaves no workdir)
+then `execute`, which runs the stages while holding the workdir's lock (`workdir_lock`: one run per workdir).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
 
-from dpwave import files
-from dpwave.train import distributed, fingerprints, loop, secret_seed, settings as settings_lib
+from dpwave.train import distributed, fingerprints, loop, secret_seed, settings as settings_lib, workdir_lock
 from dpwave.train.checkpoint import config_fingerprint
 from dpwave.train.fingerprints import StaleStageError
 from dpwave.train.settings import Settings
@@ -49,7 +53,8 @@ assert tuple(PIPELINES) == settings_lib.METHODS
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "jaxwt", "tensorflow-datasets", "ml-collections",
             "orbax-checkpoint", "numpy", "dpwave")
 
-__all__ = ["PIPELINES", "StaleStageError", "stage_inputs", "stages", "train_and_evaluate"]
+__all__ = ["PIPELINES", "Plan", "StaleStageError", "execute", "prepare", "stage_inputs", "stages",
+           "train_and_evaluate"]
 
 
 def stages(settings: Settings) -> list[Stage]:
@@ -112,14 +117,32 @@ def write_run_info(config: ml_collections.ConfigDict, workdir: str) -> None:
         "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    """Runs (or resumes) every stage; returns True when the whole run is finished."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run that passed `prepare`'s checks: its config, settings, absolute workdir, stages and their inputs."""
+
+    config: ml_collections.ConfigDict
+    settings: Settings
+    workdir: str
+    stages: tuple[Stage, ...]
+    inputs: dict[str, dict[str, Any]]
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+    """Every check a run makes before it writes anything: float32 defaults, the config (`settings.read`), the DP
+    secret seed, the finished stages' inputs, the privacy boundary and content of every data role, and the DP
+    settings against the DP input's size (the last two open the data).
+
+    Raises:
+      ValueError: a config, data, secret-seed or stale-stage error, naming the fix (nothing is written).
+    """
     if jax.config.jax_enable_x64:
         raise ValueError("dpwave expects float32 defaults; unset JAX_ENABLE_X64")
     settings = settings_lib.read(config)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # gs://bucket/run stays a bucket path
-    run_stages = stages(settings)
-    if any(s is DP_FINETUNE for s in run_stages) and loop.read_summary(os.path.join(workdir, DP_FINETUNE.name)) is None:
+    run_stages = tuple(stages(settings))
+    dp_to_run = DP_FINETUNE in run_stages and loop.read_summary(os.path.join(workdir, DP_FINETUNE.name)) is None
+    if dp_to_run:
         given = secret_seed.seed_source(settings.dp)  # a bad or short DP secret fails before anything is written
         if given is not None:
             secret_seed.check_strength(*given, os.path.join(workdir, DP_FINETUNE.name))
@@ -127,16 +150,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
     check_finished_stages(workdir, inputs)
     # Every mode, before any training step: split tags of every role, and no private image in a public role.
     settings.data.check_boundary()
-    files.makedirs(workdir)
-    write_run_info(config, workdir)
-    ctx = Context(settings, workdir, distributed.make_data_mesh(), inputs)
-    for stage in run_stages:
-        if loop.read_summary(ctx.dir(stage.name)) is not None:
-            logging.info("stage %s already finished; skipping", stage.name)
-            continue
-        logging.info("stage %s: starting or resuming in %s", stage.name, ctx.dir(stage.name))
-        if not stage.run(ctx):
-            logging.warning("stopped during stage %s; rerun the same command to resume", stage.name)
-            return False
+    if dp_to_run:  # an expected batch larger than the private set fails now, not after the public stages
+        settings.check_dp_input()
+    return Plan(config, settings, workdir, run_stages, inputs)
+
+
+def execute(plan: Plan, on_hold: Callable[[], None] = lambda: None) -> bool:
+    """Runs (or resumes) every stage of `plan` while holding its workdir; True when the whole run is finished.
+    `on_hold` runs once the workdir is held (the CLI starts its log file there).
+
+    Raises:
+      workdir_lock.WorkdirLockedError: another process runs in the workdir (nothing is written).
+    """
+    workdir = plan.workdir
+    with workdir_lock.hold(workdir):
+        on_hold()
+        check_finished_stages(workdir, plan.inputs)  # again, locked: a run that held the workdir may have finished one
+        write_run_info(plan.config, workdir)
+        ctx = Context(plan.settings, workdir, distributed.make_data_mesh(), plan.inputs)
+        for stage in plan.stages:
+            if loop.read_summary(ctx.dir(stage.name)) is not None:
+                logging.info("stage %s already finished; skipping", stage.name)
+                continue
+            logging.info("stage %s: starting or resuming in %s", stage.name, ctx.dir(stage.name))
+            if not stage.run(ctx):
+                logging.warning("stopped during stage %s; rerun the same command to resume", stage.name)
+                return False
     logging.info("run finished: %s", workdir)
     return True
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Runs (or resumes) every stage; returns True when the whole run is finished."""
+    return execute(prepare(config, workdir))

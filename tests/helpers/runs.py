@@ -5,6 +5,7 @@
   change without changing the mechanism), a fixed `dp.secret_seed` (bit-exact reruns), a checkpoint
   every 2 steps and a metrics line every step (progress a test can watch from outside a process).
 * `run_workers`, `signal_when`: concurrent JAX worker processes, and a process signalled mid-run.
+* `run_cli`, `message_lines`: several `python -m dpwave.main` commands at once, and what a user reads on stderr.
 
 The session fixtures built from these (compilation cache, base workdir, DP reference) are in tests/train/conftest.py.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,13 +90,26 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: Path) -> loop.LoopR
     return run_task(ctx, PRETRAIN.task(ctx))
 
 
+def run_stage(config: ml_collections.ConfigDict, workdir: Path, name: str) -> loop.LoopResult:
+    """Runs (or resumes) training stage `name` of `workdir` in this process, as the pipeline does."""
+    ctx = context(config, workdir)
+    stage = next(s for s in pipeline.stages(ctx.settings) if s.name == name)
+    return run_task(ctx, stage.task(ctx))
+
+
 def subprocess_env(cache_dir: Path, devices: int | None = None, **extra: str) -> dict[str, str]:
-    """Environment of a child JAX process: repo on the path, CPU, the shared compilation cache."""
+    """Environment of a child JAX process: repo on the path, CPU, the shared compilation cache, this process's XLA
+    flags but its own device count (a child compared bit for bit with this process must round alike: CI runs the
+    suite once under --xla_cpu_max_isa)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DPWAVE_", "SLURM_", "XLA_FLAGS"))}
     env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TF_CPP_MIN_LOG_LEVEL="3", **extra)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 
@@ -114,6 +129,31 @@ def run_workers(jobs: list[tuple[list[str], Mapping[str, str]]], timeout: float)
             if proc.poll() is None:
                 proc.kill()
     return reports
+
+
+def run_cli(commands: Mapping[str, list[str]], cache_dir: Path, timeout: float = 300) -> dict[str, tuple[int, str]]:
+    """Runs `python -m dpwave.main <args>` for every named command at once; (exit code, stderr) of each."""
+    procs = {name: subprocess.Popen([sys.executable, "-m", "dpwave.main", *args], cwd=REPO,
+                                    env=subprocess_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, args in commands.items()}
+    try:
+        errors = {name: proc.communicate(timeout=timeout)[1] for name, proc in procs.items()}
+        return {name: (proc.returncode, errors[name]) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
+_NOT_A_MESSAGE = re.compile(r"\[\d\d:\d\d|\d+%\|")  # a tqdm bar: elapsed time in brackets, or a percentage bar
+_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` a user reads as messages: without blank lines and progress bars (tqdm redraws with
+    carriage returns and cursor moves, e.g. TFDS building an image folder)."""
+    lines = (_ESCAPE.sub("", line) for line in re.split(r"[\r\n]", stderr))
+    return [line for line in lines if line.strip() and not _NOT_A_MESSAGE.search(line)]
 
 
 def logged_steps(stage_dir: Path) -> list[int]:

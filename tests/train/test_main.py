@@ -3,9 +3,6 @@ done."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -43,20 +40,10 @@ def outcomes(compile_cache, tmp_path_factory) -> dict[str, tuple[int, str, bool]
     """(exit code, stderr, whether the workdir was created) of each case, run concurrently."""
     root = tmp_path_factory.mktemp("cli")
     _image_folder_with_a_corrupt_png(root / "images")
-    procs = {}
-    for name, (args, _) in _CASES.items():
-        workdir = [f"--workdir={root / name}"] if name != "no_workdir" else []
-        args = [a.replace("{root}", str(root)) for a in args]
-        procs[name] = subprocess.Popen([sys.executable, "-m", "dpwave.main", *args, *workdir], cwd=runs.REPO,
-                                       env=runs.subprocess_env(compile_cache), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True)
-    try:
-        errors = {name: proc.communicate(timeout=180)[1] for name, proc in procs.items()}
-        return {name: (proc.returncode, errors[name], (root / name).exists()) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
+    commands = {name: [a.replace("{root}", str(root)) for a in args]
+                + ([f"--workdir={root / name}"] if name != "no_workdir" else []) for name, (args, _) in _CASES.items()}
+    return {name: (code, stderr, (root / name).exists())
+            for name, (code, stderr) in runs.run_cli(commands, compile_cache, timeout=180).items()}
 
 
 @pytest.mark.parametrize("case", sorted(_CASES))
