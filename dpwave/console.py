@@ -64,8 +64,11 @@ class _LogFile(logging.Handler):
         self._out: files.Appender | None = None
         self._pending: list[str] = []
         self.started = False
+        self._closed = self._failed = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._closed:  # records logged at interpreter exit, after logging.shutdown (e.g. asyncio's)
+            return
         try:
             self._pending.append(self.format(record) + "\n")
             if self._out is None and self.started:
@@ -73,12 +76,17 @@ class _LogFile(logging.Handler):
             if self._out is not None:
                 self._out.write("".join(self._pending))
                 self._pending.clear()
-        except Exception:  # logging must not end the run
-            self.handleError(record)
+        except Exception as e:  # logging must not end the run, nor print a traceback between its messages
+            if not self._failed:
+                self._failed = True
+                sys.stderr.write(f"dpwave: cannot write the log file {self.path}: {type(e).__name__}: {e}\n")
 
     def close(self) -> None:
-        if self._out is not None:
-            self._out.close()
+        with self.lock:  # emit runs under the same lock: no record is written to a closed file
+            self._closed = True
+            if self._out is not None:
+                self._out.close()
+                self._out = None
         super().close()
 
 

@@ -4,6 +4,13 @@
         [--extra-args manual_dir=/data/raw] [--set dp.trainable=cond ...] [--dry-run] [--report-only]
         [--no-reuse]
 
+The privacy-utility curve of any config (the public-only control, the listed epsilons and epsilon inf, each a run
+on the private data that spends its own epsilon; also writes `DIR/curve_samples.png`, one row of samples per
+run; docs/your_images.md):
+
+    python -m experiments.reproduce --table curve --config=experiments/configs/folder.py:public=A,private=B
+        --workdir DIR [--epsilons 1,4,10]
+
 Each run lives in `DIR/<row>/seed<k>`; a run whose `metrics.json` exists is finished and skipped,
 an unfinished one is rerun and resumes. Runs go one after another; a failed run is reported and the
 others still run. `--rows` and `--seeds` split a table across sessions (or machines sharing DIR): the
@@ -45,7 +52,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 
-from experiments.configs.tables import PUBLIC, TABLES, Row, get_table
+from experiments.configs import common
+from experiments.configs.tables import CURVE_DEFAULT, PUBLIC, TABLES, Row, curve, get_table
 
 REPO = Path(__file__).resolve().parents[1]
 # (metrics.json key, column header, formatter of a mean/std).
@@ -419,10 +427,61 @@ def select_rows(rows: Sequence[Row], labels: str | None) -> list[Row]:
     return [r for r in rows if r.label in wanted]
 
 
+CURVE = "curve"  # the table made from --config and --epsilons
+SAMPLE_COLUMNS = 10  # samples per run in the curve's sample sheet
+
+
+def parse_epsilons(text: str) -> tuple[str, ...]:
+    """'1,4,10' -> ('1', '4', '10'): distinct finite epsilons > 0 (the curve adds its controls, public and inf)."""
+    epsilons = tuple(e.strip() for e in text.split(",") if e.strip())
+    try:
+        ok = bool(epsilons) and all(0 < common.epsilon_value(e) < math.inf for e in epsilons)
+    except ValueError:
+        ok = False
+    if not ok or len(set(epsilons)) != len(epsilons):
+        raise argparse.ArgumentTypeError(f"--epsilons={text!r}: expected distinct numbers > 0 like 1,4,10 (the "
+                                         "curve always adds the public-only control and epsilon inf)")
+    return epsilons
+
+
+def table_rows(table: str, config: str | None, epsilons: tuple[str, ...] | None) -> tuple[Row, ...]:
+    """The rows of `table`: a named table, or `curve` over `config` at `epsilons` (default CURVE_DEFAULT)."""
+    if table == CURVE:
+        if not config:
+            raise ValueError("--table curve needs --config=SPEC, e.g. experiments/configs/folder.py:public=A,"
+                             "private=B (the runs append method=, epsilon= and seed=)")
+        return curve(config, epsilons or CURVE_DEFAULT)
+    if config or epsilons:
+        raise ValueError(f"--config and --epsilons make the {CURVE!r} table; --table {table} has its own rows")
+    return get_table(table)
+
+
+def write_sample_sheet(table: str, runs: Sequence[Run], workdir: Path) -> Path | None:
+    """`<table>_samples.png`: the first SAMPLE_COLUMNS samples of each row's first finished run (its
+    `sample/samples.npz`), one labelled row per table row; None when no run has samples yet."""
+    from dpwave import files, grids  # numpy and PIL only
+
+    rows: dict[str, object] = {}
+    for run in runs:
+        path = run.workdir / "sample" / "samples.npz"
+        if run.row.label not in rows and run.finished and path.exists():
+            rows[run.row.label] = files.read_npz(path)["images"]
+    if not rows:
+        return None
+    path = workdir / f"{table}_samples.png"
+    grids.sample_grid(rows, path, SAMPLE_COLUMNS)
+    return path
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", required=True, help=f"one of {sorted(TABLES)} (experiments/configs/tables.py)")
+    parser.add_argument("--table", required=True, help=f"one of {sorted(TABLES)} (experiments/configs/tables.py), "
+                        f"or {CURVE} (with --config)")
+    parser.add_argument("--config", help=f"--table {CURVE}: the config spec whose privacy-utility curve to run, e.g. "
+                        "experiments/configs/folder.py:public=A,private=B")
+    parser.add_argument("--epsilons", type=parse_epsilons, help=f"--table {CURVE}: comma-separated target epsilons "
+                        f"(default {','.join(CURVE_DEFAULT)}); the public-only control and epsilon inf are added")
     parser.add_argument("--workdir", required=True, type=Path, help="one subdirectory per row and seed")
     parser.add_argument("--seeds", type=parse_seeds, default=[0], help="comma-separated (default 0)")
     parser.add_argument("--rows", help="comma-separated row labels to run (default: all); the table "
@@ -439,7 +498,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
                         "instead of copying finished ones with equal inputs_sha256 from other runs")
     args = parser.parse_args(argv)
     try:
-        rows = get_table(args.table)
+        rows = table_rows(args.table, args.config, args.epsilons)
         selected = select_rows(rows, args.rows)
     except ValueError as e:
         parser.error(str(e))
@@ -459,6 +518,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     results = aggregate(rows, plan(rows, workdir, seeds, args.extra_args, args.overrides))
     for path in write_outputs(args.table, results, workdir):
         print(f"wrote {path}")
+    if args.table == CURVE and (sheet := write_sample_sheet(args.table, plan(rows, workdir, seeds), workdir)):
+        print(f"wrote {sheet}")
     if failed:
         print(f"{len(failed)} run(s) failed: {[f'{r.row.label}/seed{r.seed}' for r in failed]}",
               file=sys.stderr)

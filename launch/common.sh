@@ -21,13 +21,20 @@ setenv() {
   fi
 }
 
+# requirements_stamp REPO [PIP_SPEC...]: what ensure_venv records after an install (a hash of the requirements).
+requirements_stamp() {
+  local repo=$1
+  shift
+  { cat "$repo/requirements.txt"; echo "$*"; } | sha256sum | cut -d' ' -f1
+}
+
 # ensure_venv REPO VENV [PIP_SPEC...]: create VENV with the pinned requirements if it is missing, and install them
 # again when requirements.txt (or the extra specs) changed since the last install (a stamp file in VENV).
 ensure_venv() {
   local repo=$1 venv=$2
   shift 2
   local stamp="$venv/.dpwave-requirements" want
-  want="$( { cat "$repo/requirements.txt"; echo "$*"; } | sha256sum | cut -d' ' -f1)"
+  want=$(requirements_stamp "$repo" "$@")
   if [[ -x "$venv/bin/python" && "$(cat "$stamp" 2>/dev/null)" == "$want" ]]; then
     return 0
   fi
@@ -38,7 +45,9 @@ ensure_venv() {
   fi
   run "$venv/bin/pip" install -q -r "$repo/requirements.txt" "$@"
   run "$venv/bin/pip" install -q --no-deps -e "$repo"
-  echo "$want" >"$stamp"
+  if [[ "${DRY_RUN:-0}" != 1 ]]; then
+    echo "$want" >"$stamp"
+  fi
 }
 
 # has_main_flags ARGS...: true if both --config and --workdir are among the dpwave.main flags.

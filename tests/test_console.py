@@ -118,3 +118,30 @@ def test_the_log_is_owner_only_even_when_an_older_run_left_it_world_readable(tmp
     console.start_log_file()
     absl_logging.info("another process")
     assert (other / "log.process2.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_records_after_the_log_file_closed_are_dropped_without_a_traceback(tmp_path, restore_logging, capsys):
+    """At interpreter exit asyncio may log after logging.shutdown closed the handlers (a damaged checkpoint's reads
+    ending late): nothing may reach stderr but the run's own lines."""
+    console.setup(str(tmp_path))
+    console.set_process_index(0)
+    console.start_log_file()
+    absl_logging.info("before")
+    for handler in logging.getLogger().handlers:  # what logging.shutdown does to it at exit
+        if isinstance(handler, console._LogFile):
+            handler.close()
+    logging.getLogger("asyncio").info("Task exception was never retrieved")
+    assert "Traceback" not in capsys.readouterr().err
+    assert "before" in (tmp_path / "log.txt").read_text()
+    assert "never retrieved" not in (tmp_path / "log.txt").read_text()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line_once(tmp_path, restore_logging, capsys):
+    (tmp_path / "log.txt").mkdir()  # a folder in the way: the log file cannot be opened
+    console.setup(str(tmp_path))
+    console.set_process_index(0)
+    console.start_log_file()
+    absl_logging.info("one")
+    absl_logging.info("two")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("dpwave: cannot write the log file") == 1

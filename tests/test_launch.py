@@ -48,15 +48,27 @@ def test_help_and_missing_flags(script, extra):
     assert missing.stdout == ""
 
 
-def test_local_dry_run_with_existing_venv(tmp_path):
+def _stamp() -> str:
+    """What ensure_venv records in a venv after installing this checkout's requirements."""
+    return subprocess.run(["bash", "-c", f"source {LAUNCH / 'common.sh'} && requirements_stamp {REPO}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("stamp", ["current", "stale"])
+def test_local_dry_run_with_existing_venv(tmp_path, stamp):
+    """An existing venv is used as is when it was installed from this requirements.txt; otherwise (a stale or
+    missing stamp: requirements changed since) the requirements are installed into it again."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").touch(mode=0o755)
+    (venv / ".dpwave-requirements").write_text((_stamp() if stamp == "current" else "0" * 64) + "\n")
     workdir = tmp_path / "work dir"
     result = _run("local.sh", "--dry-run", "--config=experiments/configs/x.py:small",
                   f"--workdir={workdir}", "--config.seed=3", env={"DPWAVE_VENV": str(venv)})
     assert result.returncode == 0, result.stderr
-    assert _commands(result.stdout) == [[
+    install = [[f"{venv}/bin/pip", "install", "-q", "-r", f"{REPO}/requirements.txt"],
+               [f"{venv}/bin/pip", "install", "-q", "--no-deps", "-e", str(REPO)]]
+    assert _commands(result.stdout) == (install if stamp == "stale" else []) + [[
         "env", f"PYTHONPATH={REPO}", f"{venv}/bin/python", "-m", "dpwave.main",
         "--config=experiments/configs/x.py:small", f"--workdir={workdir}", "--config.seed=3"]]
     assert not workdir.exists()

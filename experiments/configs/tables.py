@@ -1,4 +1,5 @@
-"""The paper's tables as named lists of rows; `python -m experiments.reproduce --table NAME` runs one.
+"""The paper's tables as named lists of rows; `python -m experiments.reproduce --table NAME` runs one, and `curve`
+makes the privacy-utility curve of any config (`--table curve --config=SPEC`).
 
 A row is a config spec without its seed (the runner appends `,seed=k`), plus the method and the
 target epsilon it stands for (the table's grouping and the plot's axes). Every method has two controls
@@ -17,6 +18,7 @@ PUBLIC = "public"  # the epsilon of the public-only control (dp.target_epsilon =
 CONTROLS = ("inf", PUBLIC)
 EPSILONS = ("1", "10", *CONTROLS)
 CURVE_EPSILONS = ("0.5", "1", "2", "4", "8", "10", "16", *CONTROLS)  # 1, 10 and the controls: the shift rows
+CURVE_DEFAULT = ("1", "4", "10")  # the epsilons of `curve` unless --epsilons says otherwise
 SCALING_SIZES = (500, 1000)  # and all 2,000: the shift table's own rows
 
 
@@ -67,6 +69,18 @@ def label(method: str, epsilon: str, setting: str = "") -> str:
 def grid(config: str, methods: tuple[str, ...], epsilons: tuple[str, ...]) -> tuple[Row, ...]:
     """Every method at every epsilon."""
     return tuple(Row(label(m, e), config, m, e) for m, e in itertools.product(methods, epsilons))
+
+
+def curve(config: str, epsilons: tuple[str, ...] = CURVE_DEFAULT, methods: tuple[str, ...] = ("dpwave",)
+          ) -> tuple[Row, ...]:
+    """The privacy-utility curve of any config spec (`python -m experiments.reproduce --table curve
+    --config=SPEC`): per method, the public-only control, each of `epsilons` and the non-private reference (epsilon
+    inf), so a data owner sees what each epsilon buys before releasing a model. The config must take `method=`,
+    `epsilon=` and `seed=` args (folder.py, mnist.py). Every row but the public-only control trains on the private
+    data and spends its own epsilon, and the epsilon-inf row is not private: the curve is for the data owner, and a
+    release chosen by looking at it is covered by no finite epsilon (docs/your_images.md; choose on a public
+    stand-in, docs/tuning.md)."""
+    return grid(config, methods, (PUBLIC, *epsilons, "inf"))
 
 
 def _paper(config: str) -> tuple[Row, ...]:

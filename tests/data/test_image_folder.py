@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpwave.data import DataError, DatasetLayoutError, DatasetSpec, InvalidExampleError, SplitExpressionError, load
-from dpwave.data.builders import image_folder_config
+from dpwave.data import (DataError, DatasetLayoutError, DatasetSpec, InvalidExampleError, PrivateSplitError,
+                         SplitExpressionError, load)
+from dpwave.data.builders import folder_scan, image_folder_config
+from dpwave.data.builders.image_folder import carve
 
 
 def small_png(path):
@@ -50,6 +52,23 @@ def test_changed_folder_gets_a_new_config(caption_folder):
     with open(caption_folder / "captions.jsonl", "a") as f:
         f.write(json.dumps({"file": "a.png", "caption": "more"}) + "\n")
     assert image_folder_config(os.fspath(caption_folder), 8).name != before.name
+
+
+def test_an_image_edited_in_place_to_the_same_size_is_read_again(tmp_path, data_dir):
+    """The prepared copy is keyed by each file's size and modification time, not its size alone: an edit that keeps
+    the byte count (here an uncompressed BMP) must not serve the old pixels."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.bmp", "b.bmp"):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name)
+    before = folder("train", root, data_dir)[0]["image"]
+    path = root / "a.bmp"
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # a later edit, even on a coarse-clock file system
+    assert path.stat().st_size == size
+    np.testing.assert_array_equal(folder("train", root, data_dir)[0]["image"], 255 - before)
 
 
 def test_nan_pixels_are_refused_at_build_time_naming_the_image(class_folder, data_dir):
@@ -95,3 +114,45 @@ def test_empty_and_missing_folders(tmp_path, data_dir):
     with pytest.raises(DataError, match="needs manual_dir .* and resolution"):
         load(DatasetSpec("image_folder", "train", "private", data_dir=data_dir,
                          manual_dir=os.fspath(tmp_path)))
+
+
+def write_png(path, pixels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_carve_splits_each_class_deterministically_into_disjoint_parts_that_stay_private_by_default(tmp_path,
+                                                                                                     data_dir):
+    rng = np.random.default_rng(4)
+    for cls, count in (("cat", 20), ("dog", 10)):
+        for k in range(count):
+            write_png(tmp_path / "pets" / cls / f"{k:02d}.png", rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    scan = folder_scan.scan_folder(os.fspath(tmp_path / "pets"))
+    parts = carve(scan, {"heldout": 0.15, "test": 0.15})
+    assert parts == {"public": "train[0:14]+train[20:26]", "heldout": "train[14:17]+train[26:28]",
+                     "test": "train[17:20]+train[28:30]"}
+    assert carve(scan, {"heldout": 0.15, "test": 0.15}) == parts
+    ids = {}
+    for role, split in parts.items():
+        source = load(DatasetSpec("image_folder", split, "public", data_dir=data_dir, override_private_default=True,
+                                  manual_dir=os.fspath(tmp_path / "pets"), resolution=6), role=role)
+        ids[role] = list(source.get_batch(np.arange(len(source)))["id"])
+    assert ids["heldout"] == ["cat/14.png", "cat/15.png", "cat/16.png", "dog/06.png", "dog/07.png"]
+    assert sorted(i for part in ids.values() for i in part) == sorted(e.relpath for e in scan.splits["train"])
+    with pytest.raises(PrivateSplitError, match="override_private_default"):
+        folder(parts["test"], tmp_path / "pets", data_dir, resolution=6, privacy="public")
+    with pytest.raises(DataError, match="class 'dog' has 10 images, too few to carve"):
+        carve(scan, {"heldout": 0.05, "test": 0.9})  # each part gets at least one: 1 + 9 of the 10 dogs
+
+
+def test_read_headers_gives_size_and_mode_without_decoding(tmp_path):
+    write_png(tmp_path / "flat" / "grey.png", np.zeros((5, 7), np.uint8))
+    write_png(tmp_path / "flat" / "rgba.png", np.zeros((4, 4, 4), np.uint8))
+    (tmp_path / "flat" / "broken.jpg").write_bytes(b"not an image")
+    scan = folder_scan.scan_folder(os.fspath(tmp_path / "flat"))
+    good = [e for e in scan.splits["train"] if e.relpath != "broken.jpg"]
+    headers = folder_scan.read_headers(os.fspath(tmp_path / "flat"), good)
+    assert [(h.relpath, h.size, h.mode, h.channels) for h in headers] == [("grey.png", (7, 5), "L", 1),
+                                                                          ("rgba.png", (4, 4), "RGBA", 3)]
+    with pytest.raises(InvalidExampleError, match="'broken.jpg': cannot read the header"):
+        folder_scan.read_headers(os.fspath(tmp_path / "flat"), scan.splits["train"])

@@ -5,10 +5,13 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterable
+
+from PIL import Image
 
 from dpwave import files
 from dpwave.data.builders.base import make_layout_error
-from dpwave.data.errors import DatasetLayoutError
+from dpwave.data.errors import DatasetLayoutError, InvalidExampleError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -22,6 +25,8 @@ LAYOUT = """\
     captions.jsonl                  one {"file": "<image>", "caption": "..."} per line (>= 1 per image)
   images: .png .jpg .jpeg .bmp .gif .tif .tiff .webp (8-bit, or float in [0, 1])"""
 SOURCE = "your own images"
+# PIL modes that decode to one channel (read_image_file keeps them grey); every other mode decodes to RGB.
+GREY_MODES = ("1", "L", "F", "I")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +48,42 @@ class FolderScan:
     fingerprint: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What an image file's header says: its path relative to the root, (width, height) and PIL mode."""
+
+    relpath: str
+    size: tuple[int, int]
+    mode: str
+
+    @property
+    def channels(self) -> int:
+        """1 for the modes the builder reads as grey, else 3."""
+        return 1 if self.mode in GREY_MODES or self.mode.startswith("I;") else 3
+
+
 def _error(root: str, problem: str) -> DatasetLayoutError:
     return make_layout_error("image_folder", root, problem, LAYOUT, SOURCE)
 
 
-def _visible(folder: str) -> list[str]:
-    return sorted(p.name for p in files.as_path(folder).iterdir() if not p.name.startswith("."))
+def _listing(folder: str) -> dict[str, bool]:
+    """The visible names in ``folder``, sorted, each mapped to whether it is a folder (one directory read,
+    no stat per name, for a local folder)."""
+    if files.is_local(folder):
+        with os.scandir(folder) as found:
+            names = {e.name: e.is_dir() for e in found if not e.name.startswith(".")}
+    else:
+        names = {p.name: p.is_dir() for p in files.as_path(folder).iterdir() if not p.name.startswith(".")}
+    return dict(sorted(names.items()))
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """(size in bytes, modification time in ns): an image edited in place, even to the same size, changes it."""
+    if files.is_local(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    st = files.as_path(path).stat()
+    return st.length, int(st.mtime * 1e9)
 
 
 def _isdir(path: str) -> bool:
@@ -83,9 +118,10 @@ def _read_captions(root: str, path: str, images: list[str]) -> dict[str, list[st
 
 def _scan_split(root: str, folder: str) -> tuple[dict[str, list[str]], dict[str, list[str]] | None]:
     """-> ({class name or '': image relpaths}, {relpath: captions} or None)."""
-    names = _visible(folder)
-    subdirs = [n for n in names if _isdir(os.path.join(folder, n))]
-    images = [n for n in names if _is_image(n) and n not in subdirs]
+    listing = _listing(folder)
+    names = list(listing)
+    subdirs = [n for n, is_dir in listing.items() if is_dir]
+    images = [n for n, is_dir in listing.items() if _is_image(n) and not is_dir]
     rel = os.path.relpath(folder, root)
     prefix = "" if rel == "." else rel + "/"
     if subdirs and (images or CAPTIONS_FILE in names):
@@ -99,8 +135,8 @@ def _scan_split(root: str, folder: str) -> tuple[dict[str, list[str]], dict[str,
         return {"": [prefix + n for n in images]}, captions
     classes = {}
     for name in subdirs:
-        inner = _visible(os.path.join(folder, name))
-        nested = [n for n in inner if _isdir(os.path.join(folder, name, n))]
+        inner = _listing(os.path.join(folder, name))
+        nested = [n for n, is_dir in inner.items() if is_dir]
         if nested:
             raise _error(root, f"class folder {prefix}{name}/ contains folders {nested[:5]}; class "
                          "folders must hold images directly")
@@ -109,12 +145,12 @@ def _scan_split(root: str, folder: str) -> tuple[dict[str, list[str]], dict[str,
 
 
 def _fingerprint(root: str, splits: dict[str, list[Entry]]) -> str:
-    """Hash of every entry's split, path, file size, label and captions."""
+    """Hash of every entry's split, path, file size and modification time, label and captions."""
     digest = hashlib.sha256()
     for split, entries in sorted(splits.items()):
         for e in entries:
-            size = files.as_path(os.path.join(root, e.relpath)).stat().length
-            digest.update(json.dumps([split, e.relpath, size, e.label, e.captions]).encode())
+            size, mtime = _file_identity(os.path.join(root, e.relpath))
+            digest.update(json.dumps([split, e.relpath, size, mtime, e.label, e.captions]).encode())
     return digest.hexdigest()[:12]
 
 
@@ -126,9 +162,10 @@ def scan_folder(root: str) -> FolderScan:
     """
     if not _isdir(root):
         raise _error(root, "the folder does not exist (set DatasetSpec.manual_dir)")
-    names = _visible(root)
-    if _isdir(os.path.join(root, "train")):
-        extra = [n for n in names if n not in SPLIT_FOLDERS and (_isdir(os.path.join(root, n)) or _is_image(n))]
+    listing = _listing(root)
+    names = list(listing)
+    if listing.get("train"):
+        extra = [n for n, is_dir in listing.items() if n not in SPLIT_FOLDERS and (is_dir or _is_image(n))]
         if extra:
             raise _error(root, f"{extra[:5]} sit beside the split folders; only train/ and test/ may")
         folders = {s: os.path.join(root, s) for s in SPLIT_FOLDERS if s in names}
@@ -149,3 +186,22 @@ def scan_folder(root: str) -> FolderScan:
             raise _error(root, f"split {split!r} ({folders[split]}) has no images (empty dataset)")
         splits[split] = sorted(entries, key=lambda e: e.relpath)
     return FolderScan(splits, class_names, any(captioned.values()), _fingerprint(root, splits))
+
+
+def read_headers(root: str, entries: Iterable[Entry]) -> list[Header]:
+    """Each entry's size and mode from its file header: PIL opens the file lazily and decodes no pixels.
+
+    Raises:
+      InvalidExampleError: one line naming the file PIL cannot identify.
+    """
+    headers = []
+    for entry in entries:
+        path = os.path.join(root, entry.relpath)
+        try:
+            with (open(path, "rb") if files.is_local(path) else files.as_path(path).open("rb")) as f, \
+                    Image.open(f) as pil:
+                headers.append(Header(entry.relpath, pil.size, pil.mode))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise InvalidExampleError(f"example {entry.relpath!r}: cannot read the header of {path!r} ({e}); repair "
+                                      "or remove that file") from None
+    return headers

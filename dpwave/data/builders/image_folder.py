@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -40,6 +40,49 @@ def image_folder_config(root: str, resolution: int, channels: int = 3) -> ImageF
         description=f"{os.path.abspath(root)} at {resolution}x{resolution}x{channels}",
         resolution=resolution, channels=channels, splits=tuple(scan.splits), class_names=scan.class_names,
         captioned=scan.captioned, fingerprint=scan.fingerprint)
+
+
+def carve(scan: folder_scan.FolderScan, fractions: Mapping[str, float], split: str = "train") -> dict[str, str]:
+    """Carves split ``split`` of a scanned folder into disjoint parts, as TFDS split expressions over it.
+
+    Class by class (the whole split when it has no classes), the images in path order are cut into
+    ``public`` first, then one part per entry of ``fractions`` (role -> fraction of the class, at least one
+    image each; counts are rounded) in its order: e.g. ``{"heldout": 0.15, "test": 0.15}`` on 20 cats and
+    10 dogs gives ``public`` ``train[0:14]+train[20:26]``, ``heldout`` ``train[14:17]+train[26:28]`` and
+    ``test`` ``train[17:20]+train[28:30]``. Deterministic: the same folder always gives the same parts, and the
+    parts read the one prepared split, so they keep its privacy default (private unless a spec overrides it).
+
+    Raises:
+      DataError: a class too small to keep an image in every part.
+    """
+    entries = scan.splits[split]
+    groups: dict[int | None, list[int]] = {}
+    for position, entry in enumerate(entries):
+        groups.setdefault(entry.label, []).append(position)
+    parts: dict[str, list[int]] = {role: [] for role in ("public", *fractions)}
+    for label, positions in groups.items():
+        counts = {role: max(1, round(fraction * len(positions))) for role, fraction in fractions.items()}
+        rest = len(positions) - sum(counts.values())
+        if rest < 1:
+            what = f"class {scan.class_names[label]!r}" if label is not None else f"split {split!r}"
+            raise DataError(f"{what} has {len(positions)} images, too few to carve {dict(fractions)} from it and "
+                            "keep one for the public role")
+        start = 0
+        for role, count in {"public": rest, **counts}.items():
+            parts[role] += positions[start:start + count]
+            start += count
+    return {role: _expression(split, positions) for role, positions in parts.items()}
+
+
+def _expression(split: str, positions: list[int]) -> str:
+    """``train[a:b]+train[c:d]`` covering ``positions``, one slice per run of consecutive ones."""
+    runs: list[list[int]] = []
+    for position in sorted(positions):
+        if runs and runs[-1][1] == position:
+            runs[-1][1] += 1
+        else:
+            runs.append([position, position + 1])
+    return "+".join(f"{split}[{a}:{b}]" for a, b in runs)
 
 
 class ImageFolder(DpwaveBuilder, skip_registration=True):
