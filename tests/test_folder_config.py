@@ -280,6 +280,7 @@ def tiny_run(tmp_path: Path, public: Path, private: Path, extra: str = "") -> di
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 32 px grey through the CLI: 60-150 s on 2 cores; the tiny pipeline test covers the stages
 def test_grey_class_folders_run_end_to_end_through_the_cli(tmp_path):
     public, private = folders(tmp_path)
     metrics = tiny_run(tmp_path, public, private)
