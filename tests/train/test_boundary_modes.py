@@ -111,14 +111,19 @@ def leaky_folder(root, private_image: np.ndarray):
     return root
 
 
-@pytest.mark.parametrize("mode", ["dp", "epsinf", "public_only"])
-def test_content_check_refuses_a_private_image_in_a_public_role(mode, data_dir, tmp_path):
-    private = load(DatasetSpec("mnist5k", "private", "private", data_dir=data_dir))
-    folder = leaky_folder(tmp_path / "public", private[3]["image"])
+def public_folder_config(mode: str, data_dir: str, folder):
+    """`mode_config` with the image folder `folder` as the public role (tagged public by the operator)."""
     config = mode_config(mode, data_dir)
     with config.unlocked():
         config.data.public.update(name="image_folder", split="train", manual_dir=os.fspath(folder),
                                   override_private_default=True)
+    return config
+
+
+@pytest.mark.parametrize("mode", ["dp", "epsinf", "public_only"])
+def test_content_check_refuses_a_private_image_in_a_public_role(mode, data_dir, tmp_path):
+    private = load(DatasetSpec("mnist5k", "private", "private", data_dir=data_dir))
+    config = public_folder_config(mode, data_dir, leaky_folder(tmp_path / "public", private[3]["image"]))
     workdir = tmp_path / "run"
     with pytest.raises(PrivateOverlapError, match=rf"config.data.public \(image_folder/train\) holds 1 of 3 images "
                                                   rf"identical to private ones \(e.g. 'leak.png' = private "
@@ -134,11 +139,7 @@ def test_the_run_refuses_a_near_copy_and_reports_the_pairs_beside_the_private_da
     private = load(DatasetSpec("mnist5k", "private", "private", data_dir=data_dir))
     edited = private[3]["image"].copy()
     edited[np.unravel_index(np.argmax(edited), edited.shape)] = 0  # similarity 0.99994
-    folder = leaky_folder(tmp_path / "public", edited)
-    config = mode_config("dp", data_dir)
-    with config.unlocked():
-        config.data.public.update(name="image_folder", split="train", manual_dir=os.fspath(folder),
-                                  override_private_default=True)
+    config = public_folder_config("dp", data_dir, leaky_folder(tmp_path / "public", edited))
     workdir = tmp_path / "run"
     with pytest.raises(PrivateOverlapError, match=rf"config.data.public \(image_folder/train\) holds 1 of 3 near "
                                                   rf"copies of private images \(e.g. 'leak.png' ~ private "
