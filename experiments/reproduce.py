@@ -21,7 +21,10 @@ Before a run starts, each stage it lacks whose `public` flag is set (tokenizer, 
 copied from another run under DIR (of this invocation first, then of any table sharing DIR) that finished
 it from the same inputs (equal `inputs_sha256`, see dpwave/train/pipeline.py), so e.g. the epsilon rows of
 a method train them once;
-the DP stage and everything after it are never copied (`--no-reuse` turns copying off).
+the DP stage and everything after it are never copied (`--no-reuse` turns copying off). A post-processing row
+(`tables.resample`, e.g. in `mnist_ablate`) is the exception: it copies every trained stage, the DP stage
+included, of the same seed of the row it resamples and runs only sampling and evaluation with its own `sample`
+settings: one DP model, several samplings, no further epsilon.
 
 Then `metrics.json` is aggregated over seeds (mean +- std, n) into `DIR/<table>.md`, `DIR/<table>.json`
 and `DIR/<table>.png` (FD-cls, FD-lowpass, downstream and conditioning accuracy and, when measured, FID vs
@@ -128,7 +131,7 @@ def plan(rows: Sequence[Row], workdir: Path, seeds: Sequence[int], extra_args: s
             run_dir = workdir / row.label / f"seed{seed}"
             spec = ",".join(filter(None, (row.spec, extra_args, f"seed={seed}")))
             command = [sys.executable, "-m", "dpwave.main", f"--config={spec}",
-                       *(f"--config.{o}" for o in overrides), f"--workdir={run_dir}"]
+                       *(f"--config.{o}" for o in (*overrides, *row.sampling)), f"--workdir={run_dir}"]
             runs.append(Run(row, seed, run_dir, command))
     return runs
 
@@ -176,13 +179,14 @@ def _same_params(a: Path, b: Path) -> bool:
     return sha is not None and sha == _summary(b).get("params_sha256")
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
-    """copytree into a temporary sibling, then one rename: `target` is either complete or absent."""
+def _copy_atomically(source: Path, target: Path, leave_out: Sequence[str] = ()) -> None:
+    """copytree (without the files named in `leave_out`) into a temporary sibling, then one rename: `target` is
+    either complete or absent."""
     tmp = target.with_name(f".{target.name}.copying")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted copy
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, tmp)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*leave_out))
     (tmp / "reused_from.json").write_text(json.dumps({"source": str(source)}))
     os.replace(tmp, target)
 
@@ -207,6 +211,28 @@ def reuse_public_stages(run: Run, sources: Sequence[Path]) -> list[tuple[str, Pa
         if source is not None:
             _copy_atomically(source / stage.name, target)
             copied.append((stage.name, source))
+    return copied
+
+
+POST_PROCESSING = ("sample", "evaluate")  # the stages a post-processing row runs itself
+
+
+def copy_trained_stages(run: Run, workdir: Path) -> list[str]:
+    """For a post-processing row: copies every finished stage but POST_PROCESSING (the DP stage included: the
+    same DP model, without its secret, which a finished stage never reads) of the same seed of the row it
+    resamples into `run.workdir`; the run's own fingerprint check then refuses any that its config would not have
+    trained. Returns the copied stages' names."""
+    from dpwave.train.secret_seed import SECRET_SEED_FILE  # imports JAX: only once a run is about to start
+
+    source = workdir / run.row.resamples / f"seed{run.seed}"
+    if not (source / "metrics.json").exists():
+        raise FileNotFoundError(f"{run.row.label} resamples {source}, which is not finished: run row "
+                                f"{run.row.resamples} seed {run.seed} first")
+    copied = []
+    for stage_dir in sorted(p for p in source.iterdir() if (p / "summary.json").exists()):
+        if stage_dir.name not in POST_PROCESSING and not (run.workdir / stage_dir.name).exists():
+            _copy_atomically(stage_dir, run.workdir / stage_dir.name, leave_out=(SECRET_SEED_FILE,))
+            copied.append(stage_dir.name)
     return copied
 
 
@@ -239,6 +265,15 @@ def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = 
             continue
         print(f"[{i}/{len(runs)}] {run.row.label} seed {run.seed}: {shlex.join(run.command)}",
               flush=True)
+        if run.row.resamples:
+            try:
+                copied = copy_trained_stages(run, run.workdir.parents[1])
+            except FileNotFoundError as e:
+                print(f"  FAILED: {e}", file=sys.stderr, flush=True)
+                failed.append(run)
+                continue
+            print(f"  post-processing of {run.row.resamples}/seed{run.seed}: copied {', '.join(copied) or 'nothing'}",
+                  flush=True)
         if reuse:
             _reuse(run, pool)
         code = runner(run.command)

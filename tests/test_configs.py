@@ -8,9 +8,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from dpwave import privacy
 from dpwave.data import require_public
 from dpwave.train import settings
-from experiments.configs import coco, common, mm_celeba_hq
+from experiments.configs import coco, common, mm_celeba_hq, recipes
 from experiments.configs.tables import TABLES
 from helpers.trees import smoke_args, write_smoke_tree
 
@@ -221,3 +222,36 @@ def test_mnist_style_variant_restyles_every_role_but_public_and_is_the_shift_run
         for c in (style, shift):
             c.data = None
     assert style.to_json_best_effort() == shift.to_json_best_effort()  # same recipe and sizes
+
+
+PRIVATE_SIZES = {"mnist.py": 2000, "coco.py": 118_287, "mm_celeba_hq.py": 24_000}
+
+
+@pytest.mark.parametrize("spec", ["mnist.py:demo", "mnist.py:shift,epsilon=1", "mnist.py:style", "mnist.py:tune",
+                                  "mnist.py:tiny", "coco.py:epsilon=1", "mm_celeba_hq.py:epsilon=10"])
+def test_every_config_a_user_starts_from_runs_the_default_recipe(spec):
+    c = load_config(f"experiments/configs/{spec}")
+    default = recipes.RECIPES[recipes.DEFAULT]
+    assert (c.dp.optimizer, c.dp.trainable, c.dp.cond_dropout) == (
+        default["optimizer"], default["trainable"], default["cond_dropout"])
+    assert c.dp.learning_rate == pytest.approx(default["learning_rate"](c, PRIVATE_SIZES[spec.split(":")[0]]))
+
+
+def test_learning_rate_rule_scales_with_the_noise_per_example_squared():
+    """lr = base min(1, (r / (sigma / B))^2): base at the tuned setting and below its noise; at a fixed q and
+    steps (so the same sigma), half the batch means a quarter of the learning rate."""
+    rule = recipes.noise_scaled_lr(0.3, recipes.TUNED_AT)
+    c = load_config("experiments/configs/mnist.py:shift,epsilon=10")
+    with c.unlocked():
+        assert rule(c, 2000) == pytest.approx(0.3)  # the tuned setting itself
+        c.dp.expected_batch_size = 512
+        assert rule(c, 1000) == pytest.approx(0.3 / 4, rel=1e-6)
+        c.dp.target_epsilon = 1.0
+        at_eps1 = rule(c, 1000)
+        sigma = lambda eps: privacy.calibrate_noise(eps, 1e-5, 0.512, 150)
+        assert at_eps1 == pytest.approx(0.3 / 4 * (sigma(10.0) / sigma(1.0)) ** 2, rel=1e-6)
+        c.dp.target_epsilon = 64.0
+        c.dp.expected_batch_size = 1024
+        assert rule(c, 2000) == 0.3  # less noise than the tuned setting: capped at base
+        c.dp.target_epsilon = float("inf")
+        assert rule(c, 2000) == 0.3

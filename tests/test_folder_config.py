@@ -118,8 +118,8 @@ def test_the_rule_gives_mnist_and_the_paper_their_sizes_and_the_docstring_its_ta
     assert (demo.wavelet.levels, tuple(demo.tokenizer.model.patch_sizes), demo.transformer.width,
             demo.transformer.depth, tuple(demo.refiner.model.widths)) == (s32.levels, s32.patch_sizes, s32.width,
                                                                           s32.depth, s32.refiner_widths)
-    big = paper.paper_config(paper.parse_args("manual_dir=/x"), datasets={}, delta=1e-6, dp_steps=1, pretrain_steps=1,
-                             num_real=1)
+    big = paper.paper_config(paper.parse_args("manual_dir=/x"), datasets={}, private_size=10_000, delta=1e-6,
+                             dp_steps=1, pretrain_steps=1, num_real=1)
     s256 = sizing.sizes(256)
     assert (big.wavelet.levels, tuple(big.tokenizer.model.patch_sizes)) == (s256.levels, s256.patch_sizes)
     with pytest.raises(ValueError, match="the sizing rule covers"):

@@ -323,6 +323,55 @@ def test_no_reuse_flag_trains_every_stage_in_every_run(tmp_path, capsys):
     assert "reused" not in capsys.readouterr().out
 
 
+# -- post-processing rows: one trained model, other sample settings ------------------------------------
+def test_a_post_processing_row_copies_the_trained_stages_but_the_secret_and_only_samples(tmp_path, capsys):
+    source = row("dpwave_eps10")
+    guided = tables.resample(source, guidance_scale=2.0)
+    assert (guided.label, guided.setting_label) == ("dpwave_eps10_guidance2", "guidance_scale=2.0")
+    runs = reproduce.plan([source, guided], tmp_path, [0])
+    assert runs[1].command[-2:] == ["--config.sample.guidance_scale=2.0", f"--workdir={runs[1].workdir}"]
+    trained: dict = {}
+    runner = fake_pipeline(runs, trained)
+    runner(runs[0].command)
+    (runs[0].workdir / "dp_finetune" / "secret_seed.json").write_text("{}")
+    assert reproduce.execute(runs, runner) == []
+    assert trained[("dpwave_eps10_guidance2", 0)] == ["sample", "evaluate"]  # every trained stage copied
+    copied = runs[1].workdir / "dp_finetune"
+    assert json.loads((copied / "summary.json").read_text())["params_sha256"] == "dpwave_eps10/0"  # the same model
+    assert not (copied / "secret_seed.json").exists()
+    assert "copied dp_finetune, pretrain, refiner, tokenizer" in capsys.readouterr().out
+
+
+def test_a_post_processing_row_of_an_unfinished_run_fails_and_the_others_still_run(tmp_path, capsys):
+    guided, other = tables.resample(row("dpwave_eps1"), temperature=0.8), row("dpwave_eps10")
+    runs = reproduce.plan([guided, other], tmp_path, [0])
+    assert reproduce.execute(runs, fake_pipeline(runs, {})) == [runs[0]]
+    assert runs[1].finished and not runs[0].workdir.exists()
+    assert "run row dpwave_eps1 seed 0 first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(sampling=("dp.steps=3",), resamples="x"), "not sample.KEY=VALUE"),
+    (dict(sampling=("sample.temperature=0.8",)), "go together"), (dict(resamples="x"), "go together")])
+def test_a_post_processing_row_changes_sampling_only(fields, message):
+    with pytest.raises(ValueError, match=message):
+        tables.Row("r", "experiments/configs/mnist.py:tiny", "dpwave", "1", **fields)
+
+
+@pytest.mark.slow
+def test_a_post_processing_row_resamples_a_real_run(tmp_path):
+    """The pipeline itself accepts the copied stages (equal fingerprints, no secret) and samples with the row's
+    settings; the model's epsilon is the source's."""
+    source = row("dpwave_eps10")
+    cooler = tables.resample(source, temperature=0.5)
+    runs = reproduce.plan([source, cooler], tmp_path, [0])
+    assert reproduce.execute(runs) == []
+    metrics = [json.loads(r.metrics_path.read_text()) for r in runs]
+    assert metrics[0]["epsilon"] == metrics[1]["epsilon"] and metrics[0]["fd_cls"] != metrics[1]["fd_cls"]
+    config = json.loads((runs[1].workdir / "config.json").read_text())
+    assert config["config"]["sample"]["temperature"] == 0.5
+
+
 def test_a_config_that_cannot_load_only_loses_the_reuse(tmp_path, capsys):
     run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], "nokey=1")[0]
     assert reproduce.execute([run], lambda command: 5) == [run]

@@ -73,5 +73,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "heldout": paper.dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[:20%]", "public"),
         "test": paper.dataset(args, "coco_captions", PRIVATE_SUBDIR, "validation[20%:]", "public"),
     }
-    return paper.paper_config(args, datasets=datasets, delta=1e-6, dp_steps=2000, pretrain_steps=200_000,
-                              num_real=4000)
+    return paper.paper_config(args, datasets=datasets, private_size=118_287, delta=1e-6, dp_steps=2000,
+                              pretrain_steps=200_000, num_real=4000)

@@ -23,7 +23,7 @@ subfolders (label conditioning) or `captions.jsonl` (caption conditioning, promp
 or neither (unconditional); the channels; the resolution. Wavelet levels, tokenizer patches and model sizes
 follow from the resolution (experiments/configs/sizing.py). The DP stage's expected batch, steps and sigma
 come from N, the private folder's size, and the target epsilon through `dpwave.privacy.planning`
-(`sizing.dp_plan`), with the tuned DP-SGD recipe (`recipes.py: sgd`, docs/tuning.md). A folder that cannot work
+(`sizing.dp_plan`), with the default DP-SGD recipe (`recipes.DEFAULT`, docs/tuning.md). A folder that cannot work
 (missing, mixed sizes or modes, too few images per class, classes or captions that differ between folders, a
 private folder inside the public one) is a one-line error here; a public image identical or nearly identical to
 a private one is refused by the run-start content check (dpwave/data/overlap.py).
@@ -61,7 +61,6 @@ MIN_PER_CLASS = 10  # public images per class (or in a flat folder) the public s
 MIN_PRIVATE = 32  # private images: the smallest expected batch (q = 1/4) has at least 8
 MAX_DEFAULT_SIDE = 256  # larger images are read at 256 px unless size= says otherwise
 TINY_DP_EPOCHS = 4  # the tiny variant's DP compute, in passes over N (sizing.DP_EPOCHS otherwise)
-RECIPE = "sgd"  # recipes.py: its settings and learning-rate rule, with the plan's expected batch
 MAX_TEXT_BYTES = 128
 
 
@@ -142,10 +141,8 @@ def _dp(c: ml_collections.ConfigDict, n: int, epsilon: str, epochs: int) -> None
     c.dp.target_epsilon = common.epsilon_value(epsilon)
     c.dp.delta = sizing.delta(n)
     plan = sizing.dp_plan(c.dp.target_epsilon, c.dp.delta, n, epochs)
-    c.dp.update(expected_batch_size=plan.expected_batch_size, steps=plan.steps)
-    recipe = recipes.RECIPES[RECIPE]
-    c.dp.update({key: value for key, value in recipe.items() if not callable(value)})
-    c.dp.learning_rate = recipe["learning_rate"](c, n)
+    c.dp.steps = plan.steps
+    recipes.apply(c, recipes.DEFAULT, n, expected_batch_size=plan.expected_batch_size)
 
 
 def _check_args(args: ml_collections.ConfigDict) -> None:

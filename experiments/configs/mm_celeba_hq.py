@@ -87,4 +87,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "heldout": paper.dataset(args, "mm_celeba_hq", PRIVATE_SUBDIR, "test[:20%]", "public"),
         "test": paper.dataset(args, "mm_celeba_hq", PRIVATE_SUBDIR, "test[20%:]", "public"),
     }
-    return paper.paper_config(args, datasets=datasets, delta=1e-5, dp_steps=400, pretrain_steps=50_000, num_real=4800)
+    return paper.paper_config(args, datasets=datasets, private_size=24_000, delta=1e-5, dp_steps=400,
+                              pretrain_steps=50_000, num_real=4800)

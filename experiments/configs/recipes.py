@@ -1,44 +1,75 @@
 """Named DP finetuning recipes: config overrides that the `recipe=NAME` config arg selects.
 
-`mnist.py:shift,recipe=NAME` applies one; `python -m experiments.reproduce --table mnist_tune` scores them
-on public data only (docs/tuning.md), so choosing among them spends no private epsilon. Sources: parameter-efficient DP
-finetuning (Yu et al. 2022, "Differentially Private Fine-tuning of Language Models"; Li et al. 2022,
-"Large Language Models Can Be Strong Differentially Private Learners"): train few coordinates so the
-noise, whose norm grows with sqrt(#coordinates), stays below the clipped signal; large batches with the
-noise multiplier recalibrated (De et al. 2022; Sander et al. 2023, TAN); an EMA of the DP iterates
+`DEFAULT` is the recipe every config a user starts from applies (mnist.py's variants, folder.py, the paper
+configs). `mnist.py:shift,recipe=NAME` applies another; `python -m experiments.reproduce --table mnist_tune`
+scores them on public data only (docs/tuning.md), so choosing among them spends no private epsilon.
+Sources: parameter-efficient DP finetuning (Yu et al. 2022, "Differentially Private Fine-tuning of Language Models";
+Li et al. 2022, "Large Language Models Can Be Strong Differentially Private Learners"): train few coordinates so
+the noise, whose norm grows with sqrt(#coordinates), stays below the clipped signal; large batches with the noise
+multiplier recalibrated (De et al. 2022; Sander et al. 2023, TAN); an EMA of the DP iterates
 (De et al. 2022), free as post-processing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 from dpwave import privacy
 
 
-def noise_scaled_lr(base: float, reference_epsilon: float) -> Callable[[Any, int], float]:
-    """A DP-SGD learning rate for any epsilon: `base` at or above `reference_epsilon` (and without noise),
-    `base * (sigma_ref / sigma)^2` below it, sigma calibrated for the run's own q and steps.
+@dataclasses.dataclass(frozen=True)
+class NoiseReference:
+    """The DP setting a learning rate was tuned at: its noise per example sigma / B sets the rule's scale."""
+
+    epsilon: float
+    delta: float
+    dataset_size: int
+    expected_batch_size: int
+    steps: int
+
+    def noise_per_example(self, accountant: str) -> float:
+        return _noise_per_example(self.epsilon, self.delta, self.expected_batch_size / self.dataset_size, self.steps,
+                                  accountant) / self.expected_batch_size
+
+
+@functools.cache
+def _noise_per_example(epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return privacy.calibrate_noise(epsilon, delta, q, steps, accountant=accountant)
+
+
+def noise_scaled_lr(base: float, reference: NoiseReference) -> Callable[[Any, int], float]:
+    """A DP-SGD learning rate for any run: `base * min(1, (r / (sigma / B))^2)`, where sigma / B is the run's noise
+    per example (sigma calibrated to its target epsilon, q = B / N and steps) and r that of `reference`; `base`
+    without noise.
 
     With noise-dominated updates, the noise's damage to the model grows as (lr sigma / B)^2 per coordinate
     while the useful drift grows as lr, so the best learning rate falls as (B / sigma)^2; the rule keeps
-    lower epsilons from drowning the pretrained model (chosen on the public stand-in, docs/tuning.md).
+    lower epsilons and smaller batches from drowning the pretrained model (chosen on the public stand-in,
+    docs/tuning.md). It reads public quantities only (N, B, steps, the target epsilon and delta).
     """
 
     def learning_rate(config: Any, dataset_size: int) -> float:
         dp = config.dp
-        if dp.target_epsilon == 0 or not math.isfinite(dp.target_epsilon) or dp.target_epsilon >= reference_epsilon:
+        if dp.target_epsilon == 0 or not math.isfinite(dp.target_epsilon):
             return base
-        q = dp.expected_batch_size / dataset_size
-        sigma = lambda eps: privacy.calibrate_noise(eps, dp.delta, q, dp.steps, accountant=dp.accountant)
-        return base * (sigma(reference_epsilon) / sigma(dp.target_epsilon)) ** 2
+        noise = _noise_per_example(dp.target_epsilon, dp.delta, dp.expected_batch_size / dataset_size, dp.steps,
+                                   dp.accountant) / dp.expected_batch_size
+        return base * min(1.0, (reference.noise_per_example(dp.accountant) / noise) ** 2)
 
     return learning_rate
 
 
+# Where the search tuned the DP-SGD learning rate (docs/tuning.md): epsilon 10 on the shift table's 2,000
+# private digits, expected batch 1,024, 150 steps (sigma / B = 0.0032).
+TUNED_AT = NoiseReference(epsilon=10.0, delta=1e-5, dataset_size=2000, expected_batch_size=1024, steps=150)
+
 # The search's DP-SGD candidates: every parameter, expected batch 1,024, no condition dropout.
 _SGD_B1024 = dict(trainable="all", optimizer="sgd", expected_batch_size=1024, cond_dropout=0.0)
+
+DEFAULT = "sgd"
 
 # Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling); a
 # callable value is evaluated on the config and the private set's size.
@@ -46,9 +77,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The tuned recipe (docs/tuning.md): every parameter, plain DP-SGD (Adam's per-coordinate scaling turns
     # noise-dominated coordinates into full-size random steps), sampling rate q = 0.512 (expected batch 1,024
     # of 2,000: sigma/B 4x lower than batch 256 at the same steps), no condition dropout, learning rate 0.3
-    # at epsilon >= 10 and scaled by (sigma_10 / sigma)^2 below.
+    # at the noise per example of TUNED_AT or less, scaled by (B / sigma)^2 above it.
     "sgd": dict(trainable="all", optimizer="sgd", expected_batch_size=lambda config, n: round(0.512 * n),
-                learning_rate=noise_scaled_lr(0.3, 10.0), cond_dropout=0.0),
+                learning_rate=noise_scaled_lr(0.3, TUNED_AT), cond_dropout=0.0),
     # The landed recipe: every parameter, Adam 5e-4, condition dropout 0.1 (pretraining's).
     "all": dict(trainable="all", learning_rate=5e-4),
     "all_nodrop": dict(trainable="all", learning_rate=5e-4, cond_dropout=0.0),
@@ -79,14 +110,22 @@ RECIPES: dict[str, dict[str, Any]] = {
                                cond_dropout=0.0, expected_batch_size=1024),
 }
 
+# Ablations of the default (docs/tuning.md, `--table mnist_ablate`): condition dropout kept during DP finetuning
+# (an unconditional model for guidance); only the attention or the MLP layers trained, with the class table.
+RECIPES["sgd_drop"] = {**RECIPES["sgd"], "cond_dropout": 0.1}
+RECIPES["sgd_attn"] = {**RECIPES["sgd"], "trainable": "cond+attention"}
+RECIPES["sgd_mlp"] = {**RECIPES["sgd"], "trainable": "cond+mlp"}
 
-def apply(config: Any, name: str, dataset_size: int) -> None:
-    """Applies recipe `name` to the (unlocked) config of a run whose private set has `dataset_size`
-    examples; an unknown name lists the known ones."""
+
+def apply(config: Any, name: str, dataset_size: int, **keep: Any) -> None:
+    """Applies recipe `name` to the config of a run whose private set has `dataset_size` examples; an
+    unknown name lists the known ones. `keep` replaces recipe entries (e.g. `expected_batch_size=` of a
+    planner or a test-sized run), before the recipe's rules (e.g. its learning rate) read them."""
     if name not in RECIPES:
         raise ValueError(f"unknown DP recipe {name!r}; known recipes: {sorted(RECIPES)}")
+    entries = {**RECIPES[name], **keep}
     # Plain values first: a callable (e.g. a noise-scaled learning rate) reads the batch size and steps.
-    for key, value in sorted(RECIPES[name].items(), key=lambda item: callable(item[1])):
+    for key, value in sorted(entries.items(), key=lambda item: callable(item[1])):
         if callable(value):
             value = value(config, dataset_size)
         *path, leaf = (key if "." in key else f"dp.{key}").split(".")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 from experiments.configs import common
 
@@ -26,7 +27,10 @@ SCALING_SIZES = (500, 1000)  # and all 2,000: the shift table's own rows
 class Row:
     """One table row: `label` (also its workdir name), config file + variant, method, target epsilon, and
     `setting`: more `:arg` pairs (e.g. `n_private=500`), shown in the table as `shown_setting` when that is given
-    (a row that runs the variant's default but stands for a setting, e.g. all private data)."""
+    (a row that runs the variant's default but stands for a setting, e.g. all private data).
+
+    A post-processing row (`resample`) samples the trained models of row `resamples`, seed by seed, with other
+    `sampling` settings (`sample.KEY=VALUE` overrides): the same DP model, so no further epsilon."""
 
     label: str
     config: str
@@ -34,10 +38,19 @@ class Row:
     epsilon: str
     setting: str = ""
     shown_setting: str = ""
+    sampling: tuple[str, ...] = ()
+    resamples: str = ""
+
+    def __post_init__(self):
+        if bool(self.sampling) != bool(self.resamples):
+            raise ValueError(f"row {self.label}: sampling and resamples go together")
+        if bad := [o for o in self.sampling if not re.fullmatch(r"sample\.\w+=\S+", o)]:
+            raise ValueError(f"row {self.label}: {bad} are not sample.KEY=VALUE settings (post-processing only)")
 
     @property
     def setting_label(self) -> str:
-        return self.shown_setting or self.setting
+        sampling = " ".join(o.removeprefix("sample.") for o in self.sampling)
+        return " ".join(filter(None, (self.shown_setting or self.setting, sampling)))
 
     @property
     def spec(self) -> str:
@@ -64,6 +77,13 @@ def label(method: str, epsilon: str, setting: str = "") -> str:
         parts = [p for p in parts if not p.startswith(("n_private=", "recipe="))]
     middle = "_".join(parts).replace("n_private=", "n").replace("recipe=", "").replace("pretrain_steps=", "pre")
     return "_".join(filter(None, (method, middle.replace("=", ""), "public" if epsilon == PUBLIC else f"eps{epsilon}")))
+
+
+def resample(row: Row, **sampling: float) -> Row:
+    """`row`'s trained models sampled with other `sample` settings (e.g. guidance_scale=2.0): post-processing."""
+    suffix = "_".join(f"{key.split('_')[0]}{value:g}" for key, value in sampling.items())
+    return dataclasses.replace(row, label=f"{row.label}_{suffix}", resamples=row.label,
+                               sampling=tuple(f"sample.{key}={value}" for key, value in sampling.items()))
 
 
 def grid(config: str, methods: tuple[str, ...], epsilons: tuple[str, ...]) -> tuple[Row, ...]:
@@ -146,6 +166,22 @@ TUNE_SEARCH = (
     ("full_dp", "all", ("10", "inf")),
     ("full_dp", "all_sgd_b1024", ("10",)),
 )
+# The ablations of the default recipe on the same stand-in (docs/tuning.md): condition dropout, trained subsets,
+# and post-processing of the trained models (guidance, temperature), the public-only control included.
+ABLATE_RECIPES = (("sgd", ("1", "10", "inf")), ("sgd_drop", ("1", "10")), ("sgd_attn", ("10",)), ("sgd_mlp", ("10",)))
+ABLATE_SAMPLING = (dict(guidance_scale=2.0), dict(temperature=0.8))
+
+
+def _ablate() -> tuple[Row, ...]:
+    """ABLATE_RECIPES at their epsilons, the public-only control, and ABLATE_SAMPLING applied to the models of
+    the finite-epsilon recipe rows with condition dropout on and off and of the control."""
+    trained = [Row(label("dpwave", e, f"recipe={r}"), TUNE, "dpwave", e, f"recipe={r}")
+               for r, eps in ABLATE_RECIPES for e in eps]
+    public = Row(label("dpwave", PUBLIC), SHIFT, "dpwave", PUBLIC)
+    sources = [r for r in trained if r.setting in ("recipe=sgd", "recipe=sgd_drop") and not r.is_control]
+    return (*trained, public, *(resample(r, **s) for r in (*sources, public) for s in ABLATE_SAMPLING))
+
+
 TABLES: dict[str, tuple[Row, ...]] = {
     "mnist_cpu": grid("experiments/configs/mnist.py:demo", common.METHODS, EPSILONS),
     "mnist_shift": grid(SHIFT, common.METHODS, EPSILONS),
@@ -160,6 +196,7 @@ TABLES: dict[str, tuple[Row, ...]] = {
     # The recipe search on the public stand-in of the shift table's DP stage (docs/tuning.md): no private
     # epsilon spent.
     "mnist_tune": _tune(),
+    "mnist_ablate": _ablate(),
     "mnist_tiny": grid("experiments/configs/mnist.py:tiny", common.METHODS, EPSILONS),
     "celeba_paper": _paper("experiments/configs/mm_celeba_hq.py"),
     "coco_paper": _paper("experiments/configs/coco.py"),
