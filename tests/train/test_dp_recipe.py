@@ -144,10 +144,11 @@ def test_load_pretrained_refuses_unknown_and_missing_leaves():
 
 # ---- condition dropout -----------------------------------------------------------------------------
 def test_dp_cond_dropout_sets_the_dp_model_only():
-    run = settings.read(runs.tiny_config({"dp.cond_dropout": 0.0}))
+    run = settings.read(runs.tiny_config({"dp.cond_dropout": 0.0}))  # the default recipe's
     assert run.transformer.cond_dropout == 0.1  # pretraining
     assert run.dp_transformer.cond_dropout == 0.0
-    assert settings.read(runs.tiny_config()).dp_transformer.cond_dropout == 0.1
+    assert settings.read(runs.tiny_config({"dp.cond_dropout": None})).dp_transformer.cond_dropout == 0.1  # unset
+    assert settings.read(runs.tiny_config({"dp.cond_dropout": 0.3})).dp_transformer.cond_dropout == 0.3
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
