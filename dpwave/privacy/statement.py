@@ -72,28 +72,39 @@ def _mechanism(event: dp_event.SelfComposedDpEvent) -> dict:
 
 _POISSON = ("Poisson: each example joins each step independently with probability sampling_prob; the draws are a "
             "deterministic function of (seed, step)")
-_GAUSSIAN = ("Gaussian noise of std noise_multiplier * C added once per step to the sum of per-example gradients "
-             "clipped to L2 norm C")
+_EVERY_EXAMPLE = "none: every example of the private set enters the one release (q = 1)"
+
+# What a mechanism's steps are called and what each step noises, by `release` (the mechanisms share one DpEvent:
+# a Gaussian on a sum whose per-example contributions have L2 norm at most C).
+RELEASES = {
+    "dp_sgd": ("DP-SGD steps", "the sum of per-example gradients clipped to L2 norm C"),
+    "mean_embedding": ("release(s) of a mean embedding (DP-MERF)",
+                       "the sum of per-example random-feature embeddings, each of L2 norm 1 by construction and "
+                       "clipped to C = 1, then divided by N"),
+}
 
 
-def describe_step(event: dp_event.DpEvent) -> tuple[str, str]:
+def describe_step(event: dp_event.DpEvent, release: str = "dp_sgd") -> tuple[str, str]:
     """(sampling, mechanism): the statement's sentences for the DpEvent of one step, read from the event the
     accountant composes so the words cannot drift from the accounting. An event without sentences here is
     refused rather than described as something it is not."""
+    gaussian = f"Gaussian noise of std noise_multiplier * C added once per step to {RELEASES[release][1]}"
     if isinstance(event, dp_event.PoissonSampledDpEvent) and isinstance(event.event, dp_event.GaussianDpEvent):
-        return _POISSON, _GAUSSIAN
+        return (_EVERY_EXAMPLE if event.sampling_probability == 1 else _POISSON), gaussian
     if isinstance(event, dp_event.TruncatedSubsampledGaussianDpEvent):
         return (f"{_POISSON}; a draw larger than {event.truncated_batch_size} examples is cut to a uniformly random "
-                "subset of that size", _GAUSSIAN)
+                "subset of that size", gaussian)
     raise ValueError(f"the privacy statement cannot describe the DP event {event!r}: add its sentences to "
                      "dpwave/privacy/statement.py (describe_step) before reporting a guarantee for it")
 
 
-def privacy_report(ledger: PrivacyLedger,
-                   not_covered: Sequence[str] = DEFAULT_NOT_COVERED) -> dict:
-    """The privacy guarantee of a ledger as a JSON-ready dict."""
+def privacy_report(ledger: PrivacyLedger, not_covered: Sequence[str] = DEFAULT_NOT_COVERED,
+                   release: str = "dp_sgd") -> dict:
+    """The privacy guarantee of a ledger as a JSON-ready dict; `release` names the mechanism (`RELEASES`)."""
+    if release not in RELEASES:
+        raise ValueError(f"release={release!r}; use one of {tuple(RELEASES)}")
     p = ledger.params
-    sampling, mechanism = describe_step(p.step_event())
+    sampling, mechanism = describe_step(p.step_event(), release)
     truncation = None
     if p.max_batch_size is not None and p.max_batch_size < p.dataset_size:
         truncation = {
@@ -121,15 +132,16 @@ def privacy_report(ledger: PrivacyLedger,
         "sampling": sampling,
         "truncation": truncation,
         "mechanism": mechanism,
+        "release": release,
         "history": [_mechanism(e) for e in ledger.events],
         "not_covered": list(not_covered),
     }
 
 
-def privacy_statement(ledger: PrivacyLedger,
-                      not_covered: Sequence[str] = DEFAULT_NOT_COVERED) -> str:
+def privacy_statement(ledger: PrivacyLedger, not_covered: Sequence[str] = DEFAULT_NOT_COVERED,
+                      release: str = "dp_sgd") -> str:
     """Human-readable privacy statement of a ledger (see privacy_report for JSON)."""
-    r = privacy_report(ledger, not_covered)
+    r = privacy_report(ledger, not_covered, release)
     accountant = r["accountant"].upper() + (
         f" (value_discretization_interval={r['pld_discretization']:g}, pessimistic)"
         if r["pld_discretization"] is not None else "")
@@ -140,7 +152,7 @@ def privacy_statement(ledger: PrivacyLedger,
         + (f", target epsilon {r['target_epsilon']:g}" if r["target_epsilon"] else ""),
         f"  unit of privacy: {r['neighboring_relation']}",
         f"  dataset size: {r['dataset_size_is_public']}",
-        f"  mechanism: {r['steps']} DP-SGD steps; {r['mechanism']}",
+        f"  mechanism: {r['steps']} {RELEASES[release][0]}; {r['mechanism']}",
         f"  noise_multiplier: {r['noise_multiplier']:g}; sampling_prob q: "
         f"{r['sampling_prob']:.6g}; expected batch size: {batch}",
         f"  sampling: {r['sampling']}; the seed must stay secret",

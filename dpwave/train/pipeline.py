@@ -2,6 +2,8 @@
 
     tokenizer (public) -> pretrain (public) -> dp_finetune (private, DP) -> refiner (public, dpwave only)
     -> sample -> evaluate
+    dp_embedding (private, DP: the DP-MERF release) -> generator -> refiner (public, dpwave_merf only)
+    -> sample -> evaluate
 
 `PIPELINES` lists each method's stages (`dpwave/train/stages/`, one module per stage); adding a stage is one
 module and one entry here. The config is read once (`settings.read`). A stage with a `summary.json` is
@@ -37,8 +39,10 @@ from dpwave.train.checkpoint import config_fingerprint
 from dpwave.train.fingerprints import StaleStageError
 from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.evaluate import STAGE as EVALUATE
+from dpwave.train.stages.generator import STAGE as GENERATOR
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.refiner import STAGE as REFINER
 from dpwave.train.stages.sample import STAGE as SAMPLE
@@ -48,6 +52,8 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
     "dpwave": (TOKENIZER, PRETRAIN, DP_FINETUNE, REFINER, SAMPLE, EVALUATE),
     "full_dp": (TOKENIZER, PRETRAIN, DP_FINETUNE, SAMPLE, EVALUATE),  # the baseline: every scale under DP
     "bicubic": (TOKENIZER, PRETRAIN, DP_FINETUNE, SAMPLE, EVALUATE),  # coarse under DP, bicubic upsampling
+    "dp_merf": (DP_EMBEDDING, GENERATOR, SAMPLE, EVALUATE),  # DP-MERF (Harder et al. 2021) in pixel space
+    "dpwave_merf": (DP_EMBEDDING, GENERATOR, REFINER, SAMPLE, EVALUATE),  # its release of the coarse band
 }
 assert tuple(PIPELINES) == settings_lib.METHODS
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "jaxwt", "tensorflow-datasets", "ml-collections",
@@ -141,11 +147,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
     settings = settings_lib.read(config)
     workdir = workdir if "://" in workdir else os.path.abspath(workdir)  # gs://bucket/run stays a bucket path
     run_stages = tuple(stages(settings))
-    dp_to_run = DP_FINETUNE in run_stages and loop.read_summary(os.path.join(workdir, DP_FINETUNE.name)) is None
+    dp_stage = next((stage for stage in run_stages if stage.dp), None)
+    dp_to_run = dp_stage is not None and loop.read_summary(os.path.join(workdir, dp_stage.name)) is None
     if dp_to_run:
         given = secret_seed.seed_source(settings.dp)  # a bad or short DP secret fails before anything is written
         if given is not None:
-            secret_seed.check_strength(*given, os.path.join(workdir, DP_FINETUNE.name))
+            secret_seed.check_strength(*given, os.path.join(workdir, dp_stage.name))
     inputs = stage_inputs(settings)
     check_finished_stages(workdir, inputs)
     # Every mode, before any training step: split tags of every role, and no private image in a public role.

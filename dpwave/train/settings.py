@@ -26,8 +26,10 @@ from dpwave.models import transformer as transformer_lib
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
 from dpwave.models.transformer import TransformerConfig
-from dpwave.sample import METHODS
+from dpwave.sample import METHODS as AR_METHODS
 
+MERF_METHODS = ("dp_merf", "dpwave_merf")  # DP-MERF in pixel space; its release on the coarse band + the refiner
+METHODS = (*AR_METHODS, *MERF_METHODS)
 ROLES = ("public", "private", "heldout", "test")
 CONDITIONS = ("label", "caption", "none")
 PROMPTS = ("labels", "heldout")
@@ -144,21 +146,26 @@ class Mechanism:
         sigma/B of the private run (Sander et al. 2023 simulate runs the same way)."""
         return dataset_size / self.simulated_size(dataset_size)
 
-    def calibrated_noise(self, dataset_size: int) -> float:
-        """sigma: as given, 0 for the non-private reference, else calibrated so that `steps` steps of q =
-        expected batch / N give epsilon <= target."""
+    def sampling(self, dataset_size: int, single_release: bool) -> tuple[float, int]:
+        """(q, steps): expected batch / N over `steps` DP-SGD steps, or (1, 1) for one release of the whole set
+        (DP-MERF's embedding; `expected_batch_size` and `steps` are then unused)."""
+        return (1.0, 1) if single_release else (self.expected_batch_size / dataset_size, self.steps)
+
+    def calibrated_noise(self, dataset_size: int, single_release: bool = False) -> float:
+        """sigma: as given, 0 for the non-private reference, else calibrated so that the run's steps of q (see
+        `sampling`) give epsilon <= target."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
         if math.isinf(self.target_epsilon):
             return 0.0
-        return privacy.calibrate_noise(self.target_epsilon, self.delta, self.expected_batch_size / dataset_size,
-                                       self.steps, accountant=self.accountant, neighboring=self.neighboring)
+        return privacy.calibrate_noise(self.target_epsilon, self.delta, *self.sampling(dataset_size, single_release),
+                                       accountant=self.accountant, neighboring=self.neighboring)
 
-    def check(self, dataset_size: int) -> None:
+    def check(self, dataset_size: int, single_release: bool = False) -> None:
         """Refuses what `build(dataset_size)` would refuse, in words of the config: an expected batch larger than
         the set it samples from, a delta >= 1/N, a sigma or epsilon out of range."""
         simulated = self.simulated_size(dataset_size)
-        if self.expected_batch_size > simulated:
+        if not single_release and self.expected_batch_size > simulated:
             more = ("raise dp.tuning_private_size" if simulated != dataset_size else
                     "give config.data.private more examples")
             raise ValueError(f"dp.expected_batch_size={self.expected_batch_size} is larger than the {simulated} "
@@ -166,16 +173,18 @@ class Mechanism:
                              f"{self.expected_batch_size / simulated:.3g} > 1); lower dp.expected_batch_size (well "
                              f"below {simulated}) or {more}")
         try:
-            self.build(dataset_size)
+            self.build(dataset_size, single_release)
         except ValueError as e:
             raise ValueError(f"config.dp over the {dataset_size} examples of config.data.private: {e}") from None
 
-    def build(self, dataset_size: int) -> privacy.DpSgdMechanism:
-        """The DP stage's mechanism over a DP input of `dataset_size` examples."""
+    def build(self, dataset_size: int, single_release: bool = False) -> privacy.DpSgdMechanism:
+        """The DP stage's mechanism over a DP input of `dataset_size` examples; with `single_release`, one step of
+        q = 1 and C = 1 (the DP-MERF release, `privacy.mean_embedding`)."""
         simulated = self.simulated_size(dataset_size)
-        return privacy.DpSgdMechanism(self.l2_clip, privacy.DpParams(
-            noise_multiplier=self.calibrated_noise(simulated) * self.noise_scale(dataset_size),
-            sampling_prob=float(self.expected_batch_size / simulated), delta=self.delta, accountant=self.accountant,
+        q = self.sampling(simulated, single_release)[0]
+        return privacy.DpSgdMechanism(1.0 if single_release else self.l2_clip, privacy.DpParams(
+            noise_multiplier=self.calibrated_noise(simulated, single_release) * self.noise_scale(dataset_size),
+            sampling_prob=float(q), delta=self.delta, accountant=self.accountant,
             target_epsilon=None if math.isinf(self.target_epsilon) or self.tuning else self.target_epsilon,
             dataset_size=dataset_size, allow_large_delta=self.allow_large_delta, neighboring=self.neighboring))
 
@@ -207,6 +216,22 @@ class Dp:
     secret_seed_file: str | None
     compose_on_resume: bool
     log_private_metrics: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Merf:
+    """The DP-MERF methods (config.merf; `privacy.mean_embedding`, `models.merf_generator`): the released embedding
+    (`num_features`, `count_weight`, `length_scale`: None is the median heuristic on the public split) and the
+    generator fitted to it (`code_dim`, `hidden`, `steps`, `batch_size`, `learning_rate`)."""
+
+    num_features: int
+    count_weight: float
+    length_scale: float | None
+    code_dim: int
+    hidden: tuple[int, ...]
+    steps: int
+    batch_size: int
+    learning_rate: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +298,7 @@ class Settings:
     pretrain: Training
     dp_transformer: TransformerConfig
     dp: Dp
+    merf: Merf
     refiner: ModelTraining
     sample: Sampling
     eval: Evaluation
@@ -283,6 +309,11 @@ class Settings:
     def coarse_only(self) -> bool:
         """dpwave and its bicubic ablation model only the coarse band; the full-DP baseline all scales."""
         return self.method != "full_dp"
+
+    @property
+    def uses_merf(self) -> bool:
+        """The DP-MERF methods: one release of a mean embedding instead of DP-SGD steps."""
+        return self.method in MERF_METHODS
 
     @property
     def public_only(self) -> bool:
@@ -301,7 +332,7 @@ class Settings:
         if self.public_only:
             return
         spec = dataclasses.replace(self.data.specs["private"], in_memory=False)
-        self.dp.mechanism.check(len(data.load(spec, role="config.data.private")))
+        self.dp.mechanism.check(len(data.load(spec, role="config.data.private")), single_release=self.uses_merf)
 
 
 _PATHS = ("init_params_from", "inception_weights")  # "" (e.g. `--config.eval.inception_weights=`) means None
@@ -356,6 +387,23 @@ def _check(config: ml_collections.ConfigDict) -> None:
     _check_run(config)
     _check_ops(config)
     _check_dp(config.dp)
+    _check_merf(config.merf)
+
+
+def _check_merf(merf: ml_collections.ConfigDict) -> None:
+    for key in ("num_features", "code_dim", "steps", "batch_size"):
+        if isinstance(merf[key], bool) or not isinstance(merf[key], int) or merf[key] < 1:
+            raise ValueError(f"config.merf.{key}={merf[key]!r} must be an int >= 1")
+    if merf.num_features % 2:
+        raise ValueError(f"config.merf.num_features={merf.num_features} must be even (cos and sin halves)")
+    if not 0 < merf.count_weight < 1:
+        raise ValueError(f"config.merf.count_weight={merf.count_weight!r} must be in (0, 1): the share of the unit "
+                         "sensitivity spent on the class counts")
+    if merf.length_scale is not None and not (math.isfinite(merf.length_scale) and merf.length_scale > 0):
+        raise ValueError(f"config.merf.length_scale={merf.length_scale!r} must be > 0, or None (median heuristic "
+                         "on the public split)")
+    if not merf.learning_rate > 0:
+        raise ValueError(f"config.merf.learning_rate={merf.learning_rate!r} must be > 0")
 
 
 def _check_ops(config: ml_collections.ConfigDict) -> None:
@@ -379,6 +427,9 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     if d.condition == "label" and not (isinstance(d.num_classes, int) and d.num_classes >= 2):
         raise ValueError(f"config.data.num_classes={d.num_classes!r}: label conditioning needs the number of "
                          "classes (>= 2)")
+    if config.method in MERF_METHODS and d.condition == "caption":
+        raise ValueError(f"config.method={config.method!r} embeds class labels or nothing; caption conditioning "
+                         "(config.data.condition='caption') needs an AR method (dpwave, full_dp, bicubic)")
     if config.sample.prompts not in PROMPTS:
         raise ValueError(f"config.sample.prompts={config.sample.prompts!r}; use one of {PROMPTS}")
     microbatch = config.perf.microbatch_size
@@ -462,6 +513,7 @@ def read(config: ml_collections.ConfigDict) -> Settings:
         dp_transformer=dp_transformer,
         dp=Dp(_dataclass(Mechanism, dp), _dataclass(Recipe, dp), dp.secret_seed, dp.secret_seed_file,
               dp.compose_on_resume, dp.log_private_metrics),
+        merf=_dataclass(Merf, config.merf, hidden=tuple(config.merf.hidden)),
         refiner=_dataclass(ModelTraining, config.refiner, model=refiner),
         sample=_dataclass(Sampling, config.sample), eval=_dataclass(Evaluation, config.eval),
         perf=_dataclass(Perf, config.perf),

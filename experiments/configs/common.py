@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from dpwave.sample import METHODS  # noqa: F401 (the tables' methods)
+from dpwave.train.settings import METHODS  # noqa: F401 (the tables' methods)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -52,7 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     is locked). A placeholder (None) is either optional or a dataset choice a config must make."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # the public stages' randomness (the DP stage draws from its own secret seed)
-    c.method = "dpwave"  # dpwave | full_dp (all scales under DP, the baseline) | bicubic (coarse DP + bicubic)
+    # dpwave | full_dp (all scales under DP, the baseline) | bicubic (coarse DP + bicubic) | dp_merf (DP-MERF,
+    # Harder et al. 2021: one DP release of a random-feature mean embedding, a generator fitted to it) |
+    # dpwave_merf (the same release of the coarse band, then the public refiner)
+    c.method = "dpwave"
 
     c.data = ml_collections.ConfigDict()
     c.data.image_size = placeholder(int)  # square side every role is read at (the dataset's choice)
@@ -125,6 +128,16 @@ def base_config() -> ml_collections.ConfigDict:
         # with python -c 'import secrets; print(secrets.token_hex(32))'. secret_seed: reproducibility mode (tests), NOT
         # secret: it is written to config.json and the logs, and whoever knows it can undo the noise.
         secret_seed_file=placeholder(str), secret_seed=placeholder(int)))
+
+    # The DP-MERF methods (dpwave/privacy/mean_embedding.py): one release of the class-conditional mean of
+    # num_features random Fourier features (Gaussian kernel of length_scale; None: the median pairwise distance of
+    # the public images) under config.dp's epsilon, delta and accountant (dp.steps and dp.expected_batch_size
+    # unused), count_weight of the unit sensitivity on the class counts; then a generator (code_dim, hidden)
+    # fitted to it by Adam for `steps` of `batch_size` generated images. The paper's MNIST choices (10,000
+    # features, code 5, hidden 200-500, lr 0.01), except the length scale (fixed there) and the count release.
+    c.merf = ml_collections.ConfigDict(dict(
+        num_features=10_000, count_weight=0.5, length_scale=placeholder(float), code_dim=5, hidden=(200, 500),
+        steps=1500, batch_size=200, learning_rate=1e-2))
 
     # How the DP step computes the clipped sum, not what: every path gives the same update up to float rounding
     # (tests/privacy/test_clipping.py, test_ghost.py; tests/train/test_parallel.py), so none is a stage input.

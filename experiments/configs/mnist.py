@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.perf.microbatch_size = 8
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
+        c.merf.update(num_features=1000, steps=30, batch_size=100)
         c.sample.update(num_samples=100, batch_size=50)
         c.eval.update(feature_epochs=2, downstream_epochs=2, num_real=200)
         c.checkpoint.update(every_steps=10)

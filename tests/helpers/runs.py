@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 import pytest
+import tensorflow_datasets as tfds
 
+from dpwave import data
 from dpwave.train import distributed, loop, pipeline, settings
 from dpwave.train.stages.base import Context, run_task
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
@@ -95,6 +97,36 @@ def run_stage(config: ml_collections.ConfigDict, workdir: Path, name: str) -> lo
     ctx = context(config, workdir)
     stage = next(s for s in pipeline.stages(ctx.settings) if s.name == name)
     return run_task(ctx, stage.task(ctx))
+
+
+def forbid_private_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Fails the test when a private split is opened outside the run-start content check (the public-only
+    control's one read of it); returns the list of (split, inside the check) every opened source appends to."""
+    opened, hashing = [], []
+    source_init = data.Source.__init__
+    as_data_source = tfds.core.DatasetBuilder.as_data_source
+    check_boundary = settings.DataSettings.check_boundary
+
+    def boundary(self):  # the run-start content check: the one place the private split may be opened
+        hashing.append(True)
+        try:
+            return check_boundary(self)
+        finally:
+            hashing.pop()
+
+    def checked_source(self, source, spec, *args, **kw):
+        opened.append((spec.split, bool(hashing)))
+        assert spec.privacy != "private" or hashing, f"the public-only control opened {spec.label} outside the check"
+        source_init(self, source, spec, *args, **kw)
+
+    def checked_split(self, split, *args, **kw):
+        assert "private" not in str(split) or hashing, f"the public-only control read split {split} outside the check"
+        return as_data_source(self, split, *args, **kw)
+
+    monkeypatch.setattr(settings.DataSettings, "check_boundary", boundary)
+    monkeypatch.setattr(data.Source, "__init__", checked_source)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", checked_split)
+    return opened
 
 
 def subprocess_env(cache_dir: Path, devices: int | None = None, **extra: str) -> dict[str, str]:

@@ -11,11 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from flax import nnx
 from helpers import runs
 
-from dpwave import data
 from dpwave.train import dp_recipe, loop, model_io, pipeline, settings
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.sample import transformer_params
@@ -203,30 +201,7 @@ PUBLIC_ONLY = {"dp.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples
 @pytest.mark.e2e
 def test_public_only_opens_the_private_split_only_to_hash_it_and_reports_epsilon_zero(base_workdir, tmp_path,
                                                                                        monkeypatch):
-    opened, hashing = [], []
-    source_init = data.Source.__init__
-    as_data_source = tfds.core.DatasetBuilder.as_data_source
-    check_boundary = settings.DataSettings.check_boundary
-
-    def boundary(self):  # the run-start content check: the one place the private split may be opened
-        hashing.append(True)
-        try:
-            return check_boundary(self)
-        finally:
-            hashing.pop()
-
-    def checked_source(self, source, spec, *args, **kw):
-        opened.append((spec.split, bool(hashing)))
-        assert spec.privacy != "private" or hashing, f"the public-only control opened {spec.label} outside the check"
-        source_init(self, source, spec, *args, **kw)
-
-    def checked_split(self, split, *args, **kw):
-        assert "private" not in str(split) or hashing, f"the public-only control read split {split} outside the check"
-        return as_data_source(self, split, *args, **kw)
-
-    monkeypatch.setattr(settings.DataSettings, "check_boundary", boundary)
-    monkeypatch.setattr(data.Source, "__init__", checked_source)
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", checked_split)
+    opened = runs.forbid_private_reads(monkeypatch)
     config = runs.tiny_config(PUBLIC_ONLY)
     assert "dp_finetune" not in stage_names(config)
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))

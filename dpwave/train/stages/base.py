@@ -38,7 +38,8 @@ class Stage:
     `public`: the result is a function of public data only (it reads no private data and consumes only public
     stages), so `experiments/reproduce.py` may copy it between runs with equal inputs. `stream`: folded into
     `config.seed` for the stage's randomness. `consumes`: the stages whose artifacts it reads (their
-    fingerprints are part of its inputs). `reconciled_on_resume`: input paths a resumed checkpoint may differ in
+    fingerprints are part of its inputs). `dp`: the run's DP stage (it spends the privacy budget; its summary
+    holds the ledger and the statement). `reconciled_on_resume`: input paths a resumed checkpoint may differ in
     because the stage checks them itself on restore (the DP stage's mechanism: the privacy ledger).
     """
 
@@ -46,6 +47,7 @@ class Stage:
     public: ClassVar[bool]
     stream: ClassVar[int | None]
     consumes: ClassVar[tuple[str, ...]] = ()
+    dp: ClassVar[bool] = False
     reconciled_on_resume: ClassVar[tuple[str, ...]] = ()
 
     def enabled(self, settings: Settings) -> bool:

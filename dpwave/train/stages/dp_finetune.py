@@ -16,16 +16,16 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from dpwave import data, privacy
+from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import distributed, dp_recipe, loop, model_io, secret_seed, steps
+from dpwave.train import distributed, dp_recipe, loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Mechanism, Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_account import DpAccount
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 
@@ -46,26 +46,15 @@ def _draws(sampler_state: dict) -> dict:
     return draws
 
 
-class DpRun:
+class DpRun(DpAccount):
     """One run of the DP stage: its examples, mechanism, sampler, ledger, guard and jitted step."""
 
     def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
-        self.settings = settings
-        dp = settings.dp
-        secret, origin = secret_seed.secret_seed(dp, stage_dir)
-        self.seed_origin = f"{origin}, {secret.bits} bits"
-        source = settings.data.load("private")
-        expected = "public" if dp.mechanism.tuning else "private"  # a tuning run's DP input stands in for it
-        if source.privacy != expected:
-            raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
-                                    f"{' (dp.tuning)' if dp.mechanism.tuning else ''}, got {source.privacy}")
-        self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), source)
-        self.mechanism = dp.mechanism.build(len(source))
+        super().__init__(settings, stage_dir)
+        dp, secret = settings.dp, self.secret
+        self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
         self.sampler = self.mechanism.selection.sampler(
             secret.poisson_seed(), bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
-        self.params = self.mechanism.params
-        self.ledger = self.mechanism.ledger()
-        self.guard = self.mechanism.guard(self.ledger)
 
         # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
         graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
@@ -86,7 +75,6 @@ class DpRun:
         self.step_fn = dp_recipe.with_ema(self.step_fn, dp.recipe.ema_decay)
         self.mesh = mesh
         self.key = secret.step_key()
-        self.last_epsilon = 0.0
 
     def batch(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Step i's examples and mask: this process's share of the Poisson draw `sampler.batch(i)` (padded slots
@@ -104,13 +92,6 @@ class DpRun:
             metrics = {}
         return state, metrics
 
-    def before_step(self, i: int) -> None:
-        if self.ledger.steps != i:
-            raise RuntimeError(f"privacy ledger holds {self.ledger.steps} steps but the run is at step {i}")
-        if self.guard is not None and not self.guard.can_step(1):
-            raise loop.StopStage(f"privacy budget: one more step would exceed epsilon "
-                                 f"{self.params.target_epsilon} (now {self.ledger.epsilon():.4g})")
-
     def after_step(self, i: int) -> dict:
         if i % self.settings.ops.log_every and i != self.settings.dp.mechanism.steps:
             return {}
@@ -121,10 +102,7 @@ class DpRun:
         return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.checkpoint_state()}
 
     def on_restore(self, meta: dict) -> None:
-        saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
-        differences = saved.check_compatible(self.params, compose=self.settings.dp.compose_on_resume)
-        if differences:
-            logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
+        saved, differences = self.saved_ledger(meta)
         saved_sampler, sampler = _draws(meta["sampler"]), _draws(self.sampler.checkpoint_state())
         if not differences and saved_sampler != sampler:
             changed = sorted(k for k in saved_sampler.keys() | sampler.keys() if saved_sampler.get(k) != sampler.get(k))
@@ -132,17 +110,7 @@ class DpRun:
                 f"the Poisson sampler differs from the checkpoint's in {', '.join(changed)} (a different "
                 "seed_commitment means another DP secret seed); restore the original settings and seed, or use a new "
                 "workdir")
-        self.ledger = saved
-        self.guard = self.mechanism.guard(self.ledger)
-
-    def summary(self) -> dict:
-        report = privacy.privacy_report(self.ledger)
-        return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
-                "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
-                "steps": self.ledger.steps, "privacy": {**report, "seed": self.seed_origin},
-                "statement": (privacy.privacy_statement(self.ledger)
-                              + f"\n  sampling and noise seed: {self.seed_origin}"),
-                "ledger": self.ledger.to_dict()}
+        self.use_ledger(saved)
 
     def task(self) -> loop.Task:
         ema = bool(self.settings.dp.recipe.ema_decay)  # the parameters the sample stage loads
@@ -159,6 +127,7 @@ class DpFinetune(Stage):
     name = "dp_finetune"
     public = False
     stream = None
+    dp = True
     consumes = ("tokenizer", "pretrain")
     # The mechanism's settings may change on resume: the ledger refuses them unless dp.compose_on_resume composes
     # them honestly (the clipping norm is outside the ledger: it must not change).

@@ -17,10 +17,12 @@ from flax import nnx
 
 from dpwave import data, evaluate, files, privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import dp_recipe, loop
+from dpwave.privacy import mean_embedding
+from dpwave.train import dp_recipe, loop, merf
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.sample import STAGE as SAMPLE
 
@@ -29,8 +31,8 @@ PUBLIC_ONLY_SUMMARY = {
     "epsilon": 0.0, "delta": 0.0, "noise_multiplier": None, "steps": 0, "wall_time_s": 0.0, "ledger": None,
     "statement": "(0, 0)-differential privacy: public-only control (dp.target_epsilon = 0).\n"
                  "  No DP stage ran and no model was trained on private data (the private split was opened only to "
-                 "hash its pixels for the run-start content check): the samples come from the model pretrained on "
-                 "public data."}
+                 "hash its pixels for the run-start content check): the samples come from models trained on public "
+                 "data only."}
 
 # Why the conditioning accuracy is None in runs not prompted with class labels.
 COND_REASONS = {
@@ -39,12 +41,32 @@ COND_REASONS = {
     "none": "unconditional run: the samples have no prompts to agree with"}
 
 
-def dp_step_flops(settings: Settings) -> float | None:
+def _flops(fn: Any, *args: Any) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def release_flops(settings: Settings, dataset_size: int) -> float:
+    """FLOPs of the DP-MERF release: one example's embedding (XLA cost analysis) times N; clipping and noise are
+    not counted."""
+    feats = mean_embedding.RandomFeatures(jnp.zeros((math.prod(merf.out_shape(settings)),
+                                                     settings.merf.num_features // 2), jnp.float32))
+    row = jnp.zeros((1, *merf.out_shape(settings)), jnp.float32)
+    per_example = _flops(lambda x: mean_embedding.example_vectors(feats, x, jnp.zeros((1,), jnp.int32),
+                                                                  merf.num_classes(settings),
+                                                                  settings.merf.count_weight), row)
+    return per_example * dataset_size
+
+
+def dp_step_flops(settings: Settings, dp_summary: dict) -> float | None:
     """Model FLOPs of one DP step at the expected batch size: forward + backward (gradients of the trainable
     parameters only) of the per-example loss (XLA cost analysis) times the expected batch size; clipping and
-    noise are not counted. None for the public-only control (no DP stage)."""
+    noise are not counted. The DP-MERF release is one step over the whole set (`release_flops`). None for the
+    public-only control (no DP stage)."""
     if settings.public_only:
         return None
+    if settings.uses_merf:
+        return release_flops(settings, dp_summary["privacy"]["dataset_size"])
     graphdef, state = DP_FINETUNE.init(settings)
     params, frozen = privacy.partition(state.params,
                                        transformer_lib.trainable_mask(state.params, settings.dp.recipe.trainable))
@@ -55,11 +77,8 @@ def dp_step_flops(settings: Settings) -> float | None:
     elif cfg.conditioning == "text":
         example["caption_bytes"] = jnp.zeros((cfg.max_text_len,), jnp.int32)
     key = jax.random.key(0)  # the FLOPs do not depend on the dropout draws
-    grad = jax.jit(jax.grad(lambda p, e: transformer_lib.per_example_loss(graphdef, privacy.combine(p, frozen), e,
-                                                                          key)))
-    cost = grad.lower(params, example).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"]) * settings.dp.mechanism.expected_batch_size
+    grad = jax.grad(lambda p, e: transformer_lib.per_example_loss(graphdef, privacy.combine(p, frozen), e, key))
+    return _flops(grad, params, example) * settings.dp.mechanism.expected_batch_size
 
 
 def _images(source: data.Source, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -103,8 +122,8 @@ def report_markdown(settings: Settings, workdir: str, metrics: dict, report: dic
         shown = f"{value:.4f}" if value is not None else f"n/a: {metrics['reasons'].get(name, '')}"
         lines.append(f"| {report['names'][name]} | {shown} |")
     per_class = evaluate.conditioning_line(metrics.get("details", {}))
-    walls = [f"{name} {summary['wall_time_s']:.0f}" for name in ("tokenizer", "pretrain", "refiner", "sample")
-             if (summary := loop.read_summary(os.path.join(workdir, name)))]
+    walls = [f"{name} {summary['wall_time_s']:.0f}"
+             for name in ("tokenizer", "pretrain", "generator", "refiner", "sample") if (summary := loop.read_summary(os.path.join(workdir, name)))]
     lines += [f"| DP steps | {metrics['dp_steps']} |",
               f"| model FLOPs per DP step (expected batch) | {metrics['dp_step_flops'] or 0:.3g} |", "",
               *([per_class, ""] if per_class else []),
@@ -123,7 +142,7 @@ class Evaluate(Stage):
     name = "evaluate"
     public = False
     stream = None  # the metrics' own seeds: 0 for the FD-cls classifier (every run scored alike), config.seed
-    consumes = ("sample", "dp_finetune")
+    consumes = ("sample", "dp_finetune", "dp_embedding")
 
     def inputs(self, settings: Settings) -> dict[str, Any]:
         d, mechanism = settings.data, settings.dp.mechanism
@@ -137,7 +156,8 @@ class Evaluate(Stage):
         start = time.time()
         samples = files.read_npz(os.path.join(ctx.dir(SAMPLE.name), "samples.npz"))
         report, num_private = _sample_report(settings, samples)
-        dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(DP_FINETUNE.name))
+        dp_stage = DP_EMBEDDING if settings.uses_merf else DP_FINETUNE
+        dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(dp_stage.name))
         metrics = {m: report[m] for m in evaluate.METRICS}
         reasons = dict(report["reasons"])
         if settings.data.condition in COND_REASONS:
@@ -157,7 +177,7 @@ class Evaluate(Stage):
         target = settings.dp.mechanism.target_epsilon
         metrics.update(
             epsilon=epsilon, delta=dp["delta"], target_epsilon=target if math.isfinite(target) else None,
-            noise_multiplier=dp["noise_multiplier"], dp_steps=dp["steps"], dp_step_flops=dp_step_flops(settings),
+            noise_multiplier=dp["noise_multiplier"], dp_steps=dp["steps"], dp_step_flops=dp_step_flops(settings, dp),
             method=settings.method, seed=settings.seed, reasons=reasons, names=report["names"],
             privacy_ledger=dp["ledger"], details=report["details"])
         metrics["mode"] = mode

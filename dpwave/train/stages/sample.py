@@ -19,11 +19,12 @@ from flax import nnx
 
 from dpwave import data, files, grids, sample, wavelets
 from dpwave.models.text import encode_captions
-from dpwave.train import loop
+from dpwave.train import loop, merf
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
+from dpwave.train.stages.generator import STAGE as GENERATOR
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.refiner import STAGE as REFINER
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
@@ -42,7 +43,7 @@ def transformer_params(settings: Settings, dirs: dict[str, str]) -> tuple[nnx.Gr
 def build_generator(settings: Settings, dirs: dict[str, str]) -> sample.Generator:
     tokenizer = TOKENIZER.model(settings, dirs[TOKENIZER.name])
     transformer = nnx.merge(*transformer_params(settings, dirs))
-    refiner = REFINER.model(settings, dirs[REFINER.name]) if settings.method == "dpwave" else None
+    refiner = REFINER.model(settings, dirs[REFINER.name]) if settings.method == "dpwave" else None  # AR methods
     s = settings.sample
     return sample.make_generator(settings.method, tokenizer, transformer, refiner, temperature=s.temperature,
                                  top_k=s.top_k, top_p=s.top_p, guidance_scale=s.guidance_scale)
@@ -65,7 +66,27 @@ def prompts(settings: Settings) -> tuple[np.ndarray | None, np.ndarray | None, s
     return None, None, "none (unconditional)"
 
 
-def _real_rows(settings: Settings, generator: sample.Generator, key: jax.Array) -> dict[str, np.ndarray]:
+def refiner_part(settings: Settings, dirs: dict[str, str]) -> sample.Part | None:
+    """The refiner of the methods that have one (dpwave, dpwave_merf)."""
+    if settings.method not in ("dpwave", "dpwave_merf"):
+        return None
+    return sample.Part.of(REFINER.model(settings, dirs[REFINER.name]))
+
+
+def generate(settings: Settings, dirs: dict[str, str], conds: np.ndarray | None,
+             key: jax.Array) -> dict[str, np.ndarray]:
+    """uint8 `images`, `coarse_images` (and `unrefined` where a refiner adds the details) of the run's method."""
+    s = settings.sample
+    if settings.uses_merf:
+        labels = conds if conds is not None else np.zeros(s.num_samples, np.int32)
+        graphdef, params = GENERATOR.restore_params(settings, dirs[GENERATOR.name])
+        return merf.generate_many(settings, graphdef, params, refiner_part(settings, dirs), labels, key,
+                                  s.batch_size)
+    return sample.generate_many(build_generator(settings, dirs), conds, key, s.batch_size,
+                                num_samples=None if conds is not None else s.num_samples)
+
+
+def _real_rows(settings: Settings, refiner: sample.Part | None, key: jax.Array) -> dict[str, np.ndarray]:
     """Real test images, their coarse images and the refiner's output from their coarse band."""
     test = settings.data.load("test")
     real = test.get_batch(np.linspace(0, len(test) - 1, GRID_COLUMNS).astype(int))  # spread over the classes
@@ -75,9 +96,9 @@ def _real_rows(settings: Settings, generator: sample.Generator, key: jax.Array) 
     rows = {"real": data.to_uint8(x),
             "real coarse": data.to_uint8(wavelets.upsample_coarse(pyramid.coarse, w.levels, x.shape[1:3], w.name,
                                                                   method="nearest"))}
-    if generator.refiner is not None:
-        label = jnp.asarray(real["label"], jnp.int32) if generator.refiner.config.num_classes else None
-        refined = sample.refine_coarse(generator.refiner.module(), pyramid.coarse, key, label)
+    if refiner is not None:
+        label = jnp.asarray(real["label"], jnp.int32) if refiner.config.num_classes else None
+        refined = sample.refine_coarse(refiner.module(), pyramid.coarse, key, label)
         rows["refined (real coarse)"] = data.to_uint8(jnp.clip(wavelets.reconstruct(refined), -1, 1))
     return rows
 
@@ -88,7 +109,7 @@ class Sample(Stage):
     name = "sample"
     public = False
     stream = 5
-    consumes = ("tokenizer", "pretrain", "dp_finetune", "refiner")
+    consumes = ("tokenizer", "pretrain", "dp_finetune", "generator", "refiner")
 
     def inputs(self, settings: Settings) -> dict[str, Any]:
         d = settings.data
@@ -100,16 +121,14 @@ class Sample(Stage):
         settings, stage_dir = ctx.settings, ctx.dir(self.name)
         dirs = {name: ctx.dir(name) for name in self.consumes}
         start = time.time()
-        generator = build_generator(settings, dirs)
         conds, labels, source = prompts(settings)
         key = self.key(settings)
-        out = sample.generate_many(generator, conds, key, settings.sample.batch_size,
-                                   num_samples=None if conds is not None else settings.sample.num_samples)
+        out = generate(settings, dirs, conds, key)
         arrays = {"images": out["images"], "coarse_images": out["coarse_images"]}
         if labels is not None:
             arrays["labels"] = labels
         files.write_npz(os.path.join(stage_dir, "samples.npz"), arrays, compressed=True)
-        rows = _real_rows(settings, generator, jax.random.fold_in(key, 10**6))
+        rows = _real_rows(settings, refiner_part(settings, dirs), jax.random.fold_in(key, 10**6))
         rows["generated coarse"] = out["coarse_images"][:GRID_COLUMNS]
         if "unrefined" in out:
             rows["generated, bicubic"] = out["unrefined"][:GRID_COLUMNS]
