@@ -272,3 +272,17 @@ def generate_many(generator: Generator, conds: Any, key: jax.Array, batch_size: 
         pending = (out, count)
     collect(*pending)
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def generate_batches(fn: Any, labels: np.ndarray, key: jax.Array, batch_size: int) -> dict[str, np.ndarray]:
+    """uint8 images of `fn(labels_batch, key_b) -> {name: float [-1, 1] images}` over `labels` in batches of
+    `batch_size` (the last padded by repeating its last label, so `fn` compiles once); batch b draws with
+    fold_in(key, b). For the generators that are not AR models (DP-MERF's, the pixel flow model)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for b, start in enumerate(range(0, len(labels), batch_size)):
+        chunk = labels[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
+        out = fn(jnp.asarray(padded, jnp.int32), jax.random.fold_in(key, b))
+        for name, value in out.items():
+            parts.setdefault(name, []).append(to_uint8(jax.device_get(value[:len(chunk)])))
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}

@@ -388,7 +388,7 @@ def test_every_method_has_both_controls_next_to_its_dp_rows(table):
         epsilons = [r.epsilon for r in rows if r.method == method]
         assert epsilons[-2:] == ["inf", "public"], (method, epsilons)
     if table == "mnist_curve":
-        assert {r.method for r in rows} == {"dpwave", "full_dp", "dp_merf", "dpwave_merf"}
+        assert {r.method for r in rows} == {"dpwave", "full_dp", "dp_merf", "dpwave_merf", "dp_diffusion"}
         assert [r.epsilon for r in rows if r.method == "dpwave"] == [
             "0.5", "1", "2", "4", "8", "10", "16", "inf", "public"]
 

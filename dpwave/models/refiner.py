@@ -136,7 +136,7 @@ def _denormalize(band: jax.Array, config: RefinerConfig, level: int) -> jax.Arra
     return band * wavelets.band_gain(level, config.wavelet)
 
 
-def _time_features(t: jax.Array) -> jax.Array:
+def time_features(t: jax.Array) -> jax.Array:
     """Sinusoidal features of t in [0, 1], (N,) -> (N, _TIME_FEATURES)."""
     half = _TIME_FEATURES // 2
     freqs = jnp.exp(-math.log(1000.0) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -189,7 +189,7 @@ class LevelNet(nnx.Module):
         x = jnp.concatenate([approx, x_t], axis=-1) if self.flow else approx
         cond = None
         if self.time_mlp is not None:
-            cond = self.time_mlp(_time_features(t).astype(self.dtype))
+            cond = self.time_mlp(time_features(t).astype(self.dtype))
         if self.label_embed is not None:
             emb = self.label_embed(label)
             cond = emb if cond is None else cond + emb

@@ -116,13 +116,7 @@ def _generate(settings: Settings, graphdef: Any, params: Any, refiner: Any, labe
 def generate_many(settings: Settings, graphdef: Any, params: Any, refiner: sample.Part | None, labels: np.ndarray,
                   key: jax.Array, batch_size: int) -> dict[str, np.ndarray]:
     """uint8 images of `labels` (one per label) from the fitted generator (and the refiner for dpwave_merf), in
-    batches of `batch_size`; batch b draws with fold_in(key, b) (codes with fold_in(., 0), the refiner with 1)."""
+    batches of `batch_size` (`sample.generate_batches`; codes with fold_in(key_b, 0), the refiner with 1)."""
     fn = jax.jit(functools.partial(_generate, settings, graphdef))
-    parts: dict[str, list[np.ndarray]] = {}
-    for b, start in enumerate(range(0, len(labels), batch_size)):
-        chunk = labels[start:start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
-        out = fn(params, refiner, jnp.asarray(padded, jnp.int32), jax.random.fold_in(key, b))
-        for name, value in out.items():
-            parts.setdefault(name, []).append(data.to_uint8(jax.device_get(value[:len(chunk)])))
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+    return sample.generate_batches(lambda labels_b, key_b: fn(params, refiner, labels_b, key_b), labels, key,
+                                   batch_size)

@@ -4,6 +4,7 @@
     -> sample -> evaluate
     dp_embedding (private, DP: the DP-MERF release) -> generator -> refiner (public, dpwave_merf only)
     -> sample -> evaluate
+    pixel_pretrain (public) -> dp_diffusion (private, DP) -> sample -> evaluate
 
 `PIPELINES` lists each method's stages (`dpwave/train/stages/`, one module per stage); adding a stage is one
 module and one entry here. The config is read once (`settings.read`). A stage with a `summary.json` is
@@ -39,10 +40,12 @@ from dpwave.train.checkpoint import config_fingerprint
 from dpwave.train.fingerprints import StaleStageError
 from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_diffusion import STAGE as DP_DIFFUSION
 from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.evaluate import STAGE as EVALUATE
 from dpwave.train.stages.generator import STAGE as GENERATOR
+from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.refiner import STAGE as REFINER
 from dpwave.train.stages.sample import STAGE as SAMPLE
@@ -54,6 +57,7 @@ PIPELINES: dict[str, tuple[Stage, ...]] = {
     "bicubic": (TOKENIZER, PRETRAIN, DP_FINETUNE, SAMPLE, EVALUATE),  # coarse under DP, bicubic upsampling
     "dp_merf": (DP_EMBEDDING, GENERATOR, SAMPLE, EVALUATE),  # DP-MERF (Harder et al. 2021) in pixel space
     "dpwave_merf": (DP_EMBEDDING, GENERATOR, REFINER, SAMPLE, EVALUATE),  # its release of the coarse band
+    "dp_diffusion": (PIXEL_PRETRAIN, DP_DIFFUSION, SAMPLE, EVALUATE),  # a pixel flow model, DP-SGD finetuned
 }
 assert tuple(PIPELINES) == settings_lib.METHODS
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "jaxwt", "tensorflow-datasets", "ml-collections",

@@ -23,13 +23,15 @@ import ml_collections
 from dpwave import data, privacy
 from dpwave.data import near_duplicates, overlap
 from dpwave.models import transformer as transformer_lib
+from dpwave.models.pixel_flow import PixelFlowConfig
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
 from dpwave.models.transformer import TransformerConfig
 from dpwave.sample import METHODS as AR_METHODS
 
 MERF_METHODS = ("dp_merf", "dpwave_merf")  # DP-MERF in pixel space; its release on the coarse band + the refiner
-METHODS = (*AR_METHODS, *MERF_METHODS)
+DIFFUSION = "dp_diffusion"  # a pixel-space flow model, pretrained on public data and DP-SGD finetuned
+METHODS = (*AR_METHODS, *MERF_METHODS, DIFFUSION)
 ROLES = ("public", "private", "heldout", "test")
 CONDITIONS = ("label", "caption", "none")
 PROMPTS = ("labels", "heldout")
@@ -299,6 +301,7 @@ class Settings:
     dp_transformer: TransformerConfig
     dp: Dp
     merf: Merf
+    diffusion: ModelTraining
     refiner: ModelTraining
     sample: Sampling
     eval: Evaluation
@@ -430,6 +433,15 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
     if config.method in MERF_METHODS and d.condition == "caption":
         raise ValueError(f"config.method={config.method!r} embeds class labels or nothing; caption conditioning "
                          "(config.data.condition='caption') needs an AR method (dpwave, full_dp, bicubic)")
+    if config.method == DIFFUSION:
+        if d.condition == "caption":
+            raise ValueError(f"config.method={DIFFUSION!r} is conditioned on class labels or nothing; caption "
+                             "conditioning (config.data.condition='caption') needs an AR method (dpwave, full_dp, "
+                             "bicubic)")
+        if config.dp.trainable != "all" or config.dp.lora_rank:
+            raise ValueError(f"config.method={DIFFUSION!r} DP-finetunes every parameter of its pixel model; set "
+                             f"dp.trainable='all' and dp.lora_rank=0 (got {config.dp.trainable!r}, "
+                             f"{config.dp.lora_rank}): the other groups name transformer parts")
     if config.sample.prompts not in PROMPTS:
         raise ValueError(f"config.sample.prompts={config.sample.prompts!r}; use one of {PROMPTS}")
     microbatch = config.perf.microbatch_size
@@ -491,6 +503,10 @@ def read(config: ml_collections.ConfigDict) -> Settings:
     common = dict(channels=d.channels, levels=w.levels, wavelet=w.name, mode=w.mode)
     with _section("tokenizer.model"):
         tok = TokenizerConfig(image_size=(d.image_size, d.image_size), **common, **config.tokenizer.model.to_dict())
+    with _section("diffusion.model"):
+        diffusion = PixelFlowConfig(image_size=d.image_size, channels=d.channels,
+                                    num_classes=d.num_classes if d.condition == "label" else None,
+                                    **config.diffusion.model.to_dict())
     with _section("refiner.model"):
         refiner = RefinerConfig(image_size=d.image_size, num_classes=d.num_classes if d.condition == "label" else None,
                                 **common, **config.refiner.model.to_dict())
@@ -514,6 +530,7 @@ def read(config: ml_collections.ConfigDict) -> Settings:
         dp=Dp(_dataclass(Mechanism, dp), _dataclass(Recipe, dp), dp.secret_seed, dp.secret_seed_file,
               dp.compose_on_resume, dp.log_private_metrics),
         merf=_dataclass(Merf, config.merf, hidden=tuple(config.merf.hidden)),
+        diffusion=_dataclass(ModelTraining, config.diffusion, model=diffusion),
         refiner=_dataclass(ModelTraining, config.refiner, model=refiner),
         sample=_dataclass(Sampling, config.sample), eval=_dataclass(Evaluation, config.eval),
         perf=_dataclass(Perf, config.perf),

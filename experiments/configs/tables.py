@@ -198,7 +198,7 @@ TABLES: dict[str, tuple[Row, ...]] = {
     # The shift table's dpwave models sampled with guidance 2 and temperature 0.8 (post-processing).
     "mnist_shift_post": _post(SHIFT),
     # FD-cls and downstream accuracy against epsilon, with both controls (the shift variant).
-    "mnist_curve": grid(SHIFT, ("dpwave", "full_dp", "dp_merf", "dpwave_merf"), CURVE_EPSILONS),
+    "mnist_curve": grid(SHIFT, ("dpwave", "full_dp", "dp_merf", "dpwave_merf", "dp_diffusion"), CURVE_EPSILONS),
     # The full-DP baseline with the same pretraining steps and with the same pretraining FLOPs as dpwave.
     "mnist_fair": _fair(SHIFT),
     # How much private data the DP stage needs to earn its epsilon (the shift variant's recipe).

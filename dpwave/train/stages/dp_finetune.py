@@ -35,6 +35,14 @@ def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTrans
     return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
 
 
+def state_template(settings: Settings, params: nnx.State, trainable: Any) -> steps.TrainState:
+    """The structure of a DP-SGD stage's state (what its checkpoints restore against), not its noise settings."""
+    recipe = settings.dp.recipe
+    optimizer = privacy.dp_optimizer(dp_recipe.inner_optimizer(recipe, settings.dp.mechanism.steps), l2_clip=1.0,
+                                     noise_multiplier=0.0, expected_batch_size=1.0, key=0)
+    return init_state(params, trainable, optimizer, bool(recipe.ema_decay))
+
+
 def _draws(sampler_state: dict) -> dict:
     """The sampler settings that decide each step's examples. The padding (`bucket_multiple`, `buckets`)
     follows the device count, so a checkpoint may resume on another one; a changed truncation size
@@ -46,28 +54,24 @@ def _draws(sampler_state: dict) -> dict:
     return draws
 
 
-class DpRun(DpAccount):
-    """One run of the DP stage: its examples, mechanism, sampler, ledger, guard and jitted step."""
+class DpSgdRun(DpAccount):
+    """One DP-SGD run over a DP input's `examples`: the mechanism, Poisson sampler, ledger, guard and jitted step.
+    A subclass opens its model and calls `build` (the transformer's `DpRun`, the pixel model's stage)."""
 
-    def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
-        super().__init__(settings, stage_dir)
-        dp, secret = settings.dp, self.secret
-        self.examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
+    name: str
+
+    def build(self, mesh: Mesh, examples: dict[str, np.ndarray], params: nnx.State, trainable: Any,
+              example_loss: Any) -> None:
+        """The sampler, the DP optimizer, the replicated state and the jitted step of `example_loss(params,
+        example, key)` over `examples` (host arrays, one row per DP example)."""
+        settings, dp, secret = self.settings, self.settings.dp, self.secret
+        self.examples = examples
         self.sampler = self.mechanism.selection.sampler(
             secret.poisson_seed(), bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
-
-        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
-        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
-        params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
-        trainable = transformer_lib.trainable_mask(params, dp.recipe.trainable)
         self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
                                                   *secret.noise_keys())
         self.state = distributed.replicate(init_state(params, trainable, self.optimizer, bool(dp.recipe.ema_decay)),
                                            mesh)
-
-        def example_loss(params, example, key):
-            return transformer_lib.per_example_loss(graphdef, params, example, key)
-
         clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=settings.perf.microbatch_size,
                                                  trainable=trainable, use_ghost_norms=settings.perf.use_ghost_norms)
         # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
@@ -114,11 +118,30 @@ class DpRun(DpAccount):
 
     def task(self) -> loop.Task:
         ema = bool(self.settings.dp.recipe.ema_decay)  # the parameters the sample stage loads
-        return loop.Task(DpFinetune.name, self.state, self.step, self.settings.dp.mechanism.steps,
+        return loop.Task(self.name, self.state, self.step, self.settings.dp.mechanism.steps,
                          params_of=lambda s: s.extra if ema else s.params, batch=self.batch,
                          meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
                          after_step=self.after_step, summary_extra=self.summary, private=True,
                          postfix=lambda: {"eps": f"{self.last_epsilon:.3g}"})
+
+
+class DpRun(DpSgdRun):
+    """The DP finetuning of the pretrained AR transformer over the private images' tokens."""
+
+    name = "dp_finetune"
+
+    def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
+        super().__init__(settings, stage_dir)
+        examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
+        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
+        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
+        params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
+
+        def example_loss(params, example, key):
+            return transformer_lib.per_example_loss(graphdef, params, example, key)
+
+        self.build(mesh, examples, params, transformer_lib.trainable_mask(params, settings.dp.recipe.trainable),
+                   example_loss)
 
 
 class DpFinetune(Stage):
@@ -149,11 +172,8 @@ class DpFinetune(Stage):
     def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState]:
         """(graphdef, a template of the stage's state: its structure, not its noise settings)."""
         graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
-        recipe = settings.dp.recipe
-        optimizer = privacy.dp_optimizer(dp_recipe.inner_optimizer(recipe, settings.dp.mechanism.steps), l2_clip=1.0,
-                                         noise_multiplier=0.0, expected_batch_size=1.0, key=0)
-        trainable = transformer_lib.trainable_mask(params, recipe.trainable)
-        return graphdef, init_state(params, trainable, optimizer, bool(recipe.ema_decay))
+        return graphdef, state_template(settings, params,
+                                        transformer_lib.trainable_mask(params, settings.dp.recipe.trainable))
 
     def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
         """The DP-finetuned AR parameters (their EMA when `dp.ema_decay` > 0)."""

@@ -16,14 +16,17 @@ import numpy as np
 from flax import nnx
 
 from dpwave import data, evaluate, files, privacy
+from dpwave.models import pixel_flow
 from dpwave.models import transformer as transformer_lib
 from dpwave.privacy import mean_embedding
 from dpwave.train import dp_recipe, loop, merf
 from dpwave.train.fingerprints import jsonable
-from dpwave.train.settings import Settings
+from dpwave.train.settings import DIFFUSION, Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_diffusion import STAGE as DP_DIFFUSION
 from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
+from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.sample import STAGE as SAMPLE
 
 # What the evaluate stage reads from the DP stage's summary, for the public-only control (no DP stage).
@@ -33,6 +36,9 @@ PUBLIC_ONLY_SUMMARY = {
                  "  No DP stage ran and no model was trained on private data (the private split was opened only to "
                  "hash its pixels for the run-start content check): the samples come from models trained on public "
                  "data only."}
+
+# The stages whose wall time the report shows (the DP stage's is a timing side channel).
+PUBLIC_WALLS = ("tokenizer", "pretrain", "pixel_pretrain", "generator", "refiner", "sample")
 
 # Why the conditioning accuracy is None in runs not prompted with class labels.
 COND_REASONS = {
@@ -67,6 +73,12 @@ def dp_step_flops(settings: Settings, dp_summary: dict) -> float | None:
         return None
     if settings.uses_merf:
         return release_flops(settings, dp_summary["privacy"]["dataset_size"])
+    if settings.method == DIFFUSION:
+        graphdef, state, _ = PIXEL_PRETRAIN.init(settings)
+        side = settings.data.image_size
+        example = {"image": jnp.zeros((side, side, settings.data.channels)), "label": jnp.zeros((), jnp.int32)}
+        grad = jax.grad(lambda p, e: pixel_flow.example_loss(graphdef, p, e, jax.random.key(0)))
+        return _flops(grad, state.params, example) * settings.dp.mechanism.expected_batch_size
     graphdef, state = DP_FINETUNE.init(settings)
     params, frozen = privacy.partition(state.params,
                                        transformer_lib.trainable_mask(state.params, settings.dp.recipe.trainable))
@@ -122,8 +134,8 @@ def report_markdown(settings: Settings, workdir: str, metrics: dict, report: dic
         shown = f"{value:.4f}" if value is not None else f"n/a: {metrics['reasons'].get(name, '')}"
         lines.append(f"| {report['names'][name]} | {shown} |")
     per_class = evaluate.conditioning_line(metrics.get("details", {}))
-    walls = [f"{name} {summary['wall_time_s']:.0f}"
-             for name in ("tokenizer", "pretrain", "generator", "refiner", "sample") if (summary := loop.read_summary(os.path.join(workdir, name)))]
+    walls = [f"{name} {summary['wall_time_s']:.0f}" for name in PUBLIC_WALLS
+             if (summary := loop.read_summary(os.path.join(workdir, name)))]
     lines += [f"| DP steps | {metrics['dp_steps']} |",
               f"| model FLOPs per DP step (expected batch) | {metrics['dp_step_flops'] or 0:.3g} |", "",
               *([per_class, ""] if per_class else []),
@@ -142,7 +154,7 @@ class Evaluate(Stage):
     name = "evaluate"
     public = False
     stream = None  # the metrics' own seeds: 0 for the FD-cls classifier (every run scored alike), config.seed
-    consumes = ("sample", "dp_finetune", "dp_embedding")
+    consumes = ("sample", "dp_finetune", "dp_embedding", "dp_diffusion")
 
     def inputs(self, settings: Settings) -> dict[str, Any]:
         d, mechanism = settings.data, settings.dp.mechanism
@@ -156,7 +168,7 @@ class Evaluate(Stage):
         start = time.time()
         samples = files.read_npz(os.path.join(ctx.dir(SAMPLE.name), "samples.npz"))
         report, num_private = _sample_report(settings, samples)
-        dp_stage = DP_EMBEDDING if settings.uses_merf else DP_FINETUNE
+        dp_stage = DP_EMBEDDING if settings.uses_merf else DP_DIFFUSION if settings.method == DIFFUSION else DP_FINETUNE
         dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(dp_stage.name))
         metrics = {m: report[m] for m in evaluate.METRICS}
         reasons = dict(report["reasons"])

@@ -7,6 +7,7 @@ balanced class labels, or captions of the held-out split; never the private set'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -21,10 +22,13 @@ from dpwave import data, files, grids, sample, wavelets
 from dpwave.models.text import encode_captions
 from dpwave.train import loop, merf
 from dpwave.train.fingerprints import jsonable
-from dpwave.train.settings import Settings
+from dpwave.train.settings import DIFFUSION, Settings
 from dpwave.train.stages.base import Context, Stage
+from dpwave.models import pixel_flow
+from dpwave.train.stages.dp_diffusion import STAGE as DP_DIFFUSION
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.generator import STAGE as GENERATOR
+from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.refiner import STAGE as REFINER
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
@@ -77,11 +81,26 @@ def generate(settings: Settings, dirs: dict[str, str], conds: np.ndarray | None,
              key: jax.Array) -> dict[str, np.ndarray]:
     """uint8 `images`, `coarse_images` (and `unrefined` where a refiner adds the details) of the run's method."""
     s = settings.sample
+    labels = conds if conds is not None else np.zeros(s.num_samples, np.int32)
     if settings.uses_merf:
-        labels = conds if conds is not None else np.zeros(s.num_samples, np.int32)
         graphdef, params = GENERATOR.restore_params(settings, dirs[GENERATOR.name])
         return merf.generate_many(settings, graphdef, params, refiner_part(settings, dirs), labels, key,
                                   s.batch_size)
+    if settings.method == DIFFUSION:
+        graphdef, params = (
+            (PIXEL_PRETRAIN.init(settings)[0], PIXEL_PRETRAIN.restore_params(settings, dirs[PIXEL_PRETRAIN.name]))
+            if settings.public_only else DP_DIFFUSION.restore_params(settings, dirs[DP_DIFFUSION.name]))
+        w = settings.wavelet
+        side = settings.data.image_size
+
+        @jax.jit
+        def images(params, labels_b, key_b):
+            out = pixel_flow.generate(graphdef, params, labels_b, key_b)
+            coarse = wavelets.decompose(out, w.levels, w.name, w.mode).coarse
+            return {"images": out, "coarse_images": jnp.clip(
+                wavelets.upsample_coarse(coarse, w.levels, (side, side), w.name, method="nearest"), -1.0, 1.0)}
+
+        return sample.generate_batches(functools.partial(images, params), labels, key, s.batch_size)
     return sample.generate_many(build_generator(settings, dirs), conds, key, s.batch_size,
                                 num_samples=None if conds is not None else s.num_samples)
 
@@ -109,7 +128,7 @@ class Sample(Stage):
     name = "sample"
     public = False
     stream = 5
-    consumes = ("tokenizer", "pretrain", "dp_finetune", "generator", "refiner")
+    consumes = ("tokenizer", "pretrain", "dp_finetune", "generator", "pixel_pretrain", "dp_diffusion", "refiner")
 
     def inputs(self, settings: Settings) -> dict[str, Any]:
         d = settings.data

@@ -1,6 +1,6 @@
-"""The DP-MERF methods through the pipeline: one release accounted and stated as such, restored (never drawn
-again) on resume, no private data outside the release, the public-only control, and the refiner keeping the
-released coarse band."""
+"""The baselines through the pipeline. DP-MERF: one release accounted and stated as such, restored (never drawn
+again) on resume, no private data outside the release, the public-only control, the refiner keeping the released
+coarse band. The DP-finetuned pixel flow model: the DP-SGD mechanism and ledger of the transformer's stage."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from dpwave.train.stages.generator import STAGE as GENERATOR
 from dpwave.train.stages.sample import refiner_part
 
 SMALL = {"merf.num_features": 200, "merf.steps": 4, "merf.batch_size": 20, "refiner.steps": 2,
+         "diffusion.steps": 2, "dp.steps": 3,
          "sample.num_samples": 20, "sample.batch_size": 10, "eval.feature_epochs": 1, "eval.downstream_epochs": 1,
          "eval.num_real": 50}
 
@@ -130,3 +131,24 @@ def test_the_release_inputs_ignore_dp_sgd_settings():
                                                                           "dp.expected_batch_size": 8})))
     assert other["dp_embedding"] == base
     assert DP_EMBEDDING.dp and not GENERATOR.dp  # the release is the run's one DP stage
+
+
+@pytest.mark.e2e
+def test_dp_diffusion_pretrains_on_public_data_and_finetunes_with_dp_sgd(tmp_path):
+    config = merf_config("dp_diffusion")
+    assert stage_names(config) == ["pixel_pretrain", "dp_diffusion", "sample", "evaluate"]
+    assert pipeline.train_and_evaluate(config, str(tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    run = settings.read(config)
+    ledger = PrivacyLedger(run.dp.mechanism.build(400).params)
+    ledger.record_steps(3)
+    assert metrics["dp_steps"] == 3 and metrics["epsilon"] == pytest.approx(ledger.epsilon())
+    assert metrics["dp_step_flops"] > 0 and metrics["method"] == "dp_diffusion"
+    assert "3 DP-SGD steps" in (tmp_path / "privacy_statement.txt").read_text()
+    with np.load(tmp_path / "sample" / "samples.npz") as f:
+        assert f["images"].shape == (20, 32, 32, 1) and f["coarse_images"].shape == (20, 32, 32, 1)
+
+
+def test_dp_diffusion_refuses_transformer_parameter_groups():
+    with pytest.raises(ValueError, match="dp.trainable='all' and dp.lora_rank=0"):
+        settings.read(merf_config("dp_diffusion", **{"dp.trainable": "cond"}))

@@ -1,0 +1,68 @@
+"""The pixel model's DP finetuning stage (private; method dp_diffusion): the public-pretrained flow-matching
+U-Net DP-SGD finetuned on the private images with the same mechanism, sampler, ledger and step as the
+transformer's DP stage (`DpSgdRun`). Each example's noise level and noise come from its own content key, so
+the clipped sum's sensitivity holds (docs/privacy.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from dpwave.models import pixel_flow
+from dpwave.train import loop, model_io, steps
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Mechanism, Settings
+from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.dp_finetune import DpSgdRun, state_template
+from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
+from dpwave.train.stages.pixel_pretrain import pixel_examples
+
+
+class DiffusionRun(DpSgdRun):
+    name = "dp_diffusion"
+
+    def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, pretrain_dir: str):
+        super().__init__(settings, stage_dir)
+        graphdef = PIXEL_PRETRAIN.init(settings)[0]
+        params = PIXEL_PRETRAIN.restore_params(settings, pretrain_dir)
+
+        def example_loss(params, example, key):
+            return pixel_flow.example_loss(graphdef, params, example, key)
+
+        self.build(mesh, pixel_examples(settings, self.source), params, None, example_loss)
+
+
+class DpDiffusion(Stage):
+    """`stream` is None: the stage's randomness comes from the DP secret seed, never from config.seed."""
+
+    name = "dp_diffusion"
+    public = False
+    stream = None
+    dp = True
+    consumes = ("pixel_pretrain",)
+    reconciled_on_resume = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
+
+    def enabled(self, settings: Settings) -> bool:
+        return not settings.public_only
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        dp = settings.dp
+        return {"data.private": jsonable(settings.data.specs["private"]),
+                "diffusion.model": jsonable(settings.diffusion.model),
+                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
+
+    def build(self, ctx: Context) -> loop.Task:
+        return DiffusionRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name),
+                            pretrain_dir=ctx.dir(PIXEL_PRETRAIN.name)).task()
+
+    def restore_params(self, settings: Settings, stage_dir: str) -> tuple[nnx.GraphDef, nnx.State]:
+        """The DP-finetuned parameters (their EMA when `dp.ema_decay` > 0)."""
+        graphdef, initial, _ = PIXEL_PRETRAIN.init(settings)
+        state: steps.TrainState = model_io.restore_state(stage_dir, state_template(settings, initial.params, None))
+        return graphdef, state.extra if settings.dp.recipe.ema_decay else state.params
+
+
+STAGE = DpDiffusion()

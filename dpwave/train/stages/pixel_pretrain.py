@@ -1,0 +1,75 @@
+"""The pixel model's pretraining stage (public; method dp_diffusion): the flow-matching U-Net on the public
+split's images (`dpwave.models.pixel_flow`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from dpwave import data
+from dpwave.models import pixel_flow
+from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train.fingerprints import jsonable
+from dpwave.train.settings import Settings
+from dpwave.train.stages.base import Context, Stage, training_inputs
+
+
+def pixel_examples(settings: Settings, source: data.Source) -> dict[str, np.ndarray]:
+    """Every image of `source` as float32 [-1, 1] NHWC, with int32 labels (zeros without label conditioning)."""
+    batch = source.get_batch(np.arange(len(source)))
+    labels = batch["label"] if settings.data.condition == "label" else np.zeros(len(source))
+    return {"image": data.to_float(batch["image"]).astype(np.float32), "label": np.asarray(labels, np.int32)}
+
+
+class PixelPretrain(Stage):
+    name = "pixel_pretrain"
+    public = True
+    stream = 9
+
+    def inputs(self, settings: Settings) -> dict[str, Any]:
+        return {"seed": settings.seed, "data.public": jsonable(settings.data.specs["public"]),
+                **training_inputs("diffusion", settings.diffusion)}
+
+    def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState, optax.GradientTransformation]:
+        """(graphdef, initial train state, optimizer)."""
+        model = pixel_flow.PixelFlow(settings.diffusion.model, rngs=nnx.Rngs(params=self.key(settings)))
+        graphdef, params = nnx.split(model, nnx.Param)
+        optimizer = optax.adamw(settings.diffusion.learning_rate, weight_decay=1e-4)
+        return graphdef, steps.TrainState(params, optimizer.init(params)), optimizer
+
+    def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
+        return model_io.restore_state(stage_dir, self.init(settings)[1]).params
+
+    def build(self, ctx: Context) -> loop.Task:
+        settings, mesh, cfg = ctx.settings, ctx.mesh, ctx.settings.diffusion
+        source = settings.data.load("public")
+        data.require_public(source, "the pixel model's pretraining")
+        examples = pixel_examples(settings, source)
+        graphdef, state, optimizer = self.init(settings)
+        if cfg.init_params_from:
+            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
+            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
+        state = distributed.replicate(state, mesh)
+
+        def loss_fn(params, batch, rng):
+            return pixel_flow.batch_loss(graphdef, params, batch, rng), {}
+
+        step_fn = steps.public_step(loss_fn, optimizer, mesh)
+        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, "diffusion")
+        key = self.key(settings)
+
+        def batch(i):
+            return {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
+
+        def step(state, batch, i):
+            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+
+        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
+
+
+STAGE = PixelPretrain()

@@ -1,0 +1,65 @@
+"""The dp_diffusion baseline's DP step keeps the sensitivity the accountant assumes: the pixel flow model's loss
+draws its noise level and noise per example, from the example's own content key, so adding one example anywhere
+in the batch moves the clipped sum by at most C (both clipping paths; ghost norms fall back to per-example
+gradients for the convolutions)."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dpwave import privacy
+from dpwave.models import pixel_flow
+from dpwave.train import distributed, steps
+
+CLIP, OTHERS, BUCKET = 0.5, 15, 24
+
+
+@functools.cache
+def _setup(ghost: bool):
+    config = pixel_flow.PixelFlowConfig(image_size=8, channels=1, num_classes=10, width=8, num_blocks=1)
+    graphdef, params = nnx.split(pixel_flow.PixelFlow(config, rngs=nnx.Rngs(params=jax.random.key(0))), nnx.Param)
+    # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
+    optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
+    clipped_sum = privacy.clipped_grad(lambda p, ex, key: pixel_flow.example_loss(graphdef, p, ex, key),
+                                       l2_clip=CLIP, microbatch_size=8, use_ghost_norms=ghost)
+    return steps.dp_step(clipped_sum, optimizer, distributed.make_data_mesh()), optimizer, params
+
+
+def _clipped_sum(ghost: bool, batch: dict, rng: jax.Array) -> np.ndarray:
+    step, optimizer, params = _setup(ghost)
+    size = len(batch["label"])
+    padded = {k: np.concatenate([v, np.repeat(v[:1], BUCKET - size, axis=0)]) for k, v in batch.items()}
+    mask = (np.arange(BUCKET) < size).astype(np.float32)
+    new, _ = step(steps.TrainState(params, optimizer.init(params)), padded, mask, rng)
+    delta = jax.tree.map(lambda a, b: a - b, params, new.params)
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(delta)])
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["vmap", "ghost"])
+def test_adding_one_image_moves_the_clipped_sum_by_at_most_c(ghost):
+    rng = np.random.default_rng(0)
+    data = {"image": rng.uniform(-1, 1, (OTHERS + 1, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, OTHERS + 1).astype(np.int32)}
+    extra, others = {k: v[:1] for k, v in data.items()}, {k: v[1:] for k, v in data.items()}
+    key = jax.random.key(3)
+    without = _clipped_sum(ghost, others, key)
+    assert np.linalg.norm(without) > CLIP  # several examples contribute: a sum that could move by more than C
+    for where in (0, OTHERS // 2, OTHERS):
+        with_extra = {k: np.concatenate([others[k][:where], extra[k], others[k][where:]]) for k in data}
+        moved = float(np.linalg.norm(_clipped_sum(ghost, with_extra, key) - without))
+        assert moved <= CLIP * (1 + 1e-5), (where, moved)
+
+
+def test_the_loss_draws_from_the_key_only():
+    graphdef, params = nnx.split(pixel_flow.PixelFlow(
+        pixel_flow.PixelFlowConfig(image_size=8, channels=1, width=8, num_blocks=1),
+        rngs=nnx.Rngs(params=jax.random.key(0))), nnx.Param)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)  # head != 0
+    example = {"image": np.random.default_rng(1).uniform(-1, 1, (8, 8, 1)).astype(np.float32), "label": np.int32(0)}
+    same = [float(pixel_flow.example_loss(graphdef, params, example, jax.random.key(1))) for _ in range(2)]
+    other = float(pixel_flow.example_loss(graphdef, params, example, jax.random.key(2)))
+    assert same[0] == same[1] and same[0] != other
