@@ -235,6 +235,15 @@ def test_every_config_a_user_starts_from_runs_the_default_recipe(spec):
     assert (c.dp.optimizer, c.dp.trainable, c.dp.cond_dropout) == (
         default["optimizer"], default["trainable"], default["cond_dropout"])
     assert c.dp.learning_rate == pytest.approx(default["learning_rate"](c, PRIVATE_SIZES[spec.split(":")[0]]))
+    assert c.sample.temperature == (0.8 if c.dp.target_epsilon >= 10 else 1.0)
+
+
+@pytest.mark.parametrize("epsilon, temperature", [("1", 1.0), ("4", 1.0), ("10", 0.8), ("inf", 0.8),
+                                                  ("public", 1.0)])
+def test_the_default_samples_at_temperature_08_from_epsilon_10(epsilon, temperature):
+    assert load_config(f"experiments/configs/mnist.py:shift,epsilon={epsilon}").sample.temperature == temperature
+    named = load_config(f"experiments/configs/mnist.py:shift,epsilon={epsilon},recipe=sgd_drop")
+    assert named.sample.temperature == 1.0  # another recipe keeps the config's sampling
 
 
 def test_learning_rate_rule_scales_with_the_noise_per_example_squared():

@@ -71,8 +71,8 @@ NORM_REL = 1e-5
 # instruction sets above FD-cls moved by 1e-4 and the others not at all; the two DP noise draws above moved
 # downstream accuracy by 0.02-0.07 and the others by less than their tolerance. They guard, coarsely, what the
 # metrics compute and the models they score.
-PINNED_METRICS = {"epsilon": pytest.approx(9.947927378012682, rel=1e-6), "fd_cls": pytest.approx(39.7311, rel=0.05),
-                  "precision": pytest.approx(0.08, abs=0.03), "recall": pytest.approx(0.035, abs=0.03),
+PINNED_METRICS = {"epsilon": pytest.approx(9.947927378012682, rel=1e-6), "fd_cls": pytest.approx(50.6779, rel=0.05),
+                  "precision": pytest.approx(0.04, abs=0.03), "recall": pytest.approx(0.035, abs=0.03),
                   "downstream_accuracy": pytest.approx(0.06, abs=0.05), "cond_accuracy": pytest.approx(0.13, abs=0.06),
                   "memorization_ratio": pytest.approx(1.09594, rel=0.05)}
 

@@ -69,7 +69,7 @@ TUNED_AT = NoiseReference(epsilon=10.0, delta=1e-5, dataset_size=2000, expected_
 # The search's DP-SGD candidates: every parameter, expected batch 1,024, no condition dropout.
 _SGD_B1024 = dict(trainable="all", optimizer="sgd", expected_batch_size=1024, cond_dropout=0.0)
 
-DEFAULT = "sgd"
+DEFAULT = "sgd_drop_temp"
 
 # Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling); a
 # callable value is evaluated on the config and the private set's size.
@@ -115,6 +115,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPES["sgd_drop"] = {**RECIPES["sgd"], "cond_dropout": 0.1}
 RECIPES["sgd_attn"] = {**RECIPES["sgd"], "trainable": "cond+attention"}
 RECIPES["sgd_mlp"] = {**RECIPES["sgd"], "trainable": "cond+mlp"}
+
+
+def epsilon_temperature(config: Any, dataset_size: int) -> float:
+    """Sampling temperature 0.8 for a DP stage at target epsilon >= 10 (inf included), 1.0 below and for the
+    public-only control: on the stand-in (docs/tuning.md, 3 seeds) 0.8 improved every measure but recall of the
+    sgd_drop models at epsilon 10, cost FD-cls and downstream accuracy at epsilon 1 and of the public-only model.
+    Reads the target epsilon only (public); post-processing, no privacy cost."""
+    del dataset_size
+    return 0.8 if config.dp.target_epsilon >= 10 else 1.0
+
+
+# The winner of the ablations (docs/tuning.md, "Ablations of the default"): sgd_drop sampled at
+# `epsilon_temperature`.
+RECIPES["sgd_drop_temp"] = {**RECIPES["sgd_drop"], "sample.temperature": epsilon_temperature}
 
 
 def apply(config: Any, name: str, dataset_size: int, **keep: Any) -> None:
