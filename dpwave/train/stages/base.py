@@ -8,13 +8,15 @@ bit-exactly. `run` is that, or (sample, evaluate) the stage's own one-shot compu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
+import optax
 from jax.sharding import Mesh
 
-from dpwave.train import loop, model_io
+from dpwave.train import distributed, loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
 
@@ -91,3 +93,27 @@ def training_inputs(name: str, section: Any) -> dict[str, Any]:
     if section.init_params_from:
         out["init_params_sha256"] = model_io.init_source(section.init_params_from, name)[1]
     return {name: out}
+
+
+def public_task(stage: Stage, ctx: Context, state: steps.TrainState, optimizer: optax.GradientTransformation,
+                loss_fn: steps.BatchLoss, training: Any, size: int, get_batch: Callable[[np.ndarray], Any],
+                section: str | None = None) -> loop.Task:
+    """The loop task of a public training stage: `training.steps` data-parallel steps of `loss_fn` on batches
+    `get_batch(indices)` of a shuffled order over `size` examples (seeded by config.seed, the stage's stream and
+    `section`, default the stage's name), from `state` or from `training.init_params_from`'s parameters."""
+    settings, mesh = ctx.settings, ctx.mesh
+    if training.init_params_from:
+        source_dir = model_io.init_source(training.init_params_from, stage.name)[0]
+        state = dataclasses.replace(state, params=stage.restore_params(settings, source_dir))
+    state = distributed.replicate(state, mesh)
+    step_fn = steps.public_step(loss_fn, optimizer, mesh)
+    sampler = model_io.shuffled(settings.seed, stage.stream, size, training.batch_size, section or stage.name)
+    key = stage.key(settings)
+
+    def batch(i):
+        return get_batch(model_io.local_slice(sampler.batch(i)))
+
+    def step(state, batch, i):
+        return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
+
+    return loop.Task(stage.name, state, step, training.steps, params_of=lambda s: s.params, batch=batch)

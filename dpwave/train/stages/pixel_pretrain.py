@@ -3,20 +3,18 @@ split's images (`dpwave.models.pixel_flow`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 
 from dpwave import data
 from dpwave.models import pixel_flow
-from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train import loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, training_inputs
+from dpwave.train.stages.base import Context, Stage, public_task, training_inputs
 
 
 def pixel_examples(settings: Settings, source: data.Source) -> dict[str, np.ndarray]:
@@ -46,30 +44,17 @@ class PixelPretrain(Stage):
         return model_io.restore_state(stage_dir, self.init(settings)[1]).params
 
     def build(self, ctx: Context) -> loop.Task:
-        settings, mesh, cfg = ctx.settings, ctx.mesh, ctx.settings.diffusion
+        settings = ctx.settings
         source = settings.data.load("public")
         data.require_public(source, "the pixel model's pretraining")
         examples = pixel_examples(settings, source)
         graphdef, state, optimizer = self.init(settings)
-        if cfg.init_params_from:
-            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
-            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
-        state = distributed.replicate(state, mesh)
 
         def loss_fn(params, batch, rng):
             return pixel_flow.batch_loss(graphdef, params, batch, rng), {}
 
-        step_fn = steps.public_step(loss_fn, optimizer, mesh)
-        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, "diffusion")
-        key = self.key(settings)
-
-        def batch(i):
-            return {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
-
-        def step(state, batch, i):
-            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
-
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
+        return public_task(self, ctx, state, optimizer, loss_fn, settings.diffusion, len(source),
+                           lambda idx: {k: v[idx] for k, v in examples.items()}, section="diffusion")
 
 
 STAGE = PixelPretrain()

@@ -3,19 +3,17 @@ and bicubic, every scale for full_dp), under the frozen tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import jax
 import optax
 from flax import nnx
 
 from dpwave import data
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train import loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, training_inputs
+from dpwave.train.stages.base import Context, Stage, public_task, training_inputs
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 
 
@@ -39,31 +37,17 @@ class Pretrain(Stage):
         return model_io.restore_state(stage_dir, self.init(settings)[1]).params
 
     def build(self, ctx: Context) -> loop.Task:
-        settings, mesh = ctx.settings, ctx.mesh
-        cfg = settings.pretrain
+        settings = ctx.settings
         source = settings.data.load("public")
         data.require_public(source, "AR pretraining")
         examples = model_io.encode_examples(settings, TOKENIZER.model(settings, ctx.dir(TOKENIZER.name)), source)
         graphdef, state, optimizer = self.init(settings)
-        if cfg.init_params_from:
-            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
-            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
-        state = distributed.replicate(state, mesh)
 
         def loss_fn(params, batch, rng):
             return transformer_lib.batch_loss(graphdef, params, batch, rng), {}
 
-        step_fn = steps.public_step(loss_fn, optimizer, mesh)
-        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
-        key = self.key(settings)
-
-        def batch(i):
-            return {k: v[model_io.local_slice(sampler.batch(i))] for k, v in examples.items()}
-
-        def step(state, batch, i):
-            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
-
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
+        return public_task(self, ctx, state, optimizer, loss_fn, settings.pretrain, len(source),
+                           lambda idx: {k: v[idx] for k, v in examples.items()})
 
 
 STAGE = Pretrain()

@@ -3,21 +3,19 @@ on the public split."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 
 from dpwave import data
 from dpwave.models import refiner as refiner_lib
-from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train import loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, training_inputs
+from dpwave.train.stages.base import Context, Stage, public_task, training_inputs
 
 
 class Refiner(Stage):
@@ -45,31 +43,22 @@ class Refiner(Stage):
         return nnx.merge(self.init(settings)[0], self.restore_params(settings, stage_dir))
 
     def build(self, ctx: Context) -> loop.Task:
-        settings, mesh = ctx.settings, ctx.mesh
+        settings = ctx.settings
         cfg = settings.refiner
         source = settings.data.load("public")
         data.require_public(source, "refiner training")
         graphdef, state, optimizer = self.init(settings)
-        if cfg.init_params_from:
-            source_dir = model_io.init_source(cfg.init_params_from, self.name)[0]
-            state = dataclasses.replace(state, params=self.restore_params(settings, source_dir))
-        state = distributed.replicate(state, mesh)
-        step_fn = steps.public_step(functools.partial(refiner_lib.refiner_loss, graphdef), optimizer, mesh)
-        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
-        key = self.key(settings)
         with_label = cfg.model.num_classes is not None
 
-        def batch(i):
-            raw = source.get_batch(model_io.local_slice(sampler.batch(i)))
+        def get_batch(indices):
+            raw = source.get_batch(indices)
             out = {"image": raw["image"]}  # uint8; the refiner converts to [-1, 1]
             if with_label:
                 out["label"] = np.asarray(raw["label"], np.int32)
             return out
 
-        def step(state, batch, i):
-            return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
-
-        return loop.Task(self.name, state, step, cfg.steps, params_of=lambda s: s.params, batch=batch)
+        return public_task(self, ctx, state, optimizer, functools.partial(refiner_lib.refiner_loss, graphdef), cfg,
+                           len(source), get_batch)
 
 
 STAGE = Refiner()
