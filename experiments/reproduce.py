@@ -284,15 +284,18 @@ def execute(runs: Sequence[Run], runner: Runner = run_subprocess, reuse: bool = 
     return failed
 
 
+DP_STAGES = ("dp_finetune", "dp_embedding", "dp_diffusion")  # each method's one DP stage
+
+
 def read_metrics(path: Path) -> dict:
     """A run's metrics.json plus the DP stage's wall time, which the pipeline keeps out of metrics.json (it
-    depends on the Poisson draws) in the owner-only dp_finetune/private_timing.json; a value that is neither
-    a number nor null is a ValueError."""
+    depends on the Poisson draws) in the owner-only private_timing.json of its DP stage (DP_STAGES); a value that
+    is neither a number nor null is a ValueError."""
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it to rerun the run") from None
-    timing = _summary(path.parent / "dp_finetune", "private_timing.json")
+    timing = next((t for stage in DP_STAGES if (t := _summary(path.parent / stage, "private_timing.json"))), {})
     metrics.setdefault("dp_wall_time_s", timing.get("wall_time_s"))
     for key, _, _ in METRICS:
         value = metrics.get(key)
@@ -351,8 +354,8 @@ def markdown(table: str, results: Sequence[RowResult]) -> str:
               "distance in the features of a classifier trained on held-out real data (a surrogate, not FID); "
               "FD-lowpass the Fréchet distance of the 8x8 low-pass images (shape, not texture); cond acc the share "
               "of samples that classifier labels as their prompted class. DP wall time is the operator's own "
-              "measurement (owner-only dp_finetune/private_timing.json): it depends on the Poisson draws and is not "
-              "covered by the DP guarantee."]
+              "measurement (the owner-only private_timing.json of the DP stage): it depends on the Poisson draws and "
+              "is not covered by the DP guarantee."]
     notes = sorted({(key, why) for r in results for key, whys in r.reasons.items() for why in whys})
     if notes:
         lines += ["", "n/a:"] + [f"- {key}: {why}" for key, why in notes]

@@ -39,7 +39,8 @@ DEFAULT_NOT_COVERED = (
     "from and its size; `dp.secret_seed` (reproducibility mode) is NOT secret.",
     "Timing and other side channels: the DP stage's wall time depends on the Poisson draws (batch sizes, "
     "padding buckets), so it is kept out of `summary.json`, `metrics.json` and `report.md` (the operator finds "
-    "it in the owner-only `dp_finetune/private_timing.json`); the DP stage's step timestamps sit only in "
+    "it in the DP stage's owner-only `private_timing.json`, e.g. `dp_finetune/private_timing.json`); the DP stage's "
+    "step timestamps sit only in "
     "owner-only files (the run log `log.txt`, the stage directory's metrics and TensorBoard events): publish "
     "none of them. Memory use and floating-point effects are not covered either.",
 )
