@@ -15,6 +15,8 @@ from dpwave import privacy
 from dpwave.models import pixel_flow
 from dpwave.train import distributed, steps
 
+pytestmark = pytest.mark.integration  # the real jitted DP step with the real model
+
 CLIP, OTHERS, BUCKET = 0.5, 15, 24
 
 

@@ -83,6 +83,7 @@ def test_the_release_is_the_noised_mean_of_the_private_embedding(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # trains the refiner and evaluates: about a minute on 2 cores
 def test_public_only_dpwave_merf_fits_the_public_embedding_without_private_reads(tmp_path, monkeypatch):
     config = merf_config("dpwave_merf", **{"dp.target_epsilon": 0.0})
     assert stage_names(config) == ["generator", "refiner", "sample", "evaluate"]
@@ -134,6 +135,7 @@ def test_the_release_inputs_ignore_dp_sgd_settings():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # about a minute on 2 cores; the sensitivity of its step is in tests/privacy/test_pixel_flow_dp.py
 def test_dp_diffusion_pretrains_on_public_data_and_finetunes_with_dp_sgd(tmp_path):
     config = merf_config("dp_diffusion")
     assert stage_names(config) == ["pixel_pretrain", "dp_diffusion", "sample", "evaluate"]
