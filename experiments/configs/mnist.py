@@ -18,12 +18,14 @@ memory; epsilon 10, sigma calibrated):
 Shift (the demo with public data that lacks half the classes): the public split keeps only digits
 0-4 (750 images) for the tokenizer, AR pretraining and refiner; the private split still holds all ten
 digits, so digits 5-9 are learned under DP alone (and refined by a refiner that never saw them). Every variant
-runs the default DP recipe `recipes.DEFAULT` (plain DP-SGD over every parameter, q = 0.512, no condition
-dropout, a learning rate set by the noise per example; chosen on public data: docs/tuning.md); `recipe=NAME`
-picks another (`recipe=all`: the former DP-Adam default). Its table is
-`python -m experiments.reproduce --table mnist_shift`; expected (dpwave, seeds 0-2, docs/results.md):
-downstream accuracy 0.622 +- 0.040 at epsilon 10 and 0.495 +- 0.024 at epsilon 1, against 0.678 +- 0.004
-without noise and 0.494 +- 0.032 for the public-only control; FD-cls 69 +- 7, 66 +- 1, 59 +- 7 and 65 +- 2.
+runs the default DP recipe `recipes.DEFAULT` (plain DP-SGD over every parameter, q = 0.512, condition dropout
+0.1, a learning rate set by the noise per example, sampling temperature 0.8 from epsilon 10; chosen on public
+data: docs/tuning.md); `recipe=NAME` picks another (`recipe=sgd`: the previous default, `recipe=all`: DP-Adam).
+Its table is `python -m experiments.reproduce --table mnist_shift`; expected (dpwave, seeds 0-2,
+docs/results.md): at epsilon 10 FD-cls 60.8 +- 5.5, FD-lowpass 3.42, conditioning accuracy 0.519, downstream
+accuracy 0.642 +- 0.048; at epsilon 1 67.0, 3.66, 0.484, 0.463; the public-only control 66.0 +- 3.6, 3.70, 0.483,
+0.477 +- 0.023. `method=dpwave_merf` (the coarse band through one mean-embedding release) reaches 28.4, 2.02,
+0.845 and 0.840 at epsilon 10.
 
 Style (the style shift): the public split is unchanged (upright digits, thin strokes, all ten classes); the
 private, heldout and test splits are the same splits of `mnist5k_style`, the digits sheared into italics and
