@@ -94,6 +94,7 @@ def test_public_only_dpwave_merf_fits_the_public_embedding_without_private_reads
     assert (metrics["epsilon"], metrics["mode"], metrics["dp_step_flops"]) == (0.0, "public_only", None)
 
 
+@pytest.mark.slow  # trains the refiner: about 40 s on 2 cores
 def test_dpwave_merf_samples_keep_the_generated_coarse_band(tmp_path):
     """Refining is post-processing: the images' coarse band is the generator's (up to uint8 rounding and the
     clipping of pixels to [-1, 1], which moves the mean of a clipped block)."""
