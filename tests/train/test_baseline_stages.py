@@ -126,12 +126,15 @@ def test_merf_methods_refuse_captions_and_bad_settings():
         settings.read(merf_config("dp_merf", **{"merf.count_weight": 1.0}))
 
 
-def test_the_release_inputs_ignore_dp_sgd_settings():
-    """dp.steps and dp.expected_batch_size are DP-SGD's: changing them never makes a finished release stale."""
-    base = pipeline.stage_inputs(settings.read(merf_config("dp_merf")))["dp_embedding"]
-    other = pipeline.stage_inputs(settings.read(merf_config("dp_merf", **{"dp.steps": 3,
-                                                                          "dp.expected_batch_size": 8})))
-    assert other["dp_embedding"] == base
+def test_the_release_inputs_ignore_dp_sgd_and_generator_settings():
+    """dp.steps and dp.expected_batch_size are DP-SGD's and merf.steps etc. the generator's: changing them never
+    makes a finished release stale (a new release would spend epsilon again); the features' settings do."""
+    base = pipeline.stage_inputs(settings.read(merf_config("dp_merf")))
+    other = pipeline.stage_inputs(settings.read(merf_config("dp_merf", **{
+        "dp.steps": 7, "dp.expected_batch_size": 8, "merf.steps": 9, "merf.learning_rate": 0.5})))
+    assert other["dp_embedding"] == base["dp_embedding"] and other["generator"] != base["generator"]
+    features = pipeline.stage_inputs(settings.read(merf_config("dp_merf", **{"merf.num_features": 100})))
+    assert features["dp_embedding"] != base["dp_embedding"]
     assert DP_EMBEDDING.dp and not GENERATOR.dp  # the release is the run's one DP stage
 
 

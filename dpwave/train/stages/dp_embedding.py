@@ -75,7 +75,10 @@ class DpEmbedding(Stage):
 
     def inputs(self, settings: Settings) -> dict[str, Any]:
         dp, d = settings.dp, settings.data
-        return {"seed": settings.seed, "method": settings.method, "merf": jsonable(settings.merf),
+        m = settings.merf  # the generator's settings are the next stage's: changing them keeps the release
+        return {"seed": settings.seed, "method": settings.method,
+                "merf": {"num_features": m.num_features, "count_weight": m.count_weight,
+                         "length_scale": m.length_scale},
                 "wavelet": jsonable(settings.wavelet),
                 "data": {"private": jsonable(d.specs["private"]), "public": jsonable(d.specs["public"]),
                          "num_classes": d.num_classes},
