@@ -1,9 +1,9 @@
 """DP-MERF's generator (Harder et al., AISTATS 2021): a code z ~ N(0, I) and a class label to an image in [-1, 1].
 
-As in the paper's MNIST generator: fully connected layers on [z, one-hot label]; for images of side >= 16 and
-divisible by 4 two nearest-neighbour upsamplings with 3x3 convolutions follow (ConvCondGen), smaller outputs (a
-coarse wavelet band) are one dense layer. The output is tanh, the project's [-1, 1] pixel range (the paper uses
-sigmoid on [0, 1]). The paper's batch norm is left out: the model holds parameters only, so sampling is a pure
+Fully connected layers on [z, one-hot label] (the authors' MNIST generator, 200-100 with batch norm); here, for
+images of side >= 16 and divisible by 4, two nearest-neighbour upsamplings with 3x3 convolutions follow, and
+smaller outputs (a coarse wavelet band) are one dense layer. The output is tanh, the project's [-1, 1] pixel range
+(the authors use sigmoid on [0, 1]). No batch norm: the model holds parameters only, so sampling is a pure
 function. It is trained on a released embedding only (`dpwave.privacy.mean_embedding.embedding_loss`).
 """
 

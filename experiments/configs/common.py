@@ -134,8 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
     # num_features random Fourier features (Gaussian kernel of length_scale; None: the median pairwise distance of
     # the public images) under config.dp's epsilon, delta and accountant (dp.steps and dp.expected_batch_size
     # unused), count_weight of the unit sensitivity on the class counts; then a generator (code_dim, hidden)
-    # fitted to it by Adam for `steps` of `batch_size` generated images. The paper's MNIST choices (10,000
-    # features, code 5, hidden 200-500, lr 0.01), except the length scale (fixed there) and the count release.
+    # fitted to it by Adam for `steps` of `batch_size` generated images. Where this differs from the authors' MNIST
+    # script (1,000 features, hidden 200-100, batch 500, 5 epochs): docs/baselines.md.
     c.merf = ml_collections.ConfigDict(dict(
         num_features=10_000, count_weight=0.5, length_scale=placeholder(float), code_dim=5, hidden=(200, 500),
         steps=1500, batch_size=200, learning_rate=1e-2))

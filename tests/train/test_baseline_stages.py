@@ -40,7 +40,7 @@ def released(workdir: Path, config) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.e2e
-def test_dp_merf_releases_once_states_it_and_a_resume_restores_the_release(tmp_path):
+def test_dp_merf_releases_once_states_it_and_a_resume_restores_the_release(tmp_path, monkeypatch):
     config = merf_config("dp_merf")
     assert stage_names(config) == ["dp_embedding", "generator", "sample", "evaluate"]
     workdir = tmp_path / "run"
@@ -63,6 +63,11 @@ def test_dp_merf_releases_once_states_it_and_a_resume_restores_the_release(tmp_p
     # (one step), it never draws the noise again.
     for name in ("dp_embedding", "generator", "sample", "evaluate"):
         (workdir / name / "summary.json").unlink()
+
+    def no_second_release(*args):
+        raise AssertionError("the rerun summed the private embedding again instead of restoring the release")
+
+    monkeypatch.setattr(merf, "embedding_sum", no_second_release)
     assert pipeline.train_and_evaluate(config, str(workdir))
     again = released(workdir, config)
     assert all(np.array_equal(first[k], again[k]) for k in first)

@@ -5,7 +5,6 @@ the clipped sum's sensitivity holds (docs/privacy.md)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from flax import nnx
@@ -14,9 +13,9 @@ from jax.sharding import Mesh
 from dpwave.models import pixel_flow
 from dpwave.train import loop, model_io, steps
 from dpwave.train.fingerprints import jsonable
-from dpwave.train.settings import Mechanism, Settings
+from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage
-from dpwave.train.stages.dp_finetune import DpSgdRun, state_template
+from dpwave.train.stages.dp_finetune import DP_SGD_RECONCILED, DpSgdRun, state_template
 from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.pixel_pretrain import pixel_examples
 
@@ -43,7 +42,7 @@ class DpDiffusion(Stage):
     stream = None
     dp = True
     consumes = ("pixel_pretrain",)
-    reconciled_on_resume = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
+    reconciled_on_resume = DP_SGD_RECONCILED
 
     def enabled(self, settings: Settings) -> bool:
         return not settings.public_only

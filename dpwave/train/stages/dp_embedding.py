@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from dpwave.privacy import mean_embedding
@@ -90,7 +89,7 @@ class DpEmbedding(Stage):
 
     def restore(self, settings: Settings, stage_dir: str) -> mean_embedding.Embedding:
         """The released (noised, normalized) embedding."""
-        return jax.tree.map(jnp.asarray, model_io.restore_state(stage_dir, template(settings)))
+        return model_io.restore_state(stage_dir, template(settings))
 
 
 STAGE = DpEmbedding()

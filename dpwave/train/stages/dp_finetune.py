@@ -35,6 +35,11 @@ def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTrans
     return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
 
 
+# The DP-SGD mechanism's settings may change on resume: the ledger refuses them unless dp.compose_on_resume composes
+# them honestly (the clipping norm is outside the ledger: it must not change).
+DP_SGD_RECONCILED = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
+
+
 def state_template(settings: Settings, params: nnx.State, trainable: Any) -> steps.TrainState:
     """The structure of a DP-SGD stage's state (what its checkpoints restore against), not its noise settings."""
     recipe = settings.dp.recipe
@@ -152,9 +157,7 @@ class DpFinetune(Stage):
     stream = None
     dp = True
     consumes = ("tokenizer", "pretrain")
-    # The mechanism's settings may change on resume: the ledger refuses them unless dp.compose_on_resume composes
-    # them honestly (the clipping norm is outside the ledger: it must not change).
-    reconciled_on_resume = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
+    reconciled_on_resume = DP_SGD_RECONCILED
 
     def enabled(self, settings: Settings) -> bool:
         return not settings.public_only

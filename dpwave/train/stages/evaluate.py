@@ -23,8 +23,6 @@ from dpwave.train import dp_recipe, loop, merf
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import DIFFUSION, Settings
 from dpwave.train.stages.base import Context, Stage
-from dpwave.train.stages.dp_diffusion import STAGE as DP_DIFFUSION
-from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.sample import STAGE as SAMPLE
@@ -168,8 +166,8 @@ class Evaluate(Stage):
         start = time.time()
         samples = files.read_npz(os.path.join(ctx.dir(SAMPLE.name), "samples.npz"))
         report, num_private = _sample_report(settings, samples)
-        dp_stage = DP_EMBEDDING if settings.uses_merf else DP_DIFFUSION if settings.method == DIFFUSION else DP_FINETUNE
-        dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(dp_stage.name))
+        dp = PUBLIC_ONLY_SUMMARY if mode == "public_only" else loop.read_summary(ctx.dir(next(  # the run's DP stage
+            name for name in self.consumes if name in ctx.inputs and name != SAMPLE.name)))
         metrics = {m: report[m] for m in evaluate.METRICS}
         reasons = dict(report["reasons"])
         if settings.data.condition in COND_REASONS:

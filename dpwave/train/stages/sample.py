@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 
 from dpwave import data, files, grids, sample, wavelets
+from dpwave.models import pixel_flow
 from dpwave.models.text import encode_captions
 from dpwave.train import loop, merf
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import DIFFUSION, Settings
 from dpwave.train.stages.base import Context, Stage
-from dpwave.models import pixel_flow
 from dpwave.train.stages.dp_diffusion import STAGE as DP_DIFFUSION
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.generator import STAGE as GENERATOR
