@@ -1,4 +1,5 @@
-"""Input checks shared across packages: integers, finite arrays, image arrays and wavelet-compatible sizes.
+"""Input checks shared across packages: integers, finite numbers, finite arrays, image arrays and wavelet-compatible
+sizes.
 
 A leaf module (numpy only). Every check raises ``ValueError`` with a message that names the input and the
 fix; data-file problems are `dpwave.data.errors.InvalidExampleError` instead (they name the file).
@@ -6,12 +7,13 @@ fix; data-file problems are `dpwave.data.errors.InvalidExampleError` instead (th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_divisible_by_levels", "check_finite", "check_int", "float_images", "int_in_range", "is_int",
-           "single_image", "uint8_images"]
+__all__ = ["check_divisible_by_levels", "check_finite", "check_int", "check_number", "float_images", "int_in_range",
+           "is_int", "single_image", "uint8_images"]
 
 
 def is_int(value: Any) -> bool:
@@ -22,6 +24,13 @@ def is_int(value: Any) -> bool:
 def check_int(name: str, value: Any, minimum: int) -> None:
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, positive: bool) -> None:
+    """A finite Python int or float (bools excluded), > 0 with `positive`, else >= 0."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite Python number {'> 0' if positive else '>= 0'}, got {value!r}.")
 
 
 def int_in_range(name: str, value: Any, low: int, high: int | None = None) -> int:

@@ -19,6 +19,7 @@ def _row(mode: str, microbatch: int, total_gb: float, flops_per_example: float) 
             "compile_s": 1.0}
 
 
+@pytest.mark.unit
 def test_derived_table_fits_a_line_and_compares_with_the_non_dp_step():
     rows = [_row("non_dp", mb, 8.0 + mb, 1e12) for mb in (8, 16, 32)]
     rows += [_row("dp_ghost", mb, 8.0 + 1.5 * mb, 1.2e12) for mb in (8, 16, 32)]
@@ -29,6 +30,7 @@ def test_derived_table_fits_a_line_and_compares_with_the_non_dp_step():
     assert ghost["step_s_est"] == pytest.approx(1.2e12 * 512 / (0.4 * 989e12))
 
 
+@pytest.mark.unit
 def test_peak_flops_table():
     assert device_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert device_check.peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -48,6 +50,7 @@ def test_device_check_dp_step_worker_runs_the_quick_ghost_step():
     assert result["tokens_per_s"] == pytest.approx(8 * paper.QUICK["seq_len"] / two["step_s"])
 
 
+@pytest.mark.unit
 @pytest.mark.slow  # subprocesses: about a minute on 2 idle cores
 def test_device_check_quick_dp_step_part_end_to_end(tmp_path):
     out = tmp_path / "check.json"

@@ -15,6 +15,8 @@ from experiments.configs import coco, common, mm_celeba_hq, recipes
 from experiments.configs.tables import TABLES
 from helpers.trees import smoke_args, write_smoke_tree
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 # The config files: the modules defining get_config (common.py, paper.py, recipes.py and tables.py are shared parts).
 CONFIG_FILES = sorted(p for p in (REPO / "experiments" / "configs").glob("*.py") if "def get_config(" in p.read_text())

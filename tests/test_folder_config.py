@@ -97,6 +97,7 @@ def refusal(public: Path, private: Path, extra: str = "") -> str:
     return message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("side", sizing.SIDES)
 def test_sizes_follow_the_rule(side):
     s = sizing.sizes(side)
@@ -111,6 +112,7 @@ def test_sizes_follow_the_rule(side):
     assert tok.tokens_per_scale == ((s.coarse // 2) ** 2,) * (s.levels + 1) == (s.tokens[0],) * (s.levels + 1)
 
 
+@pytest.mark.unit
 def test_the_rule_gives_mnist_and_the_paper_their_sizes_and_the_docstring_its_table():
     assert [line for line in sizing.__doc__.splitlines() if line.startswith("| ") and line[2].isdigit()] == \
         sizing.table().splitlines()
@@ -126,6 +128,7 @@ def test_the_rule_gives_mnist_and_the_paper_their_sizes_and_the_docstring_its_ta
         sizing.sizes(48)
 
 
+@pytest.mark.unit
 def test_grey_class_folders_make_a_labelled_32px_run(tmp_path):
     public, private = folders(tmp_path)
     c = config(public, private)
@@ -150,6 +153,7 @@ def test_grey_class_folders_make_a_labelled_32px_run(tmp_path):
     assert config(public, private, "epsilon=inf").dp.steps == 150
 
 
+@pytest.mark.unit
 def test_rgb_caption_folders_at_their_own_size_and_at_a_chosen_one(tmp_path):
     public, private = folders(tmp_path, side=64, mode="RGB", captions=True)
     c = config(public, private, "tiny")
@@ -164,12 +168,14 @@ def test_rgb_caption_folders_at_their_own_size_and_at_a_chosen_one(tmp_path):
     assert config(public, private, "tiny,size=128").data.image_size == 128  # mixed sizes, resized
 
 
+@pytest.mark.unit
 def test_one_class_is_unconditional_and_large_images_are_read_at_256px(tmp_path):
     public, private = folders(tmp_path, side=300, classes=1)
     c = config(public, private, "tiny")
     assert (c.data.image_size, c.data.condition, c.wavelet.levels) == (256, "none", 3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("break_folders, match", [
     (lambda pub, priv: Image.new("L", (28, 28)).save(pub / "circle" / "odd.png"),
      r"the images have 2 sizes, e\.g\. 32x32 \(public circle/0000\.png\), 28x28 \(public circle/odd\.png\); "
@@ -193,6 +199,7 @@ def test_folders_that_cannot_work_are_one_line_errors(tmp_path, break_folders, m
     assert re.search(match, message), message
 
 
+@pytest.mark.unit
 def test_missing_nested_and_mismatched_folders_are_one_line_errors(tmp_path):
     public, private = folders(tmp_path)
     assert refusal(public, tmp_path / "absent") == f"private folder {tmp_path / 'absent'} does not exist"
@@ -209,6 +216,7 @@ def test_missing_nested_and_mismatched_folders_are_one_line_errors(tmp_path):
         config(public, private, "size=48")
 
 
+@pytest.mark.unit
 def test_given_heldout_and_test_folders_leave_the_public_folder_whole(tmp_path):
     public, private = folders(tmp_path)
     heldout = write_shapes(tmp_path / "heldout", 3, seed=3)
@@ -220,6 +228,7 @@ def test_given_heldout_and_test_folders_leave_the_public_folder_whole(tmp_path):
     assert c.data.public.split == "train" and c.data.heldout.override_private_default
 
 
+@pytest.mark.unit
 def test_the_curve_has_the_controls_and_each_epsilon(tmp_path):
     spec = "experiments/configs/folder.py:public=/p,private=/q"
     rows = reproduce.table_rows("curve", spec, ("2", "8"))
@@ -233,6 +242,7 @@ def test_the_curve_has_the_controls_and_each_epsilon(tmp_path):
         reproduce.table_rows("mnist_cpu", spec, None)
 
 
+@pytest.mark.unit
 def test_curve_writes_table_plot_and_sample_sheet(tmp_path):
     spec = "experiments/configs/folder.py:public=/p,private=/q"
     rng = np.random.default_rng(0)

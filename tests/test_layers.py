@@ -16,7 +16,7 @@ LAYERS = (
     {"validation"},
     {"files", "wavelets"},
     {"data", "privacy", "models", "grids", "evaluate"},
-    {"sample", "console"},
+    {"generation", "console"},
     {"train"},
     {"main"},
 )

@@ -23,6 +23,7 @@ def _write_run(workdir: Path, digests: dict[str, dict[str, str]], metrics: dict)
     return workdir
 
 
+@pytest.mark.unit
 def test_identical_is_bit_for_bit():
     assert regress.identical(0.3, 0.3) and regress.identical(math.nan, math.nan) and regress.identical(None, None)
     assert not regress.identical(0.1 + 0.2, 0.3)  # one ulp apart
@@ -31,6 +32,7 @@ def test_identical_is_bit_for_bit():
     assert regress.identical("ab" * 32, "ab" * 32) and not regress.identical("ab" * 32, "ba" * 32)
 
 
+@pytest.mark.unit
 def test_flatten_keeps_numeric_leaves_with_dotted_keys():
     metrics = {"fd_cls": 33.6, "fid": None, "names": {"fd_cls": "FD-cls"}, "method": "dpwave",
                "ledger": {"events": [{"count": 12, "sigma": 0.43}], "ok": True}}
@@ -38,6 +40,7 @@ def test_flatten_keeps_numeric_leaves_with_dotted_keys():
                                         "ledger.events.0.sigma": 0.43, "ledger.ok": True}
 
 
+@pytest.mark.unit
 def test_collect_reads_stage_digests_in_finishing_order_then_metrics(tmp_path):
     run = _write_run(tmp_path, {"tokenizer": {"params_sha256": "a" * 64}, "sample": {"samples_sha256": "b" * 64},
                                 "evaluate": {}}, {"epsilon": 9.9, "reasons": {"fid": "no weights"}})
@@ -47,6 +50,7 @@ def test_collect_reads_stage_digests_in_finishing_order_then_metrics(tmp_path):
         ("tokenizer/params_sha256", "a" * 64), ("sample/samples_sha256", "b" * 64), ("epsilon", 9.9)]
 
 
+@pytest.mark.unit
 def test_compare_flags_differences_and_lists_absent_values_without_failing():
     against = {"tokenizer/params_sha256": "a" * 64, "fd_cls": 33.6, "old_metric": 1.0}
     working = {"tokenizer/params_sha256": "a" * 64, "fd_cls": 33.6, "new_metric": 0.5}
@@ -62,6 +66,7 @@ def test_compare_flags_differences_and_lists_absent_values_without_failing():
     assert regress.summary_line(changed).startswith("1 of 2 values differ")
 
 
+@pytest.mark.unit
 def test_markdown_table_shortens_digests_and_prints_floats_exactly():
     rows = regress.compare({"dp_finetune/params_sha256": "0123456789abcdef" * 4, "fd_cls": 0.1 + 0.2},
                            {"dp_finetune/params_sha256": "fedcba9876543210" * 4, "fd_cls": 0.1 + 0.2})
@@ -97,6 +102,7 @@ def test_main_runs_both_checkouts_writes_the_table_and_removes_the_worktree(tmp_
     assert regress.main(["--against=HEAD", f"--workdir={tmp_path / 'runs'}"]) == 2
 
 
+@pytest.mark.unit
 def test_unknown_revision_is_exit_status_2(capsys):
     assert regress.main(["--against=no-such-revision-xyz"]) == 2
     assert "regress:" in capsys.readouterr().err

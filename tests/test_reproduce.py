@@ -50,6 +50,7 @@ def table_line(md: str, method: str, epsilon: str) -> list[str]:
     raise AssertionError(f"no row {method} {epsilon} in\n{md}")
 
 
+@pytest.mark.integration
 def test_plan_appends_extra_args_and_seed_and_nests_workdirs(tmp_path):
     runs = reproduce.plan([row("full_dp_eps10")], tmp_path, [0, 3], "data_dir=/d")
     assert [r.workdir for r in runs] == [tmp_path / "full_dp_eps10" / f"seed{k}" for k in (0, 3)]
@@ -59,6 +60,7 @@ def test_plan_appends_extra_args_and_seed_and_nests_workdirs(tmp_path):
                                f"--workdir={tmp_path}/full_dp_eps10/seed3"]
 
 
+@pytest.mark.integration
 def test_execute_skips_finished_runs_and_reports_failures(tmp_path):
     runs = reproduce.plan([row("dpwave_eps1"), row("bicubic_epsinf")], tmp_path, [0, 1])
     write_run(tmp_path, "dpwave_eps1", 1, fake_metrics(1, 3.0, 0.9))
@@ -79,6 +81,7 @@ def test_execute_skips_finished_runs_and_reports_failures(tmp_path):
     assert reproduce.execute(runs[3:], lambda command: 0) == runs[3:]
 
 
+@pytest.mark.integration
 def test_summarize_mean_sample_std_and_nulls():
     stat = reproduce.summarize([1.0, None, 2.0, 6.0])
     assert (stat.mean, stat.n) == (3.0, 3)
@@ -89,6 +92,7 @@ def test_summarize_mean_sample_std_and_nulls():
     assert reproduce.summarize([]).format(str) == "n/a"
 
 
+@pytest.mark.integration
 def test_controls_are_horizontal_lines_in_their_methods_colour(tmp_path):
     fd = {"dpwave_eps1": 30.0, "dpwave_eps10": 20.0, "dpwave_epsinf": 10.0, "dpwave_public": 40.0,
           "full_dp_eps1": 90.0, "full_dp_public": 80.0}
@@ -107,6 +111,7 @@ def test_controls_are_horizontal_lines_in_their_methods_colour(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "10"]
 
 
+@pytest.mark.integration
 def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
     fd = {"dpwave_eps1": [4.0, 6.0], "full_dp_eps1": [9.0, 12.0], "dpwave_epsinf": [1.0, 2.0],
           "full_dp_epsinf": [1.5, 2.5], "bicubic_eps10": [7.0, 8.0]}
@@ -157,6 +162,7 @@ def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
         assert colourful.sum() > 200
 
 
+@pytest.mark.integration
 def test_fid_column_and_panel_appear_when_measured(tmp_path):
     write_run(tmp_path, "dpwave_eps1", 0, fake_metrics(0, 1.0, None, fid=33.27, reasons={}))
     results = reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0]))
@@ -167,6 +173,7 @@ def test_fid_column_and_panel_appear_when_measured(tmp_path):
     assert Image.open(png_path).size == (2500, 400)  # FID and the four PLOTTED panels
 
 
+@pytest.mark.integration
 def test_runs_from_before_a_metric_existed_show_a_dash(tmp_path):
     old = fake_metrics(0, 4.0, 0.9)
     del old["fd_lowpass"], old["cond_accuracy"]
@@ -185,12 +192,14 @@ def test_runs_from_before_a_metric_existed_show_a_dash(tmp_path):
     assert by_label["dpwave_eps1"]["metrics"]["fd_lowpass"] == {"mean": None, "std": None, "n": 0}
 
 
+@pytest.mark.integration
 def test_bad_metrics_value_names_the_file(tmp_path):
     write_run(tmp_path, "dpwave_eps1", 0, fake_metrics(0, "oops", 0.9))
     with pytest.raises(ValueError, match=r"seed0/metrics.json: fd_cls='oops'"):
         reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0]))
 
 
+@pytest.mark.integration
 def test_run_subprocess_runs_from_the_repository_root():
     code = "import os, experiments.configs.tables; assert os.path.isfile('experiments/reproduce.py')"
     assert reproduce.run_subprocess([sys.executable, "-c", code]) == 0
@@ -202,6 +211,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.integration
 def test_dry_run_prints_every_command_and_marks_finished_runs(tmp_path):
     write_run(tmp_path, "full_dp_epsinf", 1, fake_metrics(1, 1.0, 0.9))
     result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--seeds", "0,1",
@@ -221,6 +231,7 @@ def test_dry_run_prints_every_command_and_marks_finished_runs(tmp_path):
     assert not (tmp_path / "mnist_tiny.md").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args, message", [
     (["--table", "nope"], "unknown table 'nope'"),
     (["--table", "mnist_tiny", "--rows", "dpwave_eps2"], "unknown rows ['dpwave_eps2']"),
@@ -233,6 +244,7 @@ def test_cli_errors_name_the_bad_value(tmp_path, args, message):
 
 
 # -- reuse of public stages between runs ------------------------------------------------------------
+@pytest.mark.integration
 def test_load_config_resolves_the_command_like_dpwave_main(tmp_path, monkeypatch):
     from experiments.configs import mnist
 
@@ -263,6 +275,7 @@ def fake_pipeline(runs, trained: dict):
     return runner
 
 
+@pytest.mark.integration
 def test_execute_copies_only_public_stages_with_equal_inputs(tmp_path, capsys):
     rows = [row("dpwave_eps1"), row("dpwave_eps10"), row("full_dp_eps10"), row("bicubic_eps1")]
     runs = reproduce.plan(rows, tmp_path, [0, 1])
@@ -284,6 +297,7 @@ def test_execute_copies_only_public_stages_with_equal_inputs(tmp_path, capsys):
     assert "reused pretrain from dpwave_eps1/seed0" in out and out.count("reused ") == 2 * (3 + 1 + 2)
 
 
+@pytest.mark.integration
 def test_reuse_needs_matching_consumed_stages_and_leaves_existing_dirs_alone(tmp_path):
     runs = reproduce.plan([row("dpwave_eps1"), row("dpwave_eps10")], tmp_path, [0])
     fake_pipeline(runs, {})(runs[0].command)
@@ -302,6 +316,7 @@ def test_reuse_needs_matching_consumed_stages_and_leaves_existing_dirs_alone(tmp
     assert reproduce.reuse_public_stages(runs[1], [r.workdir for r in runs]) == [("pretrain", runs[0].workdir)]
 
 
+@pytest.mark.integration
 def test_reuse_draws_on_runs_of_other_tables_in_the_workdir(tmp_path, capsys):
     earlier = reproduce.plan([row("dpwave_eps1")], tmp_path, [0])
     fake_pipeline(earlier, {})(earlier[0].command)  # finished by an earlier invocation (another table)
@@ -313,6 +328,7 @@ def test_reuse_draws_on_runs_of_other_tables_in_the_workdir(tmp_path, capsys):
     assert "reused pretrain from dpwave_eps1/seed0" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_no_reuse_flag_trains_every_stage_in_every_run(tmp_path, capsys):
     runs = reproduce.plan([row("dpwave_eps1"), row("dpwave_eps10")], tmp_path, [0])
     trained: dict = {}
@@ -324,6 +340,7 @@ def test_no_reuse_flag_trains_every_stage_in_every_run(tmp_path, capsys):
 
 
 # -- post-processing rows: one trained model, other sample settings ------------------------------------
+@pytest.mark.integration
 def test_a_post_processing_row_copies_the_trained_stages_but_the_secret_and_only_samples(tmp_path, capsys):
     source = row("dpwave_eps10")
     guided = tables.resample(source, guidance_scale=2.0)
@@ -342,6 +359,7 @@ def test_a_post_processing_row_copies_the_trained_stages_but_the_secret_and_only
     assert "copied dp_finetune, pretrain, refiner, tokenizer" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_a_post_processing_row_of_an_unfinished_run_fails_and_the_others_still_run(tmp_path, capsys):
     guided, other = tables.resample(row("dpwave_eps1"), temperature=0.8), row("dpwave_eps10")
     runs = reproduce.plan([guided, other], tmp_path, [0])
@@ -350,6 +368,7 @@ def test_a_post_processing_row_of_an_unfinished_run_fails_and_the_others_still_r
     assert "run row dpwave_eps1 seed 0 first" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fields, message", [
     (dict(sampling=("dp.steps=3",), resamples="x"), "not sample.KEY=VALUE"),
     (dict(sampling=("sample.temperature=0.8",)), "go together"), (dict(resamples="x"), "go together")])
@@ -358,6 +377,7 @@ def test_a_post_processing_row_changes_sampling_only(fields, message):
         tables.Row("r", "experiments/configs/mnist.py:tiny", "dpwave", "1", **fields)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_post_processing_row_resamples_a_real_run(tmp_path):
     """The pipeline itself accepts the copied stages (equal fingerprints, no secret) and samples with the row's
@@ -372,6 +392,7 @@ def test_a_post_processing_row_resamples_a_real_run(tmp_path):
     assert config["config"]["sample"]["temperature"] == 0.5
 
 
+@pytest.mark.integration
 def test_a_config_that_cannot_load_only_loses_the_reuse(tmp_path, capsys):
     run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], "nokey=1")[0]
     assert reproduce.execute([run], lambda command: 5) == [run]
@@ -381,6 +402,7 @@ def test_a_config_that_cannot_load_only_loses_the_reuse(tmp_path, capsys):
 
 
 # -- controls, settings, seeds across sessions, overrides ----------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize("table", ["mnist_cpu", "mnist_shift", "mnist_curve", "mnist_tiny"])
 def test_every_method_has_both_controls_next_to_its_dp_rows(table):
     rows = get_table(table)
@@ -393,6 +415,7 @@ def test_every_method_has_both_controls_next_to_its_dp_rows(table):
             "0.5", "1", "2", "4", "8", "10", "16", "inf", "public"]
 
 
+@pytest.mark.integration
 def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
     rows = get_table("mnist_scaling")
     assert {r.setting_label for r in rows} == {"n_private=500", "n_private=1000", "n_private=2000", ""}
@@ -410,6 +433,7 @@ def test_scaling_table_has_a_setting_column_and_the_public_control(tmp_path):
     assert table_line(md, "dpwave", "n_private=2000")[2] == "1"
 
 
+@pytest.mark.integration
 def test_fair_table_shares_the_shift_rows_and_labels_its_own_public_control():
     rows = get_table("mnist_fair")
     same = [r for r in rows if r.setting_label == "pretrain_steps=800"]
@@ -435,6 +459,7 @@ def test_matched_pretraining_steps_give_full_dp_dpwaves_pretraining_flops():
     assert flops(matched.spec) == pytest.approx(flops(dpwave.spec), rel=0.005)
 
 
+@pytest.mark.integration
 def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_path):
     for seed, value in ((0, 4.0), (2, 8.0)):  # seed 2 finished in another session
         write_run(tmp_path, "dpwave_eps1", seed, fake_metrics(seed, value, 0.9))
@@ -450,6 +475,7 @@ def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_p
     assert table_line(md, "full_dp", "1")[-1] == "0/2"
 
 
+@pytest.mark.integration
 def test_set_passes_config_overrides_to_every_run(tmp_path):
     run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], overrides=["dp.trainable=cond", "dp.ema_decay=0.9"])[0]
     assert run.command[4:6] == ["--config.dp.trainable=cond", "--config.dp.ema_decay=0.9"]
@@ -459,6 +485,7 @@ def test_set_passes_config_overrides_to_every_run(tmp_path):
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
 
 
+@pytest.mark.integration
 def test_dp_wall_time_comes_from_the_owner_only_timing_file(tmp_path):
     metrics = fake_metrics(0, 4.0, 0.9)
     del metrics["dp_wall_time_s"]  # the pipeline keeps it out of metrics.json
@@ -469,6 +496,7 @@ def test_dp_wall_time_comes_from_the_owner_only_timing_file(tmp_path):
     assert reproduce.read_metrics(tmp_path / "dpwave_eps1" / "seed0" / "metrics.json")["dp_wall_time_s"] == 12.5
 
 
+@pytest.mark.integration
 def test_a_shared_public_control_is_drawn_once_per_method(tmp_path):
     rows = get_table("mnist_scaling")
     for r in rows:

@@ -9,6 +9,8 @@ import skimage.data
 
 from dpwave import wavelets as wv
 
+pytestmark = pytest.mark.unit
+
 WAVELETS = ["haar", "db2", "db3", "sym4", "coif1"]
 
 

@@ -12,7 +12,7 @@ from dpwave.data.errors import (DataError, DatasetLayoutError, DatasetNotPrepare
                                 SplitExpressionError)
 from dpwave.data.images import to_float, to_uint8
 from dpwave.data.loading import load
-from dpwave.data.sampling import ShuffleSampler
+from dpwave.data.shuffle import ShuffleSampler
 from dpwave.data.source import Source
 from dpwave.data.spec import DatasetSpec
 

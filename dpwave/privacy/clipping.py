@@ -14,7 +14,6 @@ transforms accept as is. Merge updated trainable leaves back with
 """
 
 from collections.abc import Callable
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpwave.privacy import ghost
+from dpwave.validation import check_number
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, jax.Array], jax.Array]
@@ -130,12 +130,7 @@ def weighted_sum(per_example_grads: PyTree, weights: jax.Array) -> PyTree:
 
 
 def _validate(l2_clip: float, microbatch_size: int | None) -> None:
-    if (
-        isinstance(l2_clip, bool)
-        or not isinstance(l2_clip, (int, float))
-        or not (math.isfinite(l2_clip) and l2_clip > 0)
-    ):
-        raise ValueError(f"l2_clip must be a finite number > 0, got {l2_clip!r}.")
+    check_number("l2_clip", l2_clip, positive=True)
     if microbatch_size is not None and (
         isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
     ):

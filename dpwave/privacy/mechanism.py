@@ -7,9 +7,11 @@ randomness is drawn (the sampler's draws, the noise key), so the object can be b
 before any private data is read. The DP stage, the ledger (`params`), the budget guard (`guard`) and the
 statement (through the ledger) all read the same object.
 
-A new mechanism (fixed-size batches, correlated noise) is a new class with the same members: `selection`,
-`sensitivity`, `clipped_sum`, `noise`, `optimizer`, `step_event` and `params`; `dpwave/train/settings.py`
-(`Mechanism.build`) chooses it from the config.
+Its L2 sensitivity is C when one example is added or removed, 2 C when one is replaced (each example's key depends
+on that example only, `dpwave.privacy.keys`); `params.step_event()` is the `DpEvent` the ledger composes once per
+step. A new mechanism (fixed-size batches, correlated noise) is a new class with the same members: `selection`,
+`expected_batch_size`, `clipped_sum`, `noise`, `optimizer`, `ledger`, `guard` and `params`;
+`dpwave/train/settings.py` (`Mechanism.build`) chooses it from the config.
 
 Library pieces: the step's event is dp-accounting's (`PoissonSampledDpEvent` of a `GaussianDpEvent`); sigma
 comes from `accounting.calibrate_noise`, not dp-accounting's generic `calibrate_dp_mechanism` (same bisection,
@@ -21,17 +23,16 @@ bucket with masked rows inside its own scan (whose summation order the pinned ru
 from __future__ import annotations
 
 import dataclasses
-import math
+
 import jax
 import optax
-from dp_accounting import dp_event
 
 from dpwave.privacy import clipping
 from dpwave.privacy.batch_selection import PoissonSelection
 from dpwave.privacy.guard import BudgetGuard
 from dpwave.privacy.ledger import DpParams, PrivacyLedger
-from dpwave.privacy.optimizers import dp_optimizer
 from dpwave.privacy.noise import noise_and_normalize
+from dpwave.validation import check_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,7 @@ class DpSgdMechanism:
     params: DpParams
 
     def __post_init__(self) -> None:
-        if isinstance(self.l2_clip, bool) or not (isinstance(self.l2_clip, (int, float)) and math.isfinite(self.l2_clip)
-                                                  and self.l2_clip > 0):
-            raise ValueError(f"l2_clip={self.l2_clip!r} must be a finite number > 0")
+        check_number("l2_clip", self.l2_clip, positive=True)
         if self.params.dataset_size is None:
             raise ValueError("a DP-SGD mechanism needs params.dataset_size (q N normalizes the noised sum)")
         object.__setattr__(self, "l2_clip", float(self.l2_clip))
@@ -59,18 +58,6 @@ class DpSgdMechanism:
     @property
     def expected_batch_size(self) -> float:
         return self.selection.expected_batch_size
-
-    @property
-    def sensitivity(self) -> float:
-        """The largest L2 change of the clipped sum between neighbouring datasets: C when one example is added
-        or removed, 2 C when one is replaced (provided each example's key depends on that example only,
-        `dpwave.privacy.keys`)."""
-        return self.l2_clip * (2.0 if self.params.neighboring == "replace_one" else 1.0)
-
-    @property
-    def noise_std(self) -> float:
-        """Std of the Gaussian noise added to each coordinate of the clipped sum: sigma * C."""
-        return self.params.noise_multiplier * self.l2_clip
 
     def clipped_sum(self, loss_fn: clipping.LossFn, *, microbatch_size: int | None = None,
                     trainable: clipping.Trainable = None, use_ghost_norms: bool = False) -> clipping.ClippedGradFn:
@@ -91,12 +78,7 @@ class DpSgdMechanism:
     def optimizer(self, inner: optax.GradientTransformation, key: int | jax.Array,
                   mask_key: jax.Array | None = None) -> optax.GradientTransformation:
         """`optax.chain(self.noise(key, mask_key), inner)`: the DP optimizer over the clipped sum."""
-        return dp_optimizer(inner, l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
-                            expected_batch_size=self.expected_batch_size, key=key, mask_key=mask_key)
-
-    def step_event(self) -> dp_event.DpEvent:
-        """The DpEvent of one step (the ledger composes it once per step taken)."""
-        return self.params.step_event()
+        return optax.chain(self.noise(key, mask_key), inner)
 
     def ledger(self) -> PrivacyLedger:
         """A fresh ledger of this mechanism (no step recorded)."""

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpwave.validation import check_number
+
 PyTree = Any
 
 
@@ -30,13 +32,6 @@ class NoiseState(NamedTuple):
 
     key: jax.Array
     count: jax.Array
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        need = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite Python number {need}, got {value!r}.")
 
 
 def _key_parts(key: int | jax.Array | np.ndarray) -> tuple[jax.Array, Any]:
@@ -101,9 +96,9 @@ def _add_noise(
 
 
 def _init(key: int | jax.Array, l2_clip: float, noise_multiplier: float, expected_batch_size: float) -> tuple[Any, Any]:
-    _check_number("l2_clip", l2_clip, positive=True)
-    _check_number("noise_multiplier", noise_multiplier, positive=False)
-    _check_number("expected_batch_size", expected_batch_size, positive=True)
+    check_number("l2_clip", l2_clip, positive=True)
+    check_number("noise_multiplier", noise_multiplier, positive=False)
+    check_number("expected_batch_size", expected_batch_size, positive=True)
     raw, impl = _key_parts(key)
 
     def init_fn(params: PyTree) -> NoiseState:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -56,7 +55,6 @@ __all__ = [
     "CheckpointRestoreError",
     "PreemptionGuard",
     "abstract_state",
-    "config_fingerprint",
 ]
 
 _STATE, _META = "state", "meta"
@@ -89,25 +87,6 @@ def _stray_prints_to_the_log(grace_s: float = 0.2) -> Iterator[None]:
     finally:
         if printed.getvalue():
             logging.info("printed while restoring a checkpoint:\n%s", printed.getvalue())
-
-
-def config_fingerprint(config: Any) -> str:
-    """SHA-256 of the canonical JSON of a config (sorted keys, no whitespace, ASCII).
-
-    Accepts a mapping or anything with `to_dict()` (an `ml_collections.ConfigDict`).
-    """
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    if not isinstance(config, Mapping):
-        raise ValueError("config_fingerprint expects a mapping or a ConfigDict, got "
-                         f"{type(config).__name__}.")
-    try:
-        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                               allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config is not canonical-JSON serializable ({e}); keep config values to "
-                         "str/int/float/bool/None/lists/dicts (finite floats).") from e
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def _is_key(x: Any) -> bool:

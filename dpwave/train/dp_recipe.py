@@ -5,7 +5,8 @@
   pretrained function is unchanged until they train). Pretraining never has adapters.
 * `dp.lr_schedule` / `dp.warmup_steps`: linear warmup from 0, then constant, cosine or linear decay to 0.
 * `dp.ema_decay`: an exponential moving average of the DP parameters, kept in the DP state (its
-  checkpoints) and sampled from; post-processing of the noised iterates, so it costs no privacy.
+  checkpoints), updated inside the jitted step (`steps.dp_step`) and sampled from; post-processing of the noised
+  iterates, so it costs no privacy.
 * `dp.cond_dropout`: condition dropout of the DP stage (None: pretraining's `transformer.cond_dropout`).
 * Modes (`settings.Mechanism`, the stages): `dp.target_epsilon = 0` is the public-only control (no DP stage;
   the pretrained model is sampled; nothing trains on private data). `dp.tuning` runs the DP stage on a PUBLIC split
@@ -15,9 +16,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import optax
@@ -48,21 +48,6 @@ def inner_optimizer(recipe: Recipe, steps: int) -> optax.GradientTransformation:
     if recipe.optimizer == "adamw":  # decay acts on the parameters: post-processing, no privacy cost
         return optax.adamw(lr, weight_decay=recipe.weight_decay)
     return {"sgd": optax.sgd, "adam": optax.adam}[recipe.optimizer](lr)
-
-
-def with_ema(step_fn: Callable, decay: float) -> Callable:
-    """`step_fn(state, ...)` followed by `state.extra <- decay * state.extra + (1 - decay) * state.params`
-    in the same jitted call (unchanged when decay is 0). `state.extra` starts as the pretrained params."""
-    if not decay:
-        return step_fn
-
-    @jax.jit
-    def step(state, *args):
-        state, metrics = step_fn(state, *args)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.extra, state.params)
-        return dataclasses.replace(state, extra=ema), metrics
-
-    return step
 
 
 def load_pretrained(params: Any, pretrained: Any) -> Any:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dpwave.train.checkpoint import config_fingerprint
+from dpwave.train.hashing import config_fingerprint
 
 
 class StaleStageError(ValueError):
@@ -39,7 +39,7 @@ def jsonable(value: Any) -> Any:
 
 
 def sha256(inputs: Mapping[str, Any]) -> str:
-    """The fingerprint of JSON-ready `inputs` (canonical JSON, see `checkpoint.config_fingerprint`)."""
+    """The fingerprint of JSON-ready `inputs` (canonical JSON, `hashing.config_fingerprint`)."""
     return config_fingerprint(dict(inputs))
 
 

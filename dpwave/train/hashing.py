@@ -1,4 +1,5 @@
-"""A stable fingerprint of a parameter pytree (for reproducibility logs and resume checks).
+"""The project's SHA-256 fingerprints: of a config or a stage's inputs (canonical JSON, `config_fingerprint`) and
+of a parameter pytree (`params_sha256`, for reproducibility logs and resume checks).
 
 `params_sha256` hashes, for each leaf of `jax.tree.leaves(params)` in that (tree) order:
 
@@ -13,12 +14,14 @@ types) is NOT hashed: renaming a parameter does not change the fingerprint, reor
 """
 
 import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["params_sha256"]
+__all__ = ["config_fingerprint", "params_sha256"]
 
 
 def _leaf_array(leaf: Any) -> np.ndarray:
@@ -49,3 +52,22 @@ def params_sha256(params: Any) -> str:
         sha.update(header.encode("ascii"))
         sha.update(array.tobytes(order="C"))
     return sha.hexdigest()
+
+
+def config_fingerprint(config: Any) -> str:
+    """SHA-256 of the canonical JSON of a config (sorted keys, no whitespace, ASCII).
+
+    Accepts a mapping or anything with `to_dict()` (an `ml_collections.ConfigDict`).
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        raise ValueError("config_fingerprint expects a mapping or a ConfigDict, got "
+                         f"{type(config).__name__}.")
+    try:
+        canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                               allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config is not canonical-JSON serializable ({e}); keep config values to "
+                         "str/int/float/bool/None/lists/dicts (finite floats).") from e
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpwave import data, sample, wavelets
+from dpwave import data, generation, wavelets
 from dpwave.models import merf_generator
 from dpwave.privacy import mean_embedding
 from dpwave.train import model_io
@@ -106,17 +106,17 @@ def _generate(settings: Settings, graphdef: Any, params: Any, refiner: Any, labe
     else:
         coarse = from_space(settings, out)
         label = labels if refiner.config.num_classes is not None else None
-        pyramid = sample.refine_coarse(refiner.module(), coarse, jax.random.fold_in(key, 1), label)
+        pyramid = generation.refine_coarse(refiner.module(), coarse, jax.random.fold_in(key, 1), label)
         images = {"images": wavelets.reconstruct(pyramid),
                   "unrefined": wavelets.upsample_coarse(coarse, w.levels, (side, side), w.name, method="bicubic")}
     images["coarse_images"] = wavelets.upsample_coarse(coarse, w.levels, (side, side), w.name, method="nearest")
     return {k: jnp.clip(v, -1.0, 1.0) for k, v in images.items()}
 
 
-def generate_many(settings: Settings, graphdef: Any, params: Any, refiner: sample.Part | None, labels: np.ndarray,
+def generate_many(settings: Settings, graphdef: Any, params: Any, refiner: generation.Part | None, labels: np.ndarray,
                   key: jax.Array, batch_size: int) -> dict[str, np.ndarray]:
     """uint8 images of `labels` (one per label) from the fitted generator (and the refiner for dpwave_merf), in
-    batches of `batch_size` (`sample.generate_batches`; codes with fold_in(key_b, 0), the refiner with 1)."""
+    batches of `batch_size` (`generation.generate_batches`; codes with fold_in(key_b, 0), the refiner with 1)."""
     fn = jax.jit(functools.partial(_generate, settings, graphdef))
-    return sample.generate_batches(lambda labels_b, key_b: fn(params, refiner, labels_b, key_b), labels, key,
+    return generation.generate_batches(lambda labels_b, key_b: fn(params, refiner, labels_b, key_b), labels, key,
                                    batch_size)

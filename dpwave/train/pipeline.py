@@ -36,7 +36,7 @@ import ml_collections
 from absl import logging
 
 from dpwave.train import distributed, fingerprints, loop, secret_seed, settings as settings_lib, workdir_lock
-from dpwave.train.checkpoint import config_fingerprint
+from dpwave.train.hashing import config_fingerprint
 from dpwave.train.fingerprints import StaleStageError
 from dpwave.train.settings import Settings
 from dpwave.train.stages.base import Context, Stage

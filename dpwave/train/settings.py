@@ -27,7 +27,7 @@ from dpwave.models.pixel_flow import PixelFlowConfig
 from dpwave.models.refiner import RefinerConfig
 from dpwave.models.tokenizer import TokenizerConfig
 from dpwave.models.transformer import TransformerConfig
-from dpwave.sample import METHODS as AR_METHODS
+from dpwave.generation import METHODS as AR_METHODS
 
 MERF_METHODS = ("dp_merf", "dpwave_merf")  # DP-MERF in pixel space; its release on the coarse band + the refiner
 DIFFUSION = "dp_diffusion"  # a pixel-space flow model, pretrained on public data and DP-SGD finetuned
@@ -347,13 +347,19 @@ def _dataclass(cls: type, section: Mapping[str, Any], **derived: Any) -> Any:
     return cls(**values, **derived)
 
 
+def expected_privacy(role: str, tuning: bool) -> str:
+    """The tag a role's data must carry: "private" for the private role, except in a tuning run (whose DP input is a
+    public stand-in), "public" for every other role."""
+    return "private" if role == "private" and not tuning else "public"
+
+
 def _dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetSpec:
     section = config.data[role].to_dict()
     for key in ("data_dir", "manual_dir"):
         section[key] = section.get(key) or None
     spec = data.DatasetSpec.from_config({**section, "resolution": config.data.image_size,
                                          "channels": config.data.channels})
-    expected = "private" if role == "private" and not config.dp.tuning else "public"
+    expected = expected_privacy(role, config.dp.tuning)
     if spec.privacy != expected:
         why = ("a tuning run (dp.tuning) reads no private data: its DP input stands in for it" if config.dp.tuning
                else "only the DP stage reads private data")

@@ -10,8 +10,8 @@ sets bfloat16). `--label` adds the same model label-conditioned (no prefix) at m
 with the issue's first measurement.
 
 Steps, built as the pipeline builds them on a one-device data mesh (the per-device program of the 8-device run):
-  dp_vmap, dp_ghost  the DP stage's step (`DpSgdMechanism.clipped_sum` -> `steps.dp_step` ->
-                     `steps.fold_step_key`; DP-Adam of the config's recipe), materialized per-example gradients
+  dp_vmap, dp_ghost  the DP stage's step (`DpSgdMechanism.clipped_sum` -> `steps.dp_step`;
+                     DP-Adam of the config's recipe), materialized per-example gradients
                      or ghost norms, over one microbatch per device (no scan: XLA's cost analysis counts a scan or
                      while body once, so only a scan-free step gives every FLOP);
   non_dp             `steps.public_step` with the same model and inner optimizer, over the same examples.
@@ -123,8 +123,8 @@ def build_step(settings: settings_lib.Settings, cfg: transformer_lib.Transformer
 
     clipped_sum = mechanism.clipped_sum(example_loss, microbatch_size=spec.microbatch, trainable=trainable,
                                         use_ghost_norms=spec.mode == "dp_ghost")
-    step = steps.fold_step_key(steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable))
-    return (dp_recipe.with_ema(step, recipe.ema_decay),
+    step = steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable, ema_decay=recipe.ema_decay)
+    return (step,
             lambda p: init_state(p, trainable, optimizer, bool(recipe.ema_decay)), graphdef, params)
 
 

@@ -9,6 +9,8 @@ import pytest
 from dpwave.data import DatasetLayoutError, DatasetSpec, InvalidExampleError, load
 from dpwave.data.builders import CocoCaptions, MmCelebaHq, Mnist5k
 
+pytestmark = pytest.mark.integration
+
 
 def celeba(split, manual_dir, data_dir, resolution=16):
     return load(DatasetSpec("mm_celeba_hq", split, "private", data_dir=data_dir,

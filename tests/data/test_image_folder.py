@@ -11,6 +11,8 @@ from dpwave.data import (DataError, DatasetLayoutError, DatasetSpec, InvalidExam
 from dpwave.data.builders import folder_scan, image_folder_config
 from dpwave.data.builders.image_folder import carve
 
+pytestmark = pytest.mark.integration
+
 
 def small_png(path):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ from dpwave.data import InvalidExampleError, to_float, to_uint8
 from dpwave.data.images import (as_uint8_pixels, center_crop_resize, prepare_image,
                                 read_image_file, set_channels)
 
+pytestmark = pytest.mark.unit
+
 
 def test_as_uint8_accepts_uint8_int_and_unit_float():
     ramp = np.arange(256, dtype=np.int64).reshape(16, 16)

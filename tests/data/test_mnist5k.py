@@ -9,6 +9,8 @@ from dpwave.data import (DataError, DatasetSpec, InvalidExampleError, PrivacyErr
                          mnist5k_arrays)
 from dpwave.data.builders.mnist5k import SPLIT_SIZES, mnist5k_csv_path, parse_row
 
+pytestmark = pytest.mark.integration
+
 TOTALS = {"public": 1500, "private": 2000, "heldout": 500, "test": 1000}
 
 

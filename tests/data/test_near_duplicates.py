@@ -14,6 +14,8 @@ from skimage import data as skimage_data
 from dpwave.data import DatasetSpec, PrivateOverlapError, Source, load, near_duplicates, overlap
 from dpwave.data.builders.mnist5k import example_id, mnist5k_arrays, split_rows
 
+pytestmark = pytest.mark.unit
+
 ROLE = "config.data.public"
 PHOTOS = ("astronaut", "camera", "coffee")
 

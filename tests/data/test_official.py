@@ -5,6 +5,8 @@ import tensorflow_datasets as tfds
 
 from dpwave.data import DataError, DatasetNotPreparedError, DatasetSpec, load, loading
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def mocked_tfds(monkeypatch):

@@ -13,6 +13,8 @@ from dpwave.data import DatasetSpec, PrivateOverlapError, PrivateSplitError, loa
 from dpwave.train import pipeline, settings
 from experiments.configs import coco, mm_celeba_hq, mnist
 
+pytestmark = pytest.mark.integration
+
 ROLE = "config.data.public"
 
 

@@ -6,6 +6,8 @@ from dpwave.data import DatasetSpec, PrivacyError, require_public
 from dpwave.data.boundary import check_split_tag, split_names
 from dpwave.data.builders.mnist5k import Mnist5k
 
+pytestmark = pytest.mark.unit
+
 MNIST5K = Mnist5k.SPLITS
 
 

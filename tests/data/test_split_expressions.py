@@ -9,6 +9,8 @@ from dpwave.data import DataError, DatasetSpec, PrivateSplitError, SplitExpressi
 from dpwave.data.boundary import split_names
 from dpwave.data.builders import BUILDERS, Mnist5k
 
+pytestmark = pytest.mark.unit
+
 ROLE = "config.data.public"
 MNIST5K = Mnist5k.SPLITS
 # Every one reads mnist5k's private split (`all` is every split; TFDS allows spaces around '+').

@@ -6,6 +6,8 @@ from flax import nnx
 from dpwave.evaluate.classifier import (
     Classifier, TrainConfig, accuracy, classifier_features, loss_fn, train_classifier)
 
+pytestmark = pytest.mark.unit
+
 
 def _leaves(model):
     return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))]

@@ -11,12 +11,14 @@ from dpwave.train.settings import CONDITIONS
 from dpwave.train.stages.evaluate import COND_REASONS
 
 
+@pytest.mark.unit
 def test_perfect_prompts_score_one():
     prompts = np.arange(30) % 10
     cond = conditioning_accuracy(prompts, prompts, num_classes=10)
     assert cond.accuracy == 1.0 and cond.per_class == [1.0] * 10 and cond.counts == [3] * 10
 
 
+@pytest.mark.unit
 def test_per_class_counts_and_unprompted_classes():
     cond = conditioning_accuracy(np.array([0, 1, 1, 1, 0]), np.array([0, 0, 1, 1, 2]), num_classes=4)
     assert cond.accuracy == pytest.approx(3 / 5)
@@ -24,6 +26,7 @@ def test_per_class_counts_and_unprompted_classes():
     json.dumps(cond._asdict(), allow_nan=False)
 
 
+@pytest.mark.unit
 def test_labels_unrelated_to_prompts_score_chance():
     rng = np.random.default_rng(0)
     cond = conditioning_accuracy(rng.integers(0, 10, 20_000), np.arange(20_000) % 10, num_classes=10)
@@ -31,11 +34,13 @@ def test_labels_unrelated_to_prompts_score_chance():
     assert all(a == pytest.approx(0.1, abs=0.025) for a in cond.per_class)
 
 
+@pytest.mark.unit
 def test_prompts_beyond_the_classifier_raise():
     with pytest.raises(ValueError, match="knows 3 classes"):
         conditioning_accuracy(np.zeros(4, int), np.array([0, 1, 2, 3]), num_classes=3)
 
 
+@pytest.mark.unit
 def test_real_digits_agree_with_their_labels_and_shuffled_labels_do_not(mnist, heldout_classifier):
     images, labels = mnist["test"]
     feats = classifier_features(heldout_classifier, images)

@@ -5,6 +5,8 @@ from dpwave.evaluate import downstream
 from dpwave.evaluate.classifier import TrainConfig
 from dpwave.evaluate.downstream import downstream_accuracy, split_synthetic
 
+pytestmark = pytest.mark.unit
+
 CONFIG = TrainConfig(epochs=6, seed=0)
 
 

@@ -4,6 +4,8 @@ import scipy.linalg
 
 from dpwave.evaluate.frechet import frechet_distance, frechet_distance_from_stats, gaussian_stats
 
+pytestmark = pytest.mark.unit
+
 
 def _features(rng, n, d, shift=0.0, scale=1.0):
     mixing = rng.normal(size=(d, d)) / np.sqrt(d)

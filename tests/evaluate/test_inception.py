@@ -12,6 +12,8 @@ from dpwave.evaluate.inception_weights import (
     TORCH_WEIGHTS_URL, InceptionWeightsError, arrays_from_torch_state_dict, inception_arrays,
     inception_from_arrays, load_inception, save_arrays, weight_shapes)
 
+pytestmark = pytest.mark.unit
+
 SMALL = 75
 
 

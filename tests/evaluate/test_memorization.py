@@ -3,6 +3,8 @@ import pytest
 
 from dpwave.evaluate.memorization import memorization
 
+pytestmark = pytest.mark.unit
+
 
 def _float(images):
     return images.astype(np.float32) / 127.5 - 1.0

@@ -3,6 +3,8 @@ import pytest
 
 from dpwave.evaluate.precision_recall import precision_recall
 
+pytestmark = pytest.mark.unit
+
 
 def _pixels(images):
     return images.reshape(len(images), -1).astype(np.float64) / 127.5 - 1.0

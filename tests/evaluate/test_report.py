@@ -8,6 +8,8 @@ from dpwave.evaluate.inception_weights import InceptionWeightsError
 from dpwave.evaluate.report import METRICS, evaluate_samples, format_report
 from dpwave.evaluate.surrogate import FD_CLS_NAME
 
+pytestmark = pytest.mark.integration
+
 FAST = TrainConfig(epochs=8, seed=0)
 
 

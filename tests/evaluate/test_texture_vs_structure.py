@@ -8,6 +8,8 @@ from dpwave.evaluate.classifier import classifier_features
 from dpwave.evaluate.frechet import frechet_distance
 from dpwave.evaluate.lowpass import lowpass, lowpass_frechet_distance
 
+pytestmark = pytest.mark.unit
+
 TILE = 8
 
 

@@ -14,6 +14,8 @@ from dpwave import wavelets as wv
 from dpwave.data import DatasetSpec, load, to_float
 from dpwave.models import refiner as rf
 
+pytestmark = pytest.mark.unit
+
 # Small enough to train in the fixture; the full-size comparison is experiments/bench/bench_refiner.py.
 FIXTURE_CONFIG = rf.RefinerConfig(image_size=32, channels=1, levels=2, widths=(32, 16), num_blocks=2)
 FIXTURE_STEPS = 150

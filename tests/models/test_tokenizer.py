@@ -27,6 +27,8 @@ from experiments.bench.bench_tokenizer import (
     photo_patches,
 )
 
+pytestmark = pytest.mark.unit
+
 TINY = {"width": 8, "depth": 1, "codebook_size": 16, "code_dim": 4}
 
 

@@ -11,8 +11,10 @@ from flax import nnx
 
 from dpwave.models import transformer as tr
 from dpwave.models.text import TEXT_PAD, decode_caption, encode_captions
-from dpwave.models.transformer import losses, sampler
+from dpwave.models.transformer import decoding, losses
 from dpwave.models.transformer import model as model_lib
+
+pytestmark = pytest.mark.unit
 
 V, T, L, B = 11, 8, 6, 4
 TINY = dict(vocab_size=V, seq_len=T, width=16, depth=2, num_heads=2, mlp_dim=32, text_depth=1)
@@ -292,7 +294,7 @@ def test_guidance_scale_zero_is_the_conditional_model():
     cond, key, prefix = cond_for(CONFIGS["class"]), jax.random.key(3), jnp.zeros((B, 0), jnp.int32)
     kw = dict(num_tokens=T, top_k=None, top_p=None, cached=True, return_logits=True)
     # The batched cond+null path (guided=True) at scale 0 ...
-    tokens, logits = sampler._sample_jit(graphdef, params, cond, key, prefix, 1.0, 0.0, guided=True, **kw)
+    tokens, logits = decoding._sample_jit(graphdef, params, cond, key, prefix, 1.0, 0.0, guided=True, **kw)
     # ... equals sampling the conditional model alone.
     ref_tokens, ref_logits = tr.sample((graphdef, params), cond, key, return_logits=True)
     np.testing.assert_array_equal(tokens, ref_tokens)

@@ -15,6 +15,8 @@ from dpwave.privacy import accounting as acc
 from dpwave.privacy.ledger import DpParams, LedgerMismatchError, PrivacyLedger
 from dpwave.privacy.statement import privacy_report, privacy_statement
 
+pytestmark = pytest.mark.unit
+
 MNIST_Q = 256 / 60_000
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 

@@ -22,6 +22,8 @@ from dpwave.privacy import accounting as acc
 from dpwave.privacy import audit
 from dpwave.privacy.optimizers import dp_optimizer
 
+pytestmark = pytest.mark.unit
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -1,6 +1,6 @@
 """One-run audit (Steinke, Nasr & Jagielski 2023) of the DP stage's own jitted step on the AR transformer.
 
-The step is built as the DP stage builds it: `steps.fold_step_key(steps.dp_step(...))` with the clipped sum and
+The step is built as the DP stage builds it: `steps.dp_step(...)` with the clipped sum and
 the optimizer of a `privacy.DpSgdMechanism` (inner `optax.sgd`), on a 1-device data mesh, fed the padded Poisson
 batches of
 `privacy.PoissonSampler`, once with per-example gradients (vmap) and once with ghost norms. The model is a small
@@ -31,6 +31,8 @@ from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
 from dpwave.privacy import audit, ghost
 from dpwave.train import distributed, steps
+
+pytestmark = pytest.mark.integration
 
 CONFIG = transformer_lib.TransformerConfig(vocab_size=64, seq_len=8, width=16, depth=1, num_heads=2, mlp_dim=64,
                                            num_classes=4)
@@ -123,7 +125,7 @@ def train_and_score(seed: int, setting: Setting, noise_multiplier: float,
     trainable = transformer_lib.trainable_mask(params, "all")
     clipped_sum = mechanism.clipped_sum(canary_loss(graphdef), microbatch_size=setting.microbatch_size,
                                         trainable=trainable, use_ghost_norms=use_ghost_norms)
-    step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable))
+    step_fn = steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable)
     state = steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]))
     state = distributed.replicate(state, mesh)
     key = jax.random.key(seed + 1)

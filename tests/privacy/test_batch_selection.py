@@ -11,6 +11,8 @@ from scipy import stats
 from dpwave.privacy import BatchOverflowError, PoissonSampler, PoissonSelection
 from dpwave.privacy.batch_selection import choose_buckets
 
+pytestmark = pytest.mark.unit
+
 N, Q, STEPS = 2000, 64 / 2000, 2000
 
 

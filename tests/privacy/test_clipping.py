@@ -12,6 +12,8 @@ from helpers.dp_models import attention_problem, clip_and_sum, mlp_problem, refe
 from dpwave.privacy.clipping import clip_factors, clipped_grad, combine, partition
 from dpwave.privacy.keys import example_keys
 
+pytestmark = pytest.mark.unit
+
 RNG = jax.random.key(7)
 BATCH = 6
 # (problem builder, clip norm C): C lies inside the range of per-example norms of seed 1, so

@@ -14,6 +14,9 @@ from flax import nnx
 from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.keys import example_keys
 from dpwave.privacy.optimizers import dp_optimizer
+import pytest
+
+pytestmark = pytest.mark.unit
 
 EPSILON, DELTA = 8.0, 1e-5
 EXPECTED_BATCH, EPOCHS, L2_CLIP, LR = 200, 8, 1.0, 3e-3

@@ -9,6 +9,8 @@ from dpwave.privacy.clipping import clipped_grad
 from dpwave.privacy.ghost import ghost_norms
 from dpwave.privacy.keys import example_keys
 
+pytestmark = pytest.mark.unit
+
 RNG = jax.random.key(3)
 # Leaves that enter the loss only through dot_generals without batch dims on the weight.
 DENSE = {"rhs", "lhs", "tied", "in_jit", "seq", "multi"}

@@ -8,6 +8,8 @@ from dpwave.privacy import accounting as acc
 from dpwave.privacy.guard import BudgetGuard
 from dpwave.privacy.ledger import DpParams, PrivacyLedger
 
+pytestmark = pytest.mark.unit
+
 
 def assert_is_max_steps(n, params, target, start_events=()):
     """epsilon(start + n steps) <= target < epsilon(start + n + 1 steps), asked of dp_accounting."""

@@ -13,6 +13,8 @@ from dpwave import privacy
 from dpwave.privacy import mean_embedding
 from dpwave.privacy.ledger import DpParams, PrivacyLedger
 
+pytestmark = pytest.mark.unit
+
 DIM, FEATURES, CLASSES, WEIGHT = 48, 256, 4, 0.5
 
 

@@ -20,6 +20,8 @@ from dpwave.models import transformer as transformer_lib
 from dpwave.train import distributed, model_io, settings, steps
 from experiments.configs import mnist
 
+pytestmark = pytest.mark.integration
+
 CLIP, OTHERS, BUCKET = 1.0, 31, 40
 
 
@@ -50,7 +52,7 @@ def _clipped_sum(ghost: bool, dtype: str, batch: dict, rng: jax.Array) -> np.nda
     padded = {k: np.concatenate([v, np.repeat(v[:1], BUCKET - size, axis=0)]) for k, v in batch.items()}
     mask = (np.arange(BUCKET) < size).astype(np.float32)
     state = steps.TrainState(params, optimizer.init(params))
-    new, _ = step(state, padded, mask, rng)
+    new, _ = step(state, padded, mask, rng, 0)
     delta = jax.tree.map(lambda a, b: a - b, params, new.params)
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(delta)])
 

@@ -13,6 +13,8 @@ from dpwave.privacy.keys import example_keys
 from dpwave.privacy.noise import NoiseState, noise_and_normalize
 from dpwave.privacy.optimizers import dp_optimizer
 
+pytestmark = pytest.mark.unit
+
 FALSE_ALARM = 1e-6  # per statistical check below, two-sided
 SIGMA, CLIP, EBS = 1.3, 0.7, 37.5
 

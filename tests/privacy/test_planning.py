@@ -7,6 +7,8 @@ import pytest
 from dpwave.privacy import planning
 from dpwave.privacy.accounting import epsilon
 
+pytestmark = pytest.mark.unit
+
 N, BUDGET, DELTA = 2000, 7680, 1e-5
 
 

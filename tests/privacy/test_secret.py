@@ -15,6 +15,8 @@ import pytest
 from dpwave import privacy
 from dpwave.privacy import DpSecret, noise
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 _SECRET = random.Random("test_secret").getrandbits(256) | 1 << 255
 # Bit positions across all 256 bits: both ends of every 32-bit word of the canonical bytes, and the top ones.

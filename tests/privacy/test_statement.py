@@ -14,6 +14,8 @@ from dpwave.privacy import accounting as acc
 from dpwave.privacy.ledger import DpParams, LedgerMismatchError, PrivacyLedger
 from dpwave.privacy.statement import DEFAULT_NOT_COVERED, describe_step, privacy_report, privacy_statement
 
+pytestmark = pytest.mark.unit
+
 PRIVACY_DOC = Path(__file__).resolve().parents[2] / "docs" / "privacy.md"
 
 

@@ -75,6 +75,7 @@ def test_dp_merf_releases_once_states_it_and_a_resume_restores_the_release(tmp_p
     assert summary["steps"] == 1 and summary["epsilon"] == pytest.approx(ledger.epsilon())
 
 
+@pytest.mark.integration
 def test_the_release_is_the_noised_mean_of_the_private_embedding(tmp_path):
     """The released embedding minus the noiseless private mean is Gaussian noise of std sigma / N per coordinate
     (sigma 1 here): the release reads the private set, and noises it once."""
@@ -99,6 +100,7 @@ def test_public_only_dpwave_merf_fits_the_public_embedding_without_private_reads
     assert (metrics["epsilon"], metrics["mode"], metrics["dp_step_flops"]) == (0.0, "public_only", None)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # trains the refiner: about 40 s on 2 cores
 def test_dpwave_merf_samples_keep_the_generated_coarse_band(tmp_path):
     """Refining is post-processing: the images' coarse band is the generator's (up to uint8 rounding and the
@@ -122,6 +124,7 @@ def test_dpwave_merf_samples_keep_the_generated_coarse_band(tmp_path):
     assert np.max(np.abs(coarse - generated)[unclipped]) < 2 / 127.5
 
 
+@pytest.mark.integration
 def test_merf_methods_refuse_captions_and_bad_settings():
     with pytest.raises(ValueError, match="caption conditioning"):
         settings.read(merf_config("dp_merf", **{"data.condition": "caption", "data.num_classes": None}))
@@ -131,6 +134,7 @@ def test_merf_methods_refuse_captions_and_bad_settings():
         settings.read(merf_config("dp_merf", **{"merf.count_weight": 1.0}))
 
 
+@pytest.mark.integration
 def test_the_release_inputs_ignore_dp_sgd_and_generator_settings():
     """dp.steps and dp.expected_batch_size are DP-SGD's and merf.steps etc. the generator's: changing them never
     makes a finished release stale (a new release would spend epsilon again); the features' settings do."""
@@ -160,6 +164,7 @@ def test_dp_diffusion_pretrains_on_public_data_and_finetunes_with_dp_sgd(tmp_pat
         assert f["images"].shape == (20, 32, 32, 1) and f["coarse_images"].shape == (20, 32, 32, 1)
 
 
+@pytest.mark.integration
 def test_dp_diffusion_refuses_transformer_parameter_groups():
     with pytest.raises(ValueError, match="dp.trainable='all' and dp.lora_rank=0"):
         settings.read(merf_config("dp_diffusion", **{"dp.trainable": "cond"}))

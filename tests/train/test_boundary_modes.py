@@ -15,6 +15,8 @@ from dpwave.data import DatasetSpec, PrivateOverlapError, PrivateSplitError, loa
 from dpwave.train import pipeline, settings
 from experiments.configs import mnist
 
+pytestmark = pytest.mark.integration
+
 MODES = {
     "dp": {},
     "epsinf": {"dp.target_epsilon": float("inf")},

@@ -12,6 +12,8 @@ from helpers import runs
 
 from dpwave.train.distributed import ClusterSpec, ProcessInfo, detect_cluster, maybe_initialize_distributed
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 _SLURM = {
     "SLURM_JOB_ID": "42",

@@ -53,6 +53,7 @@ def run_steps(stage, count: int) -> list[TrainState]:
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------------
+@pytest.mark.integration
 @pytest.mark.parametrize("schedule, warmup, expected", [
     ("constant", 0, {0: 1e-3, 5: 1e-3, 9: 1e-3}),
     ("constant", 4, {0: 0.0, 2: 5e-4, 4: 1e-3, 9: 1e-3}),
@@ -68,6 +69,7 @@ def test_learning_rate_schedule_values(schedule, warmup, expected):
         assert float(lr(step) if callable(lr) else lr) == pytest.approx(value, abs=1e-9), step
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides, message", [
     ({"dp.lr_schedule": "step"}, "lr_schedule"),
     ({"dp.warmup_steps": 11}, "warmup_steps"),
@@ -85,6 +87,7 @@ def test_inconsistent_recipe_options_are_refused_before_any_stage(overrides, mes
         stage_names(runs.tiny_config(overrides))
 
 
+@pytest.mark.integration
 def test_warmup_makes_the_first_step_a_no_op(base_workdir, tmp_path):
     config = runs.tiny_config({"dp.warmup_steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
@@ -94,6 +97,7 @@ def test_warmup_makes_the_first_step_a_no_op(base_workdir, tmp_path):
 
 
 # ---- trainable subsets and LoRA ------------------------------------------------------------------
+@pytest.mark.integration
 def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
     config = runs.tiny_config({"dp.trainable": "cond", "dp.steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
@@ -101,6 +105,7 @@ def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
     assert moved(pretrained(config, workdir), result.state.params) == {"['class_embed'].value"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ghost", [False, True])
 def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_workdir, tmp_path, ghost):
     config = runs.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
@@ -129,6 +134,7 @@ def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_work
     assert fps["pretrain"] == plain["pretrain"] and fps["dp_finetune"] != plain["dp_finetune"]
 
 
+@pytest.mark.integration
 def test_load_pretrained_refuses_unknown_and_missing_leaves():
     config = runs.tiny_config({"dp.lora_rank": 2, "dp.trainable": "lora"})
     _, lora = init_transformer(config, finetune=True)
@@ -141,6 +147,7 @@ def test_load_pretrained_refuses_unknown_and_missing_leaves():
 
 
 # ---- condition dropout -----------------------------------------------------------------------------
+@pytest.mark.integration
 def test_dp_cond_dropout_sets_the_dp_model_only():
     run = settings.read(runs.tiny_config({"dp.cond_dropout": 0.0}))  # the default recipe's
     assert run.transformer.cond_dropout == 0.1  # pretraining
@@ -150,6 +157,7 @@ def test_dp_cond_dropout_sets_the_dp_model_only():
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(base_workdir, tmp_path):
     decay = 0.5
     config = runs.tiny_config({"dp.ema_decay": decay, "dp.steps": 3})
@@ -173,6 +181,7 @@ TUNING = {"dp.tuning": True, "dp.tuning_private_size": 2000, "data.private.split
           "data.private.privacy": "public"}
 
 
+@pytest.mark.integration
 def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(base_workdir, tmp_path):
     config = runs.tiny_config(TUNING)
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
@@ -180,12 +189,13 @@ def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(b
     n = len(stage.examples["tokens"])
     assert n == 500  # the heldout digits
     assert stage.sampler.sampling_prob == pytest.approx(16 / 2000)  # the private run's q
-    assert stage.params.noise_multiplier == pytest.approx(1.0 * n / 2000)
+    assert stage.mechanism.params.noise_multiplier == pytest.approx(1.0 * n / 2000)
     # sigma / expected batch equals the private run's 1.0 / 16.
-    assert stage.params.noise_multiplier / stage.sampler.expected_batch_size == pytest.approx(1.0 / 16)
-    assert stage.params.target_epsilon is None and stage.guard is None  # the stand-in's epsilon is no budget
+    assert stage.mechanism.params.noise_multiplier / stage.sampler.expected_batch_size == pytest.approx(1.0 / 16)
+    assert stage.mechanism.params.target_epsilon is None and stage.guard is None  # the stand-in's epsilon is no budget
 
 
+@pytest.mark.integration
 def test_tuning_refuses_private_data_and_real_runs_refuse_public_data():
     with pytest.raises(ValueError, match="tuning run"):
         settings.read(runs.tiny_config({"dp.tuning": True}))

@@ -25,6 +25,8 @@ from dpwave.train.pipeline import PIPELINES
 from dpwave.train.secret_seed import SECRET_SEED_ENV, SecretSeedError
 from dpwave.train.stages import evaluate
 
+pytestmark = pytest.mark.integration
+
 SEED = seeds.rng("test_dp_secrecy").getrandbits(256) | 1 << 255  # 64 hex digits: no accidental match
 SEED_HEX = f"{SEED:064x}"
 

@@ -99,6 +99,7 @@ def _midway(workdir: Path, stage: str, log: Path) -> tuple[Callable[[], bool], s
     return ready, f"{stage}, {delay:.2f} s in"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", _slow_but())
 def test_a_run_killed_in_any_stage_ends_bit_identical(reference, compile_cache, tmp_path, stage):
     workdir = _up_to(reference, stage, tmp_path)
@@ -116,7 +117,10 @@ def test_a_run_killed_in_any_stage_ends_bit_identical(reference, compile_cache, 
     assert _result(workdir) == _result(reference), f"killed at {where}"
 
 
-@pytest.mark.parametrize("stage", _slow_but("tokenizer", among=TRAINING))
+@pytest.mark.integration
+# Slow for every stage: the same loop code's SIGTERM path is in the default suite through the DP stage
+# (tests/train/test_resume.py).
+@pytest.mark.parametrize("stage", _slow_but(among=TRAINING))
 def test_sigterm_in_a_training_stage_checkpoints_and_exits_zero(request, compile_cache, tmp_path, stage):
     workdir, uninterrupted = tmp_path / "run", tmp_path / "uninterrupted"
     if stage != "tokenizer":  # the first stage needs no earlier one
@@ -151,6 +155,7 @@ def _damage(step_dir: Path, how: str) -> None:
         shutil.rmtree(step_dir / "meta")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["half_written", pytest.param("truncated", marks=pytest.mark.slow)])
 def test_a_damaged_newest_checkpoint_falls_back_with_one_warning_line(dp_reference, compile_cache, tmp_path, how):
     """The DP stage of the session's reference (tests/train/conftest.py), its final checkpoint damaged."""
@@ -176,6 +181,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_one_warning_line(dp_referen
     assert hashing.params_sha256(final) == dp_reference.summary["params_sha256"]
 
 
+@pytest.mark.integration
 def test_a_damaged_only_checkpoint_stops_the_dp_stage_in_one_line(dp_reference, compile_cache, tmp_path):
     workdir = Path(shutil.copytree(dp_reference.workdir, tmp_path / "run"))
     stage = workdir / "dp_finetune"
@@ -280,6 +286,7 @@ def small_disk(tmp_path) -> Iterator[SmallDisk]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@pytest.mark.integration
 def test_a_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
     state = {"w": np.arange(100_000, dtype=np.float32)}
     ckpt = Checkpointer(small_disk.path / "checkpoints")
@@ -296,6 +303,7 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
     assert (step, meta) == (2, {"step": 2}) and (restored["w"] == state["w"]).all()
 
 
+@pytest.mark.integration
 def test_a_dp_stage_on_a_full_disk_stops_and_the_same_command_resumes_it(small_disk, base_workdir, dp_reference,
                                                                        monkeypatch):
     workdir = Path(shutil.copytree(base_workdir, small_disk.path / "run"))

@@ -51,6 +51,7 @@ def changed(a, b) -> set[str]:
     return {name for name in fa if fa[name] != fb[name]}
 
 
+@pytest.mark.integration
 def test_fingerprints_cover_every_stage_and_are_deterministic():
     fps = fingerprints(config())
     assert list(fps) == list(ALL) == [stage.name for stage in pipeline.stages(settings.read(config()))]
@@ -59,6 +60,7 @@ def test_fingerprints_cover_every_stage_and_are_deterministic():
     assert fingerprints(config()) == fps
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path, value, stages", [
     ("dp.target_epsilon", 1.0, {"dp_finetune", "sample", "evaluate"}),
     ("dp.target_epsilon", float("inf"), {"dp_finetune", "sample", "evaluate"}),  # inf is fingerprinted too
@@ -82,6 +84,7 @@ def test_a_field_changes_exactly_the_stages_that_depend_on_it(path, value, stage
     assert changed(config(), config(**{path: value})) == stages
 
 
+@pytest.mark.integration
 def test_methods_share_the_stages_whose_inputs_they_share():
     dpwave, bicubic, full_dp = (fingerprints(config(f"tiny,method={m}")) for m in ("dpwave", "bicubic", "full_dp"))
     assert dpwave["tokenizer"] == bicubic["tokenizer"] == full_dp["tokenizer"]
@@ -98,6 +101,7 @@ def write_stage(workdir: Path, name: str, stage_inputs: dict | None) -> None:
     loop.write_summary(str(workdir / name), stage_inputs, {"stage": name, "params_sha256": "0" * 64})
 
 
+@pytest.mark.integration
 def test_matching_finished_stages_pass_the_check(tmp_path):
     c = config()
     for name in ("tokenizer", "pretrain", "refiner"):
@@ -106,6 +110,7 @@ def test_matching_finished_stages_pass_the_check(tmp_path):
     pipeline.check_finished_stages(str(tmp_path), inputs(config("tiny,epsilon=1")))
 
 
+@pytest.mark.integration
 def test_a_stale_finished_stage_is_refused_naming_the_stage_and_the_changed_field(tmp_path):
     old = inputs(config())
     for name in ("tokenizer", "pretrain", "dp_finetune"):
@@ -120,6 +125,7 @@ def test_a_stale_finished_stage_is_refused_naming_the_stage_and_the_changed_fiel
         pipeline.check_finished_stages(str(tmp_path), new)
 
 
+@pytest.mark.integration
 def test_train_and_evaluate_refuses_before_touching_the_workdir(tmp_path):
     old = config()
     pipeline.write_run_info(old, str(tmp_path))
@@ -131,6 +137,7 @@ def test_train_and_evaluate_refuses_before_touching_the_workdir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "tokenizer", "versions.json"]
 
 
+@pytest.mark.integration
 def test_a_summary_without_fingerprint_is_reused_with_a_warning(tmp_path, caplog):
     write_stage(tmp_path, "tokenizer", None)
     with caplog.at_level(logging.WARNING):
@@ -143,6 +150,7 @@ def toy_task(**kw: Any) -> loop.Task:
                      params_of=lambda s: s, **kw)
 
 
+@pytest.mark.integration
 def test_the_loop_records_the_inputs_in_the_summary_and_every_checkpoint(tmp_path):
     task = toy_task(inputs={"stage": "toy", "lr": 0.5}, summary_extra=lambda: {"epsilon": 1.5})
     result = loop.run(task, str(tmp_path), checkpoint_every=1, max_to_keep=5, log_every=1)
@@ -154,6 +162,7 @@ def test_the_loop_records_the_inputs_in_the_summary_and_every_checkpoint(tmp_pat
     assert len(metas) == 2 and all(json.loads(p.read_text())["inputs"] == task.inputs for p in metas)
 
 
+@pytest.mark.integration
 def test_an_unfinished_stage_refuses_to_resume_under_changed_inputs(tmp_path):
     run = lambda task: loop.run(task, str(tmp_path), checkpoint_every=1, max_to_keep=5, log_every=1)
     run(dataclasses.replace(toy_task(inputs={"lr": 0.5, "steps": 2, "sigma": 1.0}), total_steps=1))
@@ -167,6 +176,7 @@ def test_an_unfinished_stage_refuses_to_resume_under_changed_inputs(tmp_path):
 
 
 # ---- init_params_from and reusing a finished row's public stages ------------------------------------
+@pytest.mark.integration
 def test_init_params_from_takes_only_the_parameters_of_a_stage_dir_or_a_workdir(base_workdir, tmp_path):
     source_dir = base_workdir / "pretrain"
     # Built (not run) in the base workdir, whose tokenizer it encodes with.
@@ -189,6 +199,7 @@ def test_init_params_from_takes_only_the_parameters_of_a_stage_dir_or_a_workdir(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 1-2 minutes: the stale refusal and reproduce's reuse have fast tests above and in test_reproduce
 def test_public_stages_copied_from_a_finished_row_are_reused_and_stale_ones_refused(base_workdir, tmp_path):
     """What the paper configs document: copy a row's public stage directories into another row's workdir."""
     row = tmp_path / "eps1"

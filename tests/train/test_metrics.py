@@ -15,6 +15,8 @@ from tensorboardX.proto import event_pb2
 from dpwave import files
 from dpwave.train.metrics import MetricWriter, Progress
 
+pytestmark = pytest.mark.integration
+
 
 def _read_events(workdir) -> tuple[dict, dict]:
     """Parses the TFRecord event files: ({tag: [(step, value)]}, {tag: [(step, png_bytes)]})."""

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from helpers import runs
 
+pytestmark = pytest.mark.integration
+
 # Three DP-Adam steps of `steps.dp_step` on a dense layer with per-example dropout, fed the way the DP
 # stage feeds it: every process draws the same Poisson batch (pure function of (seed, step)), takes its
 # contiguous share (`local_slice`) and builds the global arrays with `shard_batch`.
@@ -48,7 +50,7 @@ for i in range(3):
   indices, mask = sampler.batch(i)
   batch = distributed.shard_batch({k: v[local_slice(indices)] for k, v in examples.items()}, mesh)
   state, metrics = step(state, batch, distributed.shard_batch(local_slice(mask), mesh),
-                        jax.random.fold_in(jax.random.key(9), i))
+                        jax.random.key(9), i)
   sizes.append([int(mask.sum()), int(np.asarray(metrics["batch_size"].addressable_data(0)))])
 host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 print(json.dumps({"process": info.index, "processes": info.count, "devices": jax.device_count(),

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from helpers import runs
 
+pytestmark = pytest.mark.integration
+
 TESTS = Path(__file__).resolve().parents[1]
 
 # Runs (or resumes) the TINY DP stage with overrides argv[1] (JSON) in workdir argv[2]; saves the final
@@ -91,7 +93,8 @@ def example_loss(p, example, k):
   return 0.5 * jnp.sum((pred - example["y"]) ** 2)
 
 flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(jax.device_get(tree))])
-keys = example_keys(key, batch)  # each example's key is a keyed hash of its content (dpwave.privacy.keys)
+# Step 0's key is fold_in(key, 0); each example's key is a keyed hash of its content under it (dpwave.privacy.keys).
+keys = example_keys(jax.random.fold_in(key, 0), batch)
 grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, batch, keys)
 per_example = np.stack([flat(jax.tree.map(lambda g: g[i], grads)) for i in range(B)])
 norms = np.linalg.norm(per_example.astype(np.float64), axis=1)
@@ -104,7 +107,7 @@ def update(devices, sigma):
   opt = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED, key=3)
   state = distributed.replicate(steps.TrainState(params, opt.init(params)), mesh)
   step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=CLIP, microbatch_size=2), opt, mesh)
-  new, metrics = step(state, distributed.shard_batch(batch, mesh), distributed.shard_batch(mask, mesh), key)
+  new, metrics = step(state, distributed.shard_batch(batch, mesh), distributed.shard_batch(mask, mesh), key, 0)
   assert int(metrics["batch_size"]) == REAL
   return flat(new.params) - flat(params)
 

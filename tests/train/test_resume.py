@@ -19,6 +19,8 @@ from dpwave.train import loop
 
 from dpwave import privacy
 
+pytestmark = pytest.mark.integration
+
 RNG = seeds.rng("test_resume")  # kill steps: drawn from the test seed; the chosen step is in every message
 
 

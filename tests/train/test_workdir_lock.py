@@ -82,6 +82,7 @@ def test_object_stores_and_file_systems_without_locks_warn_and_go_on(tmp_path, m
     assert "this file system has no file locks" in caplog.text
 
 
+@pytest.mark.integration
 def test_a_second_run_on_a_running_workdir_is_refused_in_one_line(compile_cache, tmp_path):
     """Two real `python -m dpwave.main` on one workdir: the second stops at once, naming the first; the first is
     not disturbed; once the first is killed, its lock is free."""

@@ -1,5 +1,5 @@
 """The AR transformer over wavelet tokens: the model (`model`), its losses and trainable subsets (`losses`) and
-its sampler (`sampler`). The public names of the three are importable from here."""
+its autoregressive decoding (`decoding`). The public names of the three are importable from here."""
 
 from dpwave.models.transformer.losses import (
     TRAINABLE_GROUPS,
@@ -23,7 +23,7 @@ from dpwave.models.transformer.model import (
     TransformerConfig,
     lora_targets,
 )
-from dpwave.models.transformer.sampler import filter_logits, guide, sample, scale_vocab_mask
+from dpwave.models.transformer.decoding import filter_logits, guide, sample, scale_vocab_mask
 
 __all__ = ["LORA_TARGETS", "TRAINABLE_GROUPS", "ARTransformer", "Attention", "Block", "Cache", "Context", "Mlp",
            "TextEncoder", "TransformerConfig", "batch_loss", "batch_losses", "filter_logits", "guide", "is_lora_leaf",

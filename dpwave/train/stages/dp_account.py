@@ -7,7 +7,7 @@ from absl import logging
 
 from dpwave import data, privacy
 from dpwave.train import loop, secret_seed
-from dpwave.train.settings import Settings
+from dpwave.train.settings import Settings, expected_privacy
 
 
 class DpAccount:
@@ -21,12 +21,11 @@ class DpAccount:
         self.secret, origin = secret_seed.secret_seed(dp, stage_dir)
         self.seed_origin = f"{origin}, {self.secret.bits} bits"
         self.source = settings.data.load("private")
-        expected = "public" if dp.mechanism.tuning else "private"  # a tuning run's DP input stands in for it
+        expected = expected_privacy("private", dp.mechanism.tuning)  # the tag its spec passed, now of the data read
         if self.source.privacy != expected:
             raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
                                     f"{' (dp.tuning)' if dp.mechanism.tuning else ''}, got {self.source.privacy}")
         self.mechanism = dp.mechanism.build(len(self.source), single_release)
-        self.params = self.mechanism.params
         self.ledger = self.mechanism.ledger()
         self.guard = self.mechanism.guard(self.ledger)
         self.release = release
@@ -37,13 +36,13 @@ class DpAccount:
             raise RuntimeError(f"privacy ledger holds {self.ledger.steps} steps but the run is at step {i}")
         if self.guard is not None and not self.guard.can_step(1):
             raise loop.StopStage(f"privacy budget: one more step would exceed epsilon "
-                                 f"{self.params.target_epsilon} (now {self.ledger.epsilon():.4g})")
+                                 f"{self.mechanism.params.target_epsilon} (now {self.ledger.epsilon():.4g})")
 
     def saved_ledger(self, meta: dict) -> tuple[privacy.PrivacyLedger, list[str]]:
         """The checkpoint's ledger and how its DP hyperparameters differ from this run's (refused unless
         `dp.compose_on_resume`, then composed honestly)."""
         saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
-        differences = saved.check_compatible(self.params, compose=self.settings.dp.compose_on_resume)
+        differences = saved.check_compatible(self.mechanism.params, compose=self.settings.dp.compose_on_resume)
         if differences:
             logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
         return saved, differences
@@ -53,9 +52,9 @@ class DpAccount:
         self.guard = self.mechanism.guard(self.ledger)
 
     def summary(self) -> dict:
-        report = privacy.privacy_report(self.ledger, release=self.release)
-        return {"epsilon": self.ledger.epsilon(), "delta": self.params.delta,
-                "noise_multiplier": self.params.noise_multiplier, "sampling_prob": self.params.sampling_prob,
+        report, params = privacy.privacy_report(self.ledger, release=self.release), self.mechanism.params
+        return {"epsilon": self.ledger.epsilon(), "delta": params.delta,
+                "noise_multiplier": params.noise_multiplier, "sampling_prob": params.sampling_prob,
                 "steps": self.ledger.steps, "privacy": {**report, "seed": self.seed_origin},
                 "statement": (privacy.privacy_statement(self.ledger, release=self.release)
                               + f"\n  sampling and noise seed: {self.seed_origin}"),

@@ -67,23 +67,22 @@ class DpSgdRun(DpAccount):
 
     def build(self, mesh: Mesh, examples: dict[str, np.ndarray], params: nnx.State, trainable: Any,
               example_loss: Any) -> None:
-        """The sampler, the DP optimizer, the replicated state and the jitted step of `example_loss(params,
-        example, key)` over `examples` (host arrays, one row per DP example)."""
+        """The DP update of `example_loss(params, example, key)` over `examples` (host arrays, one row per DP
+        example), in the order a step runs it: the Poisson sampler (`batch`), the clipped sum of per-example
+        gradients, the noise and the optimizer, all three from the one mechanism; the jitted step built from them
+        (`steps.dp_step`: per-example keys, clipped sum, psum, noise, optimizer, EMA); the ledger (`after_step`)."""
         settings, dp, secret = self.settings, self.settings.dp, self.secret
-        self.examples = examples
+        self.examples, self.mesh = examples, mesh
         self.sampler = self.mechanism.selection.sampler(
             secret.poisson_seed(), bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
-        self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
-                                                  *secret.noise_keys())
-        self.state = distributed.replicate(init_state(params, trainable, self.optimizer, bool(dp.recipe.ema_decay)),
-                                           mesh)
         clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=settings.perf.microbatch_size,
                                                  trainable=trainable, use_ghost_norms=settings.perf.use_ghost_norms)
-        # step_fn(state, batch, mask, key, step): the step's key is folded inside the jitted call.
-        self.step_fn = steps.fold_step_key(steps.dp_step(clipped_sum, self.optimizer, mesh, trainable=trainable))
-        self.step_fn = dp_recipe.with_ema(self.step_fn, dp.recipe.ema_decay)
-        self.mesh = mesh
+        optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
+                                             *secret.noise_keys())
+        self.step_fn = steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable,
+                                     ema_decay=dp.recipe.ema_decay)
         self.key = secret.step_key()
+        self.state = distributed.replicate(init_state(params, trainable, optimizer, bool(dp.recipe.ema_decay)), mesh)
 
     def batch(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Step i's examples and mask: this process's share of the Poisson draw `sampler.batch(i)` (padded slots
@@ -96,12 +95,11 @@ class DpSgdRun(DpAccount):
         examples, mask = batch
         state, metrics = self.step_fn(state, distributed.shard_batch(examples, self.mesh),
                                       distributed.shard_batch(mask, self.mesh), self.key, i)
-        self.ledger.record_steps(1)
-        if not self.settings.dp.log_private_metrics:
-            metrics = {}
-        return state, metrics
+        return state, metrics if self.settings.dp.log_private_metrics else {}
 
     def after_step(self, i: int) -> dict:
+        """The ledger records the step just taken (`i` steps in all); epsilon is logged every `log_every` steps."""
+        self.ledger.record_steps(1)
         if i % self.settings.ops.log_every and i != self.settings.dp.mechanism.steps:
             return {}
         self.last_epsilon = self.ledger.epsilon()

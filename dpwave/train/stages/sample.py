@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpwave import data, files, grids, sample, wavelets
+from dpwave import data, files, generation, grids, wavelets
 from dpwave.models import pixel_flow
 from dpwave.models.text import encode_captions
 from dpwave.train import loop, merf
@@ -44,12 +44,12 @@ def transformer_params(settings: Settings, dirs: dict[str, str]) -> tuple[nnx.Gr
     return DP_FINETUNE.init(settings)[0], DP_FINETUNE.restore_params(settings, dirs[DP_FINETUNE.name])
 
 
-def build_generator(settings: Settings, dirs: dict[str, str]) -> sample.Generator:
+def build_generator(settings: Settings, dirs: dict[str, str]) -> generation.Generator:
     tokenizer = TOKENIZER.model(settings, dirs[TOKENIZER.name])
     transformer = nnx.merge(*transformer_params(settings, dirs))
     refiner = REFINER.model(settings, dirs[REFINER.name]) if settings.method == "dpwave" else None  # AR methods
     s = settings.sample
-    return sample.make_generator(settings.method, tokenizer, transformer, refiner, temperature=s.temperature,
+    return generation.make_generator(settings.method, tokenizer, transformer, refiner, temperature=s.temperature,
                                  top_k=s.top_k, top_p=s.top_p, guidance_scale=s.guidance_scale)
 
 
@@ -70,11 +70,11 @@ def prompts(settings: Settings) -> tuple[np.ndarray | None, np.ndarray | None, s
     return None, None, "none (unconditional)"
 
 
-def refiner_part(settings: Settings, dirs: dict[str, str]) -> sample.Part | None:
+def refiner_part(settings: Settings, dirs: dict[str, str]) -> generation.Part | None:
     """The refiner of the methods that have one (dpwave, dpwave_merf)."""
     if settings.method not in ("dpwave", "dpwave_merf"):
         return None
-    return sample.Part.of(REFINER.model(settings, dirs[REFINER.name]))
+    return generation.Part.of(REFINER.model(settings, dirs[REFINER.name]))
 
 
 def generate(settings: Settings, dirs: dict[str, str], conds: np.ndarray | None,
@@ -100,12 +100,12 @@ def generate(settings: Settings, dirs: dict[str, str], conds: np.ndarray | None,
             return {"images": out, "coarse_images": jnp.clip(
                 wavelets.upsample_coarse(coarse, w.levels, (side, side), w.name, method="nearest"), -1.0, 1.0)}
 
-        return sample.generate_batches(functools.partial(images, params), labels, key, s.batch_size)
-    return sample.generate_many(build_generator(settings, dirs), conds, key, s.batch_size,
+        return generation.generate_batches(functools.partial(images, params), labels, key, s.batch_size)
+    return generation.generate_many(build_generator(settings, dirs), conds, key, s.batch_size,
                                 num_samples=None if conds is not None else s.num_samples)
 
 
-def _real_rows(settings: Settings, refiner: sample.Part | None, key: jax.Array) -> dict[str, np.ndarray]:
+def _real_rows(settings: Settings, refiner: generation.Part | None, key: jax.Array) -> dict[str, np.ndarray]:
     """Real test images, their coarse images and the refiner's output from their coarse band."""
     test = settings.data.load("test")
     real = test.get_batch(np.linspace(0, len(test) - 1, GRID_COLUMNS).astype(int))  # spread over the classes
@@ -117,7 +117,7 @@ def _real_rows(settings: Settings, refiner: sample.Part | None, key: jax.Array) 
                                                                   method="nearest"))}
     if refiner is not None:
         label = jnp.asarray(real["label"], jnp.int32) if refiner.config.num_classes else None
-        refined = sample.refine_coarse(refiner.module(), pyramid.coarse, key, label)
+        refined = generation.refine_coarse(refiner.module(), pyramid.coarse, key, label)
         rows["refined (real coarse)"] = data.to_uint8(jnp.clip(wavelets.reconstruct(refined), -1, 1))
     return rows
 

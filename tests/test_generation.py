@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpwave import sample, wavelets
+from dpwave import generation, wavelets
 from dpwave.data import to_uint8
 from dpwave.models.refiner import Refiner, RefinerConfig, refine_fn
 from dpwave.models.text import encode_captions
 from dpwave.models.tokenizer import SpectralTokenizer, TokenizerConfig
 from dpwave.models.transformer import ARTransformer, TransformerConfig
+
+pytestmark = pytest.mark.unit
 
 TOK = TokenizerConfig(image_size=(32, 32), channels=1, levels=2, patch_sizes=(2, 2, 4), codebook_size=16,
                       code_dim=4, width=8, depth=1)
@@ -59,16 +61,16 @@ def tokenizer_apply(method: str, tokens) -> np.ndarray:
 
 
 @functools.cache
-def generator(method: str) -> sample.Generator:
+def generator(method: str) -> generation.Generator:
     m = models()
     ar = m["full_ar"] if method == "full_dp" else m["coarse_ar"]
-    return sample.make_generator(method, m["tokenizer"], ar, m["refiner"] if method == "dpwave" else None,
+    return generation.make_generator(method, m["tokenizer"], ar, m["refiner"] if method == "dpwave" else None,
                                  guidance_scale=1.0, top_k=12)
 
 
 @functools.cache
 def outputs(method: str, seed: int = 0) -> dict:
-    return jax.device_get(sample.generate(generator(method), LABELS, jax.random.key(seed)))
+    return jax.device_get(generation.generate(generator(method), LABELS, jax.random.key(seed)))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -76,7 +78,7 @@ def test_outputs_have_expected_shapes_dtypes_and_range(method):
     out = outputs(method)
     expected = {"images", "coarse_images", "tokens", "coarse"} | ({"unrefined"} if method == "dpwave" else set())
     assert set(out) == expected
-    for name in expected & set(sample.IMAGE_KEYS):
+    for name in expected & set(generation.IMAGE_KEYS):
         assert out[name].shape == (4, 32, 32, 1) and out[name].dtype == np.float32, name
         assert np.all(np.isfinite(out[name])) and out[name].min() >= -1.0 and out[name].max() <= 1.0, name
     assert out["coarse"].shape == (4, 8, 8, 1) and out["coarse"].dtype == np.float32
@@ -88,7 +90,7 @@ def test_outputs_have_expected_shapes_dtypes_and_range(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_deterministic_for_a_key_and_different_across_keys(method):
-    again = jax.device_get(sample.generate(generator(method), LABELS, jax.random.key(0)))
+    again = jax.device_get(generation.generate(generator(method), LABELS, jax.random.key(0)))
     for name, value in outputs(method).items():
         np.testing.assert_array_equal(again[name], value, err_msg=name)
     assert not np.array_equal(outputs(method, 1)["tokens"], outputs(method)["tokens"])
@@ -125,11 +127,11 @@ def test_baselines_decode_as_specified():
 def test_generate_many_batches_with_fold_in_and_pads_the_last_batch():
     g = generator("dpwave")
     conds = np.array([1, 2, 3, 4, 5, 6], np.int32)
-    many = sample.generate_many(g, conds, KEY, batch_size=4)
+    many = generation.generate_many(g, conds, KEY, batch_size=4)
     assert set(many) == {"images", "coarse_images", "unrefined"}
     assert all(v.shape == (6, 32, 32, 1) and v.dtype == np.uint8 for v in many.values())
-    first = sample.generate(g, conds[:4], jax.random.fold_in(KEY, 0))
-    last = sample.generate(g, np.array([5, 6, 6, 6], np.int32), jax.random.fold_in(KEY, 1))
+    first = generation.generate(g, conds[:4], jax.random.fold_in(KEY, 0))
+    last = generation.generate(g, np.array([5, 6, 6, 6], np.int32), jax.random.fold_in(KEY, 1))
     for name in many:
         np.testing.assert_array_equal(many[name][:4], to_uint8(first[name]), err_msg=name)
         np.testing.assert_array_equal(many[name][4:], to_uint8(last[name][:2]), err_msg=name)
@@ -138,22 +140,22 @@ def test_generate_many_batches_with_fold_in_and_pads_the_last_batch():
 def test_caption_and_unconditional_generators():
     m = models()
     text_ar = random_model(ARTransformer, TransformerConfig(vocab_size=16, seq_len=16, max_text_len=8, **AR), 7)
-    g = sample.make_generator("bicubic", m["tokenizer"], text_ar, guidance_scale=2.0)
+    g = generation.make_generator("bicubic", m["tokenizer"], text_ar, guidance_scale=2.0)
     captions = encode_captions(["a zero", "a three", "", "nine"], 8)
-    out = sample.generate(g, captions, KEY)
+    out = generation.generate(g, captions, KEY)
     assert out["images"].shape == (4, 32, 32, 1) and out["tokens"].shape == (4, 16)
-    np.testing.assert_array_equal(sample.generate(g, captions, KEY)["tokens"], out["tokens"])
+    np.testing.assert_array_equal(generation.generate(g, captions, KEY)["tokens"], out["tokens"])
 
     free_ar = random_model(ARTransformer, TransformerConfig(vocab_size=16, seq_len=16, **AR), 8)
-    free = sample.make_generator("bicubic", m["tokenizer"], free_ar)
-    many = sample.generate_many(free, None, KEY, batch_size=4, num_samples=5)
+    free = generation.make_generator("bicubic", m["tokenizer"], free_ar)
+    many = generation.generate_many(free, None, KEY, batch_size=4, num_samples=5)
     assert many["images"].shape == (5, 32, 32, 1) and many["images"].dtype == np.uint8
-    one = sample.generate(free, None, jax.random.fold_in(KEY, 1), num_samples=4)
+    one = generation.generate(free, None, jax.random.fold_in(KEY, 1), num_samples=4)
     np.testing.assert_array_equal(many["images"][4:], to_uint8(one["images"][:1]))
     with pytest.raises(ValueError, match="guidance_scale"):
-        sample.make_generator("bicubic", m["tokenizer"], free_ar, guidance_scale=1.0)
+        generation.make_generator("bicubic", m["tokenizer"], free_ar, guidance_scale=1.0)
     with pytest.raises(ValueError, match="num_samples"):
-        sample.generate(free, None, KEY)
+        generation.generate(free, None, KEY)
 
 
 @pytest.mark.parametrize("build, match", [
@@ -171,12 +173,12 @@ def test_caption_and_unconditional_generators():
 def test_make_generator_rejects_bad_setups(build, match):
     m = models()
     with pytest.raises(ValueError, match=match):
-        sample.make_generator(tokenizer=m["tokenizer"], **build(m))
+        generation.make_generator(tokenizer=m["tokenizer"], **build(m))
 
 
 def test_config_style_settings_disable_the_filters():
     m = models()
-    g = sample.make_generator("bicubic", m["tokenizer"], m["coarse_ar"], top_k=0, top_p=1.0, temperature=0.7)
+    g = generation.make_generator("bicubic", m["tokenizer"], m["coarse_ar"], top_k=0, top_p=1.0, temperature=0.7)
     assert (g.top_k, g.top_p, g.temperature) == (None, None, 0.7)
     assert g.num_tokens == 16 and generator("full_dp").num_tokens == 48 and g.conditioning == "class"
 
@@ -188,6 +190,6 @@ def test_config_style_settings_disable_the_filters():
 ])
 def test_generate_rejects_bad_conditions(cond, match):
     with pytest.raises(ValueError, match=match):
-        sample.generate(generator("bicubic"), cond, KEY)
+        generation.generate(generator("bicubic"), cond, KEY)
     with pytest.raises(ValueError, match="num_samples"):
-        sample.generate(generator("bicubic"), LABELS, KEY, num_samples=4)
+        generation.generate(generator("bicubic"), LABELS, KEY, num_samples=4)

@@ -6,6 +6,8 @@ import pytest
 
 from dpwave.data import ShuffleSampler
 
+pytestmark = pytest.mark.unit
+
 
 def test_shuffle_sampler_epochs():
     sampler = ShuffleSampler(10, 3, seed=5)
