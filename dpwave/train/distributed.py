@@ -184,3 +184,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x, x.shape)
 
     return jax.tree.map(put, tree)
+
+
+def local_slice(indices: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch of indices (all processes draw the same)."""
+    return np.asarray(indices).reshape(jax.process_count(), -1)[jax.process_index()]

@@ -14,7 +14,7 @@ import numpy as np
 from dpwave import data, generation, wavelets
 from dpwave.models import merf_generator
 from dpwave.privacy import mean_embedding
-from dpwave.train import model_io
+from dpwave.train import streams
 from dpwave.train.settings import Settings
 
 FEATURE_STREAM = 7  # folded into config.seed for the random frequencies
@@ -76,7 +76,7 @@ def features(settings: Settings) -> mean_embedding.RandomFeatures:
         rows = to_space(settings, jnp.asarray(data.to_float(batch["image"])))
         length_scale = mean_embedding.median_length_scale(np.asarray(rows))
     h, w, c = out_shape(settings)
-    return mean_embedding.draw_features(model_io.stage_key(settings.seed, FEATURE_STREAM), h * w * c,
+    return mean_embedding.draw_features(streams.stage_key(settings.seed, FEATURE_STREAM), h * w * c,
                                         m.num_features, length_scale)
 
 

@@ -1,4 +1,4 @@
-"""The stage loop's cost on a DP stage: `loop.run` vs the raw jitted `dp_step`, in one process.
+"""The stage loop's cost on a DP stage: `DpSgdRun.train` vs the raw jitted `dp_step`, in one process.
 
     python -m experiments.bench.bench_loop --out /tmp/bench_loop.json [--steps 40 --every 10 --repeats 5]
 
@@ -12,7 +12,8 @@ checkpoint, epsilon and hash) stays out; `total_s` has it. Timed alternately, me
 after one warm-up of each:
 
   raw dp_step                  the stage's jitted step over pre-drawn, pre-sharded batches
-  loop, epsilon every L        `loop.run`: sampler, gather and transfer, ledger, budget guard,
+  loop, epsilon every L        the DP stage's loop (`DpSgdRun.train` over `loop.StageLoop`): sampler,
+                               gather and transfer, ledger, budget guard,
                                epsilon at log steps, metrics, progress, preemption check
   loop, epsilon only at end    the same with no log step before the last (isolates the accountant)
   ... ckpt every k             the first loop, plus a checkpoint every --every steps
@@ -27,7 +28,6 @@ isolation (microseconds per call).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 
 from dpwave import privacy
-from dpwave.train import distributed, loop, model_io, pipeline, settings
+from dpwave.train import distributed, loop, pipeline, settings
 from dpwave.train.checkpoint import Checkpointer
 from dpwave.train.metrics import MetricWriter
 from dpwave.train.stages.base import Context, run_task
@@ -68,9 +68,9 @@ def pre_drawn(stage: DpRun, steps: int) -> list[tuple[Any, Any]]:
     out = []
     for i in range(steps):
         indices, mask = stage.sampler.batch(i)
-        batch = distributed.shard_batch({k: v[model_io.local_slice(indices)] for k, v in stage.examples.items()},
+        batch = distributed.shard_batch({k: v[distributed.local_slice(indices)] for k, v in stage.examples.items()},
                                         stage.mesh)
-        mask = distributed.shard_batch(model_io.local_slice(mask), stage.mesh)
+        mask = distributed.shard_batch(distributed.local_slice(mask), stage.mesh)
         out.append(block((batch, mask)))
     return out
 
@@ -89,25 +89,27 @@ def run_raw(stage: DpRun, batches: list) -> tuple[float, float]:
 def run_loop(stage: DpRun, root: Path, steps: int, every: int, log_every: int,
              eager_op: bool = False) -> tuple[float, float]:
     """(seconds per step over steps 1 .. N-2, total seconds) of one fresh stage run (new directory, empty
-    ledger) of `loop.run`. `eager_op` adds what the stage did before the key moved into the jitted step:
-    one eager `fold_in(key, step)` per step."""
-    stage.ledger = privacy.PrivacyLedger(stage.params)
-    stage.guard = privacy.BudgetGuard(stage.ledger)
-    # `DpRun.after_step` computes epsilon on the log steps.
-    stage.settings = dataclasses.replace(stage.settings, ops=dataclasses.replace(stage.settings.ops,
-                                                                                 log_every=log_every))
+    ledger) of the DP stage's loop (`DpSgdRun.train`). `eager_op` adds what the stage did before the key moved
+    into the jitted step: one eager `fold_in(key, step)` per step."""
+    stage.use_ledger(stage.mechanism.ledger())
     marks: dict[str, float] = {}
+    step_fn = stage.step_fn
 
-    def step(state: Any, batch: Any, i: int) -> Any:
+    def step(state: Any, *args: Any) -> Any:
+        i = args[-1]
         _mark(marks, state, i, steps)
         if eager_op:
             jax.random.fold_in(stage.key, i)
-        return stage.step(state, batch, i)
+        return step_fn(state, *args)
 
-    task = dataclasses.replace(stage.task(), total_steps=steps, step=step)
+    stage.step_fn = step
     directory = Path(tempfile.mkdtemp(dir=root))
+    options = loop.LoopOptions(checkpoint_every=every, max_to_keep=2, log_every=log_every)
     t0 = time.perf_counter()
-    result = loop.run(task, str(directory), checkpoint_every=every, max_to_keep=2, log_every=log_every)
+    try:
+        result = stage.train(loop.StageLoop("dp_finetune", str(directory), options, private=True))
+    finally:
+        stage.step_fn = step_fn
     total = time.perf_counter() - t0
     assert result.finished and result.step == steps, result
     shutil.rmtree(directory)
@@ -132,7 +134,7 @@ def per_call_us(fn: Callable[[int], Any], calls: int) -> float:
 
 def host_work(stage: DpRun, root: Path, steps: int) -> list[dict]:
     """Mean time per call of each per-step host operation of the DP loop, in isolation."""
-    ledger = privacy.PrivacyLedger(stage.params)
+    ledger = stage.mechanism.ledger()
     guard = privacy.BudgetGuard(ledger)
     guard.can_step(1)  # the budget search runs once per stage; time it separately below
     _, metrics = stage.step_fn(stage.state, *pre_drawn(stage, 1)[0], stage.key, 0)
@@ -153,7 +155,7 @@ def host_work(stage: DpRun, root: Path, steps: int) -> list[dict]:
         for name, fn in pieces.items():
             rows.append({"operation": name, "us_per_call": per_call_us(fn, steps)})
     def spent(n: int) -> privacy.PrivacyLedger:
-        fresh = privacy.PrivacyLedger(stage.params)
+        fresh = stage.mechanism.ledger()
         fresh.record_steps(n)
         return fresh
 

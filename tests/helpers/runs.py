@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from dpwave import data
 from dpwave.train import distributed, loop, pipeline, settings
-from dpwave.train.stages.base import Context, run_task
+from dpwave.train.stages.base import Context
 from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 from dpwave.train.stages.dp_finetune import DpRun
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
@@ -79,24 +79,24 @@ def dp_stage(config: ml_collections.ConfigDict, workdir: Path) -> DpRun:
 def run_dp(config: ml_collections.ConfigDict, workdir: Path) -> loop.LoopResult:
     """Runs (or resumes) the DP stage of `workdir` in this process, as the pipeline does."""
     ctx = context(config, workdir)
-    return run_task(ctx, DP_FINETUNE.task(ctx))
+    return DP_FINETUNE.train(ctx)
 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: Path) -> loop.LoopResult:
     ctx = context(config, workdir)
-    return run_task(ctx, TOKENIZER.task(ctx))
+    return TOKENIZER.train(ctx)
 
 
 def run_pretrain(config: ml_collections.ConfigDict, workdir: Path) -> loop.LoopResult:
     ctx = context(config, workdir)
-    return run_task(ctx, PRETRAIN.task(ctx))
+    return PRETRAIN.train(ctx)
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: Path, name: str) -> loop.LoopResult:
     """Runs (or resumes) training stage `name` of `workdir` in this process, as the pipeline does."""
     ctx = context(config, workdir)
     stage = next(s for s in pipeline.stages(ctx.settings) if s.name == name)
-    return run_task(ctx, stage.task(ctx))
+    return stage.train(ctx)
 
 
 def forbid_private_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:

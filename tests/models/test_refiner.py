@@ -119,6 +119,7 @@ def test_shapes_and_dtypes(size, channels, levels, wavelet, objective):
         assert g.shape == (3, *p.shape) and g.dtype == jnp.float32
 
 
+@pytest.mark.slow  # about 25 s; non-Haar wavelets' boundary handling is in tests/test_wavelets.py
 def test_runs_with_boundary_coefficients():
     """db2 bands carry boundary coefficients (32 -> 17 -> 10): sample and evaluate the loss for real."""
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 1), minval=-1.0, maxval=1.0)

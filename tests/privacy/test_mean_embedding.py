@@ -93,6 +93,7 @@ def test_release_adds_sigma_over_n_gaussian_noise_once():
     assert not np.array_equal(noise, other)
 
 
+@pytest.mark.slow  # utility of the release's decoding, not its guarantee; about 30 s
 def test_class_targets_decode_a_noiseless_release():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(90, DIM)).astype(np.float32)

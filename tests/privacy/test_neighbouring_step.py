@@ -17,7 +17,7 @@ import pytest
 
 from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import distributed, model_io, settings, steps
+from dpwave.train import ar_examples, distributed, settings, steps
 from experiments.configs import mnist
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def _setup(ghost: bool, dtype: str):
     step."""
     model = dataclasses.replace(settings.read(mnist.get_config("demo")).transformer, dtype=dtype)
     assert model.cond_dropout > 0
-    graphdef, params = model_io.init_transformer(model, jax.random.key(0))
+    graphdef, params = ar_examples.init_transformer(model, jax.random.key(0))
     # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
     optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
     clipped_sum = privacy.clipped_grad(lambda p, ex, key: transformer_lib.per_example_loss(graphdef, p, ex, key),

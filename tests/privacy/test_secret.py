@@ -103,7 +103,7 @@ def test_an_int_key_that_jax_would_truncate_is_refused():
 
 
 _PUBLIC_INT_KEYS = {  # module -> why its jax.random.key(int) is not secret-derived
-    "dpwave/train/model_io.py": "stage_key: config.seed, public randomness",
+    "dpwave/train/streams.py": "stage_key: config.seed, public randomness",
     "dpwave/train/stages/evaluate.py": "key(0) for a FLOPs count",
     "dpwave/privacy/noise.py": "an int key below 2**32 only (refused above)",
 }

@@ -14,11 +14,12 @@ from helpers import runs
 
 from dpwave import data, wavelets
 from dpwave.privacy import DpParams, PrivacyLedger
-from dpwave.train import loop, merf, model_io, pipeline, settings
+from dpwave.train import loop, merf, pipeline, settings
 from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 from dpwave.train.stages.dp_embedding import template
 from dpwave.train.stages.generator import STAGE as GENERATOR
 from dpwave.train.stages.sample import refiner_part
+from dpwave.train.stages.base import restore_state
 
 SMALL = {"merf.num_features": 200, "merf.steps": 4, "merf.batch_size": 20, "refiner.steps": 2,
          "diffusion.steps": 2, "dp.steps": 3,
@@ -35,7 +36,7 @@ def merf_config(method: str, **overrides):
 
 
 def released(workdir: Path, config) -> dict[str, np.ndarray]:
-    state = model_io.restore_state(str(workdir / "dp_embedding"), template(settings.read(config)))
+    state = restore_state(str(workdir / "dp_embedding"), template(settings.read(config)))
     return {k: np.asarray(v) for k, v in state.items()}
 
 

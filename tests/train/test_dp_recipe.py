@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from helpers import runs
 
-from dpwave.train import dp_recipe, loop, model_io, pipeline, settings
+from dpwave.train import ar_examples, distributed, dp_recipe, loop, pipeline, settings
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.sample import transformer_params
 from dpwave.train.steps import TrainState
@@ -37,7 +37,7 @@ def pretrained(config, workdir: Path):
 def init_transformer(config, finetune: bool = False):
     """(graphdef, params) of the AR model as pretrained, or (`finetune`) as the DP stage trains it."""
     run = settings.read(config)
-    return model_io.init_transformer(run.dp_transformer if finetune else run.transformer, PRETRAIN.key(run))
+    return ar_examples.init_transformer(run.dp_transformer if finetune else run.transformer, PRETRAIN.key(run))
 
 
 def stage_names(config) -> list[str]:
@@ -45,9 +45,12 @@ def stage_names(config) -> list[str]:
 
 
 def run_steps(stage, count: int) -> list[TrainState]:
+    """The stage's first `count` jitted DP steps, fed as its loop feeds them."""
     state, states = stage.state, []
     for i in range(count):
-        state, _ = stage.step(state, stage.batch(i), i)
+        examples, mask = stage.batch(i)
+        state, _ = stage.step_fn(state, distributed.shard_batch(examples, stage.mesh),
+                                 distributed.shard_batch(mask, stage.mesh), stage.key, i)
         states.append(state)
     return states
 
@@ -106,7 +109,7 @@ def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("ghost", [False, True])
+@pytest.mark.parametrize("ghost", [pytest.param(False, marks=pytest.mark.slow), True])  # ghost: the default path
 def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_workdir, tmp_path, ghost):
     config = runs.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
                                   "perf.use_ghost_norms": ghost})

@@ -19,7 +19,7 @@ import numpy as np, jax, jax.numpy as jnp, optax
 from flax import nnx
 from dpwave import data, privacy
 from dpwave.train import distributed, hashing, steps
-from dpwave.train.model_io import local_slice
+from dpwave.train.distributed import local_slice
 
 info = distributed.maybe_initialize_distributed(initialization_timeout=120)
 mesh = distributed.make_data_mesh()

@@ -1,13 +1,15 @@
 """What a stage is: a name, whether its result is public, its random stream, the settings it reads, the stages
 it consumes, how it runs and how its parameters are restored.
 
-A training stage builds a `loop.Task` (`build`); the loop checkpoints it with its inputs and resumes it
-bit-exactly. `run` is that, or (sample, evaluate) the stage's own one-shot computation.
+A training stage builds a `loop.Task` (`build`) that `loop.run` runs, or writes its own loop over the machinery of
+`loop.StageLoop` (`train`: the DP-SGD stages); either checkpoints it with its inputs and resumes it bit-exactly.
+`run` is that, or (sample, evaluate) the stage's own one-shot computation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -16,7 +18,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dpwave.train import distributed, loop, model_io, steps
+from dpwave.train import distributed, loop, steps, streams
+from dpwave.train.checkpoint import Checkpointer
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
 
@@ -32,6 +35,19 @@ class Context:
 
     def dir(self, stage: str) -> str:
         return f"{self.workdir}/{stage}"
+
+    @property
+    def loop_options(self) -> loop.LoopOptions:
+        """The run's checkpoint and logging cadence and input workers."""
+        ops, perf = self.settings.ops, self.settings.perf
+        return loop.LoopOptions(ops.checkpoint_every, ops.max_to_keep, ops.log_every,
+                                loop.InputFeed(perf.input_workers, perf.input_prefetch))
+
+    def stage_loop(self, stage: Stage) -> loop.StageLoop:
+        """The loop machinery of `stage` in its directory, with its inputs (checked on resume, recorded) and its
+        privacy."""
+        return loop.StageLoop(stage.name, self.dir(stage.name), self.loop_options, inputs=self.inputs[stage.name],
+                              reconciled_on_resume=stage.reconciled_on_resume, private=not stage.public)
 
 
 class Stage:
@@ -61,7 +77,7 @@ class Stage:
         raise NotImplementedError
 
     def key(self, settings: Settings) -> jax.Array:
-        return model_io.stage_key(settings.seed, self.stream)
+        return streams.stage_key(settings.seed, self.stream)
 
     def build(self, ctx: Context) -> loop.Task:
         """The training task (a training stage)."""
@@ -72,17 +88,21 @@ class Stage:
         return dataclasses.replace(self.build(ctx), inputs=ctx.inputs[self.name],
                                    reconciled_on_resume=self.reconciled_on_resume, private=not self.public)
 
+    def train(self, ctx: Context) -> loop.LoopResult:
+        """Runs or resumes the training stage's loop: `loop.run` of its task, unless the stage writes its own."""
+        return run_task(ctx, self.task(ctx))
+
     def run(self, ctx: Context) -> bool:
         """Runs or resumes the stage; False when it was preempted (the same command continues it)."""
-        return run_task(ctx, self.task(ctx)).finished
+        return self.train(ctx).finished
 
 
 def run_task(ctx: Context, task: loop.Task) -> loop.LoopResult:
     """Runs or resumes `task` in its stage directory with the run's checkpoint and logging frequency and input
     workers."""
-    ops, perf = ctx.settings.ops, ctx.settings.perf
-    return loop.run(task, ctx.dir(task.name), checkpoint_every=ops.checkpoint_every, max_to_keep=ops.max_to_keep,
-                    log_every=ops.log_every, feed=loop.InputFeed(perf.input_workers, perf.input_prefetch))
+    options = ctx.loop_options
+    return loop.run(task, ctx.dir(task.name), checkpoint_every=options.checkpoint_every,
+                    max_to_keep=options.max_to_keep, log_every=options.log_every, feed=options.feed)
 
 
 def training_inputs(name: str, section: Any) -> dict[str, Any]:
@@ -91,7 +111,7 @@ def training_inputs(name: str, section: Any) -> dict[str, Any]:
     out = jsonable(dataclasses.replace(section, init_params_from=None))
     del out["init_params_from"]
     if section.init_params_from:
-        out["init_params_sha256"] = model_io.init_source(section.init_params_from, name)[1]
+        out["init_params_sha256"] = init_source(section.init_params_from, name)[1]
     return {name: out}
 
 
@@ -103,17 +123,42 @@ def public_task(stage: Stage, ctx: Context, state: steps.TrainState, optimizer: 
     `section`, default the stage's name), from `state` or from `training.init_params_from`'s parameters."""
     settings, mesh = ctx.settings, ctx.mesh
     if training.init_params_from:
-        source_dir = model_io.init_source(training.init_params_from, stage.name)[0]
+        source_dir = init_source(training.init_params_from, stage.name)[0]
         state = dataclasses.replace(state, params=stage.restore_params(settings, source_dir))
     state = distributed.replicate(state, mesh)
     step_fn = steps.public_step(loss_fn, optimizer, mesh)
-    sampler = model_io.shuffled(settings.seed, stage.stream, size, training.batch_size, section or stage.name)
+    sampler = streams.shuffled(settings.seed, stage.stream, size, training.batch_size, section or stage.name)
     key = stage.key(settings)
 
     def batch(i):
-        return get_batch(model_io.local_slice(sampler.batch(i)))
+        return get_batch(distributed.local_slice(sampler.batch(i)))
 
     def step(state, batch, i):
         return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
 
     return loop.Task(stage.name, state, step, training.steps, params_of=lambda s: s.params, batch=batch)
+
+
+def restore_state(stage_dir: str, template: Any) -> Any:
+    """The newest state checkpointed in `stage_dir`, restored against `template` (the stage's initial state)."""
+    with Checkpointer(f"{stage_dir}/checkpoints") as ckpt:
+        restored = ckpt.restore_latest(template)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {stage_dir}/checkpoints; run that stage first")
+    return restored[1]
+
+
+def init_source(path: str, stage: str) -> tuple[str, str]:
+    """(stage directory, params_sha256) of the finished `stage` that `<stage>.init_params_from=path` names: the
+    stage's own directory, or a workdir holding it."""
+    for candidate in (path, os.path.join(path, stage)):
+        summary = loop.read_summary(candidate)
+        if summary is None:
+            continue
+        if summary.get("stage") != stage:
+            raise ValueError(f"config.{stage}.init_params_from={path!r} is a finished {summary.get('stage')!r} stage; "
+                             f"it needs a finished {stage!r} stage directory or a workdir holding one")
+        return candidate, summary["params_sha256"]
+    raise ValueError(f"config.{stage}.init_params_from={path!r} holds no finished {stage!r} stage (no "
+                     f"{os.path.join(path, 'summary.json')} nor {os.path.join(path, stage, 'summary.json')}); point "
+                     "it at a finished stage directory or a workdir")

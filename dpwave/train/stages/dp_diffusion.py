@@ -11,18 +11,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dpwave.models import pixel_flow
-from dpwave.train import loop, model_io, steps
+from dpwave.train import loop, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.base import Context, Stage, restore_state
 from dpwave.train.stages.dp_finetune import DP_SGD_RECONCILED, DpSgdRun, state_template
 from dpwave.train.stages.pixel_pretrain import STAGE as PIXEL_PRETRAIN
 from dpwave.train.stages.pixel_pretrain import pixel_examples
 
 
 class DiffusionRun(DpSgdRun):
-    name = "dp_diffusion"
-
     def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, pretrain_dir: str):
         super().__init__(settings, stage_dir)
         graphdef = PIXEL_PRETRAIN.init(settings)[0]
@@ -53,14 +51,14 @@ class DpDiffusion(Stage):
                 "diffusion.model": jsonable(settings.diffusion.model),
                 "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
 
-    def build(self, ctx: Context) -> loop.Task:
+    def train(self, ctx: Context) -> loop.LoopResult:
         return DiffusionRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name),
-                            pretrain_dir=ctx.dir(PIXEL_PRETRAIN.name)).task()
+                            pretrain_dir=ctx.dir(PIXEL_PRETRAIN.name)).train(ctx.stage_loop(self))
 
     def restore_params(self, settings: Settings, stage_dir: str) -> tuple[nnx.GraphDef, nnx.State]:
         """The DP-finetuned parameters (their EMA when `dp.ema_decay` > 0)."""
         graphdef, initial, _ = PIXEL_PRETRAIN.init(settings)
-        state: steps.TrainState = model_io.restore_state(stage_dir, state_template(settings, initial.params, None))
+        state: steps.TrainState = restore_state(stage_dir, state_template(settings, initial.params, None))
         return graphdef, state.extra if settings.dp.recipe.ema_decay else state.params
 
 

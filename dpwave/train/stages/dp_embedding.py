@@ -13,10 +13,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from dpwave.privacy import mean_embedding
-from dpwave.train import loop, merf, model_io
+from dpwave.train import loop, merf
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.base import Context, Stage, restore_state
 from dpwave.train.stages.dp_account import DpAccount
 
 
@@ -40,24 +40,29 @@ class Release(DpAccount):
         super().__init__(settings, stage_dir, release="mean_embedding", single_release=True)
         self.features = merf.features(settings)
 
-    def step(self, state: Any, batch: None, i: int) -> tuple[mean_embedding.Embedding, dict]:
-        total = merf.embedding_sum(self.settings, self.features, self.source)
-        released = mean_embedding.release(total, self.mechanism.noise(*self.secret.noise_keys()))
-        self.ledger.record_steps(1)
-        return released, {}
-
-    def after_step(self, i: int) -> dict:
-        self.last_epsilon = self.ledger.epsilon()
-        return {"epsilon": self.last_epsilon}
+    def meta(self) -> dict:
+        return {"ledger": self.ledger.to_dict()}
 
     def on_restore(self, meta: dict) -> None:
         self.use_ledger(self.saved_ledger(meta)[0])
 
-    def task(self) -> loop.Task:
-        return loop.Task(DpEmbedding.name, template(self.settings), self.step, 1, params_of=lambda s: s,
-                         meta=lambda: {"ledger": self.ledger.to_dict()}, on_restore=self.on_restore,
-                         before_step=self.before_step, after_step=self.after_step, summary_extra=self.summary,
-                         private=True)
+    def train(self, stage_loop: loop.StageLoop) -> loop.LoopResult:
+        """The release as a loop of one step (so a finished release is never redone and a rerun resumes it)."""
+        with stage_loop:
+            released, step = stage_loop.restore(template(self.settings), self.on_restore)
+            for i, _ in stage_loop.batches(lambda i: None, 1):
+                try:
+                    self.before_step(i)  # the ledger holds no step and the budget allows the release
+                except loop.StopStage as stop:
+                    stage_loop.stop_early(i, str(stop))
+                    break
+                total = merf.embedding_sum(self.settings, self.features, self.source)  # each example's norm <= 1
+                released = mean_embedding.release(total, self.mechanism.noise(*self.secret.noise_keys()))
+                self.ledger.record_steps(1)
+                step, self.last_epsilon = 1, self.ledger.epsilon()
+                if stage_loop.end_step(1, released, {}, meta=self.meta, extra={"epsilon": self.last_epsilon}):
+                    return stage_loop.result
+            return stage_loop.finish(released, step, released, meta=self.meta, summary_extra=self.summary())
 
 
 class DpEmbedding(Stage):
@@ -84,12 +89,12 @@ class DpEmbedding(Stage):
                 "dp": {**{k: v for k, v in jsonable(dp.mechanism).items() if k in RELEASE_SETTINGS},
                        "secret_seed": dp.secret_seed}}
 
-    def build(self, ctx: Context) -> loop.Task:
-        return Release(ctx.settings, ctx.dir(self.name)).task()
+    def train(self, ctx: Context) -> loop.LoopResult:
+        return Release(ctx.settings, ctx.dir(self.name)).train(ctx.stage_loop(self))
 
     def restore(self, settings: Settings, stage_dir: str) -> mean_embedding.Embedding:
         """The released (noised, normalized) embedding."""
-        return model_io.restore_state(stage_dir, template(settings))
+        return restore_state(stage_dir, template(settings))
 
 
 STAGE = DpEmbedding()

@@ -1,11 +1,19 @@
-"""The DP finetuning stage (private): the only stage that reads private data.
+"""The DP finetuning stage (private): the only stage that reads private data, and the DP-SGD loop it shares with
+the pixel-space baseline (`dp_diffusion`).
 
-Private images are mapped example by example to tokens with the frozen public tokenizer; the mechanism
-(`settings.Mechanism.build`: `privacy.DpSgdMechanism`) draws Poisson batches with the secret seed (a pure
-function of (seed, step)), sums clipped per-example gradients across devices, and its optimizer adds the noise
-once, normalized by the expected batch size. The privacy ledger and the sampler state live in every checkpoint;
-a rerun restores them, refuses changed DP hyperparameters (unless `dp.compose_on_resume`), and the budget guard
-refuses any step that would push epsilon past the target.
+Private images are mapped example by example to tokens with the frozen public tokenizer. One DP update, in the
+order `DpSgdRun` builds and runs it, all numbers from one mechanism (`settings.Mechanism.build`:
+`privacy.DpSgdMechanism`):
+
+1. Poisson selection: step i's examples are a pure function of (secret seed, i) (`batch`, on the input workers);
+2. the jitted step (`steps.dp_step`, built once in `build`): the step key fold_in(secret key, i), each example's
+   key from its content, the sum of per-example gradients clipped to C, added across devices, the Gaussian noise
+   once on that sum divided by the expected batch size, the inner optimizer (SGD, Adam), the EMA;
+3. the ledger records the step; the budget guard refuses a step that would push epsilon past the target;
+4. the checkpoint holds the state, the ledger and the sampler state; a rerun restores them and refuses changed DP
+   hyperparameters (unless `dp.compose_on_resume`).
+
+`DpSgdRun.train` is that loop, top to bottom, over the machinery of `loop.StageLoop`.
 """
 
 from __future__ import annotations
@@ -21,10 +29,10 @@ from jax.sharding import Mesh
 
 from dpwave import privacy
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import distributed, dp_recipe, loop, model_io, steps
+from dpwave.train import ar_examples, distributed, dp_recipe, loop, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Mechanism, Settings
-from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.base import Context, Stage, restore_state
 from dpwave.train.stages.dp_account import DpAccount
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
@@ -63,47 +71,31 @@ class DpSgdRun(DpAccount):
     """One DP-SGD run over a DP input's `examples`: the mechanism, Poisson sampler, ledger, guard and jitted step.
     A subclass opens its model and calls `build` (the transformer's `DpRun`, the pixel model's stage)."""
 
-    name: str
-
     def build(self, mesh: Mesh, examples: dict[str, np.ndarray], params: nnx.State, trainable: Any,
               example_loss: Any) -> None:
         """The DP update of `example_loss(params, example, key)` over `examples` (host arrays, one row per DP
         example), in the order a step runs it: the Poisson sampler (`batch`), the clipped sum of per-example
         gradients, the noise and the optimizer, all three from the one mechanism; the jitted step built from them
-        (`steps.dp_step`: per-example keys, clipped sum, psum, noise, optimizer, EMA); the ledger (`after_step`)."""
+        (`steps.dp_step`: per-example keys, clipped sum, psum, noise, optimizer, EMA). `train` runs the loop."""
         settings, dp, secret = self.settings, self.settings.dp, self.secret
         self.examples, self.mesh = examples, mesh
         self.sampler = self.mechanism.selection.sampler(
             secret.poisson_seed(), bucket_multiple=(settings.perf.microbatch_size or 1) * jax.device_count())
         clipped_sum = self.mechanism.clipped_sum(example_loss, microbatch_size=settings.perf.microbatch_size,
                                                  trainable=trainable, use_ghost_norms=settings.perf.use_ghost_norms)
-        optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
-                                             *secret.noise_keys())
-        self.step_fn = steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable,
+        self.optimizer = self.mechanism.optimizer(dp_recipe.inner_optimizer(dp.recipe, dp.mechanism.steps),
+                                                  *secret.noise_keys())
+        self.step_fn = steps.dp_step(clipped_sum, self.optimizer, mesh, trainable=trainable,
                                      ema_decay=dp.recipe.ema_decay)
         self.key = secret.step_key()
-        self.state = distributed.replicate(init_state(params, trainable, optimizer, bool(dp.recipe.ema_decay)), mesh)
+        self.state = distributed.replicate(init_state(params, trainable, self.optimizer, bool(dp.recipe.ema_decay)),
+                                           mesh)
 
     def batch(self, i: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Step i's examples and mask: this process's share of the Poisson draw `sampler.batch(i)` (padded slots
         hold example 0, masked out). A pure function of (secret seed, i), run on the input workers."""
         indices, mask = self.sampler.batch(i)
-        return {k: v[model_io.local_slice(indices)] for k, v in self.examples.items()}, model_io.local_slice(mask)
-
-    def step(self, state: steps.TrainState, batch: tuple[dict[str, np.ndarray], np.ndarray],
-             i: int) -> tuple[steps.TrainState, dict]:
-        examples, mask = batch
-        state, metrics = self.step_fn(state, distributed.shard_batch(examples, self.mesh),
-                                      distributed.shard_batch(mask, self.mesh), self.key, i)
-        return state, metrics if self.settings.dp.log_private_metrics else {}
-
-    def after_step(self, i: int) -> dict:
-        """The ledger records the step just taken (`i` steps in all); epsilon is logged every `log_every` steps."""
-        self.ledger.record_steps(1)
-        if i % self.settings.ops.log_every and i != self.settings.dp.mechanism.steps:
-            return {}
-        self.last_epsilon = self.ledger.epsilon()
-        return {"epsilon": self.last_epsilon}
+        return {k: v[distributed.local_slice(indices)] for k, v in self.examples.items()}, distributed.local_slice(mask)
 
     def meta(self) -> dict:
         return {"ledger": self.ledger.to_dict(), "sampler": self.sampler.checkpoint_state()}
@@ -119,25 +111,41 @@ class DpSgdRun(DpAccount):
                 "workdir")
         self.use_ledger(saved)
 
-    def task(self) -> loop.Task:
-        ema = bool(self.settings.dp.recipe.ema_decay)  # the parameters the sample stage loads
-        return loop.Task(self.name, self.state, self.step, self.settings.dp.mechanism.steps,
-                         params_of=lambda s: s.extra if ema else s.params, batch=self.batch,
-                         meta=self.meta, on_restore=self.on_restore, before_step=self.before_step,
-                         after_step=self.after_step, summary_extra=self.summary, private=True,
-                         postfix=lambda: {"eps": f"{self.last_epsilon:.3g}"})
+    def train(self, stage_loop: loop.StageLoop) -> loop.LoopResult:
+        """The DP stage's loop over `dp.steps` steps, resumed from its newest checkpoint (ledger and sampler state
+        restored and checked by `on_restore`)."""
+        total, settings = self.settings.dp.mechanism.steps, self.settings
+        with stage_loop:
+            state, step = stage_loop.restore(self.state, self.on_restore)
+            for i, (examples, mask) in stage_loop.batches(self.batch, total):  # step i's Poisson draw (`batch`)
+                try:
+                    self.before_step(i)  # the ledger holds i steps and the budget allows one more
+                except loop.StopStage as stop:
+                    stage_loop.stop_early(i, str(stop))
+                    break
+                # Per-example keys, clipped sum, psum, noise, optimizer and EMA: one jitted call (`build`).
+                state, metrics = self.step_fn(state, distributed.shard_batch(examples, self.mesh),
+                                              distributed.shard_batch(mask, self.mesh), self.key, i)
+                self.ledger.record_steps(1)
+                step = i + 1
+                if stage_loop.logs(step):
+                    self.last_epsilon = self.ledger.epsilon()
+                if stage_loop.end_step(step, state, metrics if settings.dp.log_private_metrics else {}, meta=self.meta,
+                                       extra={"epsilon": self.last_epsilon} if stage_loop.logs(step) else {},
+                                       postfix={"eps": f"{self.last_epsilon:.3g}"}):
+                    return stage_loop.result  # preempted: the same command resumes it
+            return stage_loop.finish(state, step, state.extra if settings.dp.recipe.ema_decay else state.params,
+                                     meta=self.meta, summary_extra=self.summary())
 
 
 class DpRun(DpSgdRun):
     """The DP finetuning of the pretrained AR transformer over the private images' tokens."""
 
-    name = "dp_finetune"
-
     def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
         super().__init__(settings, stage_dir)
-        examples = model_io.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
+        examples = ar_examples.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
         # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
-        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
+        graphdef, params = ar_examples.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
         params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
 
         def example_loss(params, example, key):
@@ -166,19 +174,19 @@ class DpFinetune(Stage):
                 "transformer": jsonable(settings.dp_transformer),
                 "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
 
-    def build(self, ctx: Context) -> loop.Task:
+    def train(self, ctx: Context) -> loop.LoopResult:
         return DpRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name), tokenizer_dir=ctx.dir(TOKENIZER.name),
-                     pretrain_dir=ctx.dir(PRETRAIN.name)).task()
+                     pretrain_dir=ctx.dir(PRETRAIN.name)).train(ctx.stage_loop(self))
 
     def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState]:
         """(graphdef, a template of the stage's state: its structure, not its noise settings)."""
-        graphdef, params = model_io.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
+        graphdef, params = ar_examples.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
         return graphdef, state_template(settings, params,
                                         transformer_lib.trainable_mask(params, settings.dp.recipe.trainable))
 
     def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
         """The DP-finetuned AR parameters (their EMA when `dp.ema_decay` > 0)."""
-        state = model_io.restore_state(stage_dir, self.init(settings)[1])
+        state = restore_state(stage_dir, self.init(settings)[1])
         return state.extra if settings.dp.recipe.ema_decay else state.params
 
 

@@ -19,10 +19,10 @@ from flax import nnx
 from dpwave import data
 from dpwave.models import merf_generator
 from dpwave.privacy import mean_embedding
-from dpwave.train import distributed, loop, merf, model_io, steps
+from dpwave.train import distributed, loop, merf, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage
+from dpwave.train.stages.base import Context, Stage, restore_state
 from dpwave.train.stages.dp_embedding import STAGE as DP_EMBEDDING
 
 
@@ -63,7 +63,7 @@ class Generator(Stage):
 
     def restore_params(self, settings: Settings, stage_dir: str) -> tuple[nnx.GraphDef, nnx.State]:
         graphdef, state, _ = self.init(settings)
-        return graphdef, model_io.restore_state(stage_dir, state).params
+        return graphdef, restore_state(stage_dir, state).params
 
     def build(self, ctx: Context) -> loop.Task:
         settings, mesh, m = ctx.settings, ctx.mesh, ctx.settings.merf
@@ -92,7 +92,7 @@ class Generator(Stage):
             return step_fn(state, distributed.shard_batch(batch, mesh), jax.random.fold_in(key, i))
 
         return loop.Task(self.name, state, step, m.steps, params_of=lambda s: s.params,
-                         batch=lambda i: labels[model_io.local_slice(np.arange(len(labels)))])
+                         batch=lambda i: labels[distributed.local_slice(np.arange(len(labels)))])
 
     def task(self, ctx: Context) -> loop.Task:
         """Its inputs are public settings and a DP release: its files and timing need not be owner-only."""

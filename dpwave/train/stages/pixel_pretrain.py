@@ -11,10 +11,10 @@ from flax import nnx
 
 from dpwave import data
 from dpwave.models import pixel_flow
-from dpwave.train import loop, model_io, steps
+from dpwave.train import loop, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, public_task, training_inputs
+from dpwave.train.stages.base import Context, Stage, public_task, restore_state, training_inputs
 
 
 def pixel_examples(settings: Settings, source: data.Source) -> dict[str, np.ndarray]:
@@ -41,7 +41,7 @@ class PixelPretrain(Stage):
         return graphdef, steps.TrainState(params, optimizer.init(params)), optimizer
 
     def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
-        return model_io.restore_state(stage_dir, self.init(settings)[1]).params
+        return restore_state(stage_dir, self.init(settings)[1]).params
 
     def build(self, ctx: Context) -> loop.Task:
         settings = ctx.settings

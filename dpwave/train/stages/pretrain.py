@@ -10,10 +10,10 @@ from flax import nnx
 
 from dpwave import data
 from dpwave.models import transformer as transformer_lib
-from dpwave.train import loop, model_io, steps
+from dpwave.train import ar_examples, loop, steps
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, public_task, training_inputs
+from dpwave.train.stages.base import Context, Stage, public_task, restore_state, training_inputs
 from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 
 
@@ -29,18 +29,18 @@ class Pretrain(Stage):
 
     def init(self, settings: Settings) -> tuple[nnx.GraphDef, steps.TrainState, optax.GradientTransformation]:
         """(graphdef, initial train state, optimizer)."""
-        graphdef, params = model_io.init_transformer(settings.transformer, self.key(settings))
+        graphdef, params = ar_examples.init_transformer(settings.transformer, self.key(settings))
         optimizer = optax.adamw(settings.pretrain.learning_rate, weight_decay=1e-4)
         return graphdef, steps.TrainState(params, optimizer.init(params)), optimizer
 
     def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
-        return model_io.restore_state(stage_dir, self.init(settings)[1]).params
+        return restore_state(stage_dir, self.init(settings)[1]).params
 
     def build(self, ctx: Context) -> loop.Task:
         settings = ctx.settings
         source = settings.data.load("public")
         data.require_public(source, "AR pretraining")
-        examples = model_io.encode_examples(settings, TOKENIZER.model(settings, ctx.dir(TOKENIZER.name)), source)
+        examples = ar_examples.encode_examples(settings, TOKENIZER.model(settings, ctx.dir(TOKENIZER.name)), source)
         graphdef, state, optimizer = self.init(settings)
 
         def loss_fn(params, batch, rng):

@@ -12,10 +12,10 @@ from flax import nnx
 
 from dpwave import data
 from dpwave.models import tokenizer as tokenizer_lib
-from dpwave.train import distributed, loop, model_io
+from dpwave.train import distributed, loop, streams
 from dpwave.train.fingerprints import jsonable
 from dpwave.train.settings import Settings
-from dpwave.train.stages.base import Context, Stage, training_inputs
+from dpwave.train.stages.base import Context, Stage, init_source, restore_state, training_inputs
 
 
 class Tokenizer(Stage):
@@ -37,7 +37,7 @@ class Tokenizer(Stage):
 
     def restore_params(self, settings: Settings, stage_dir: str) -> tuple[nnx.State, nnx.State]:
         """The trained model's state: (parameters, codebook statistics)."""
-        state = model_io.restore_state(stage_dir, self.init(settings)[1])
+        state = restore_state(stage_dir, self.init(settings)[1])
         return state.params, state.stats
 
     def model(self, settings: Settings, stage_dir: str) -> tokenizer_lib.SpectralTokenizer:
@@ -51,15 +51,15 @@ class Tokenizer(Stage):
         data.require_public(source, "tokenizer training")
         graphdef, state, optimizer = self.init(settings)
         if cfg.init_params_from:
-            params, stats = self.restore_params(settings, model_io.init_source(cfg.init_params_from, self.name)[0])
+            params, stats = self.restore_params(settings, init_source(cfg.init_params_from, self.name)[0])
             state = dataclasses.replace(state, params=params, stats=stats)
         state = distributed.replicate(state, mesh)
-        sampler = model_io.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
+        sampler = streams.shuffled(settings.seed, self.stream, len(source), cfg.batch_size, self.name)
         step_fn = jax.jit(functools.partial(tokenizer_lib.train_step, graphdef, optimizer=optimizer), donate_argnums=0)
         key = self.key(settings)
 
         def batch(i):
-            return data.to_float(source.get_batch(model_io.local_slice(sampler.batch(i)))["image"])
+            return data.to_float(source.get_batch(distributed.local_slice(sampler.batch(i)))["image"])
 
         def step(state, images, i):
             return step_fn(state, distributed.shard_batch(images, mesh), jax.random.fold_in(key, i))
