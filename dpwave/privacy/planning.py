@@ -61,6 +61,25 @@ class Plan:
         return f"--config.dp.expected_batch_size={self.expected_batch_size} --config.dp.steps={self.steps}"
 
 
+def run_noise_multiplier(target_epsilon: float, delta: float, sampling_prob: float, steps: int, *,
+                         accountant: str, neighboring: str, given: float | None = None) -> float:
+    """A run's sigma: `given` as is; 0 for the non-private reference (target epsilon inf: still clipped); else the
+    smallest sigma `calibrate_noise` finds whose epsilon over `steps` steps of rate `sampling_prob` is <= target."""
+    if given is not None:
+        return float(given)
+    if math.isinf(target_epsilon):
+        return 0.0
+    return calibrate_noise(target_epsilon, delta, sampling_prob, steps, accountant=accountant,
+                           neighboring=neighboring)
+
+
+def tuning_noise_scale(stand_in_size: int, private_size: int) -> float:
+    """The factor on a private run's sigma when a public stand-in of `stand_in_size` examples is trained at that
+    run's q (docs/tuning.md): its expected batch is q n instead of q N, and sigma n / N keeps the noise per step
+    sigma / B of the private run (Sander et al. 2023 simulate runs the same way)."""
+    return stand_in_size / private_size
+
+
 def default_batch_sizes(n: int, budget: int) -> list[int]:
     """Powers of two from 16 up to min(N, budget)."""
     top = min(n, budget)

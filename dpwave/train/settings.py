@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from dpwave import data, privacy
+from dpwave.privacy import planning
 from dpwave.data import near_duplicates, overlap
 from dpwave.models import transformer as transformer_lib
 from dpwave.models.pixel_flow import PixelFlowConfig
@@ -142,26 +143,10 @@ class Mechanism:
         the DP input's own size."""
         return self.tuning_private_size if self.tuning and self.tuning_private_size else dataset_size
 
-    def noise_scale(self, dataset_size: int) -> float:
-        """Factor applied to the private run's sigma in a tuning run, n / N_private: with the private run's q the
-        expected batch is q n instead of q N_private, and sigma n / N_private over it keeps the noise per step
-        sigma/B of the private run (Sander et al. 2023 simulate runs the same way)."""
-        return dataset_size / self.simulated_size(dataset_size)
-
     def sampling(self, dataset_size: int, single_release: bool) -> tuple[float, int]:
         """(q, steps): expected batch / N over `steps` DP-SGD steps, or (1, 1) for one release of the whole set
         (DP-MERF's embedding; `expected_batch_size` and `steps` are then unused)."""
         return (1.0, 1) if single_release else (self.expected_batch_size / dataset_size, self.steps)
-
-    def calibrated_noise(self, dataset_size: int, single_release: bool = False) -> float:
-        """sigma: as given, 0 for the non-private reference, else calibrated so that the run's steps of q (see
-        `sampling`) give epsilon <= target."""
-        if self.noise_multiplier is not None:
-            return float(self.noise_multiplier)
-        if math.isinf(self.target_epsilon):
-            return 0.0
-        return privacy.calibrate_noise(self.target_epsilon, self.delta, *self.sampling(dataset_size, single_release),
-                                       accountant=self.accountant, neighboring=self.neighboring)
 
     def check(self, dataset_size: int, single_release: bool = False) -> None:
         """Refuses what `build(dataset_size)` would refuse, in words of the config: an expected batch larger than
@@ -183,9 +168,11 @@ class Mechanism:
         """The DP stage's mechanism over a DP input of `dataset_size` examples; with `single_release`, one step of
         q = 1 and C = 1 (the DP-MERF release, `privacy.mean_embedding`)."""
         simulated = self.simulated_size(dataset_size)
-        q = self.sampling(simulated, single_release)[0]
+        q, steps = self.sampling(simulated, single_release)
+        sigma = planning.run_noise_multiplier(self.target_epsilon, self.delta, q, steps, accountant=self.accountant,
+                                              neighboring=self.neighboring, given=self.noise_multiplier)
         return privacy.DpSgdMechanism(1.0 if single_release else self.l2_clip, privacy.DpParams(
-            noise_multiplier=self.calibrated_noise(simulated, single_release) * self.noise_scale(dataset_size),
+            noise_multiplier=sigma * planning.tuning_noise_scale(dataset_size, simulated),
             sampling_prob=float(q), delta=self.delta, accountant=self.accountant,
             target_epsilon=None if math.isinf(self.target_epsilon) or self.tuning else self.target_epsilon,
             dataset_size=dataset_size, allow_large_delta=self.allow_large_delta, neighboring=self.neighboring))

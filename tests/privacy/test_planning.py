@@ -56,3 +56,13 @@ def test_cli_prints_the_ranked_table(capsys):
     out = capsys.readouterr().out
     assert "| rank | expected batch |" in out and out.count("\n| ") == 3  # header + 2 rows
     assert "best: --config.dp.expected_batch_size=" in out
+
+
+def test_a_runs_sigma_is_the_given_one_zero_without_noise_or_calibrated_to_the_target():
+    kw = {"accountant": "pld", "neighboring": "add_or_remove_one"}
+    assert planning.run_noise_multiplier(1.0, 1e-5, 0.01, 100, given=0.7, **kw) == 0.7
+    assert planning.run_noise_multiplier(float("inf"), 1e-5, 0.01, 100, **kw) == 0.0
+    sigma = planning.run_noise_multiplier(2.0, 1e-5, 0.01, 100, **kw)
+    assert 0.99 * 2.0 <= epsilon(sigma, 0.01, 100, 1e-5) <= 2.0
+    # A stand-in of 500 examples for a private run of 2,000: a quarter of the sigma over a quarter of the batch.
+    assert planning.tuning_noise_scale(500, 2000) == 0.25
