@@ -14,7 +14,10 @@ import pytest
 from flax import nnx
 from helpers import runs
 
+from dpwave import privacy
+from dpwave.models import transformer
 from dpwave.train import ar_examples, distributed, dp_recipe, loop, pipeline, settings
+from dpwave.train.stages.dp_finetune import init_state, state_template
 from dpwave.train.stages.pretrain import STAGE as PRETRAIN
 from dpwave.train.stages.sample import transformer_params
 from dpwave.train.steps import TrainState
@@ -236,3 +239,22 @@ def test_public_only_opens_the_private_split_only_to_hash_it_and_reports_epsilon
     dirs = {name: str(workdir / name) for name in ("tokenizer", "pretrain")}
     assert moved(pretrained(config, workdir), transformer_params(settings.read(config), dirs)[1]) == set()
     assert loop.read_summary(str(workdir / "sample"))["num_samples"] == 20
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("overrides", [{}, {"dp.ema_decay": 0.99, "dp.trainable": "cond", "dp.optimizer": "adam"}])
+def test_the_restore_template_has_the_structure_of_the_dp_stages_state(overrides):
+    """What the sample stage restores the DP weights against (no DP optimizer built) matches the state the DP stage
+    checkpoints, leaf for leaf (shape and dtype), for every recipe shape."""
+    config = runs.tiny_config(overrides)
+    run = settings.read(config)
+    _, params = init_transformer(config, finetune=True)
+    trainable = transformer.trainable_mask(params, run.dp.recipe.trainable)
+    mechanism = run.dp.mechanism.build(400)
+    optimizer = mechanism.optimizer(dp_recipe.inner_optimizer(run.dp.recipe, run.dp.mechanism.steps),
+                                    *privacy.DpSecret(7, 256).noise_keys())
+    real = init_state(params, trainable, optimizer, bool(run.dp.recipe.ema_decay))
+    template = state_template(run, params, trainable)
+    shape = lambda tree: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+    assert jax.tree.structure(template) == jax.tree.structure(real)
+    assert shape(template) == shape(real)

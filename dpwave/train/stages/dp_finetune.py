@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -49,11 +50,14 @@ DP_SGD_RECONCILED = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) 
 
 
 def state_template(settings: Settings, params: nnx.State, trainable: Any) -> steps.TrainState:
-    """The structure of a DP-SGD stage's state (what its checkpoints restore against), not its noise settings."""
+    """The structure of a DP-SGD stage's state (what its checkpoints restore against): the optimizer state of
+    `optax.chain(noise, inner)` is (the noise's key data and step count, the inner optimizer's state); no DP
+    optimizer is built."""
     recipe = settings.dp.recipe
-    optimizer = privacy.dp_optimizer(dp_recipe.inner_optimizer(recipe, settings.dp.mechanism.steps), l2_clip=1.0,
-                                     noise_multiplier=0.0, expected_batch_size=1.0, key=0)
-    return init_state(params, trainable, optimizer, bool(recipe.ema_decay))
+    inner = dp_recipe.inner_optimizer(recipe, settings.dp.mechanism.steps)
+    noise = privacy.NoiseState(key=jnp.zeros((2,), jnp.uint32), count=jnp.zeros((), jnp.int32))
+    opt_state = (noise, inner.init(privacy.partition(params, trainable)[0]))
+    return steps.TrainState(params, opt_state, params if recipe.ema_decay else None)
 
 
 def _draws(sampler_state: dict) -> dict:
