@@ -49,14 +49,15 @@ PRIVATE_TIMING = "private_timing.json"
 
 
 class StopStage(Exception):
-    """Raised by `Task.before_step` to end a stage early and cleanly (e.g. the privacy budget)."""
+    """Raised by a stage's check before a step (`Task.before_step`, the DP stages' budget check) to end it early and
+    cleanly: the loop calls `StageLoop.stop_early` and finishes."""
 
 
 @dataclasses.dataclass
 class Task:
-    """What a stage trains. `batch(i)` is step i's input (host arrays; a pure function of i, thread-safe: it runs
-    on input workers ahead of the step) and `step(state, batch, i)` consumes it. `params_of(state)` picks the
-    parameters hashed in the summary.
+    """What `run` trains (the public stages). `batch(i)` is step i's input (host arrays; a pure function of i,
+    thread-safe: it runs on input workers ahead of the step) and `step(state, batch, i)` consumes it.
+    `params_of(state)` picks the parameters hashed in the summary.
 
     A `private` stage reads private data: its directory and every file it writes are owner-only, and its
     wall time and input wait (which depend on its private draws) go to the owner-only PRIVATE_TIMING, not the
