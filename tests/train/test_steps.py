@@ -46,7 +46,7 @@ def test_the_step_clips_each_example_under_its_content_key_of_the_folded_step_ke
         example = {k: v[i] for k, v in batch.items()}
         g = np.asarray(jax.grad(_example_loss)(state.params, example, keys[i])["w"])
         total += g * min(1.0, CLIP / np.linalg.norm(g))
-    np.testing.assert_allclose(new.params["w"], state.params["w"] - 0.1 * total / EXPECTED, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.params["w"], state.params["w"] - 0.1 * total / EXPECTED, rtol=1e-4, atol=1e-5)
     assert float(metrics["batch_size"]) == 4
     other, _ = step(state, batch, mask, key, index + 1)
     assert not np.allclose(other.params["w"], new.params["w"])  # another step index: other example keys
@@ -55,9 +55,10 @@ def test_the_step_clips_each_example_under_its_content_key_of_the_folded_step_ke
 def test_the_ema_follows_the_new_parameters_inside_the_step():
     step, state, batch, mask = _setup(DECAY)
     new, _ = step(state, batch, mask, jax.random.key(1), 0)
-    np.testing.assert_allclose(new.extra["w"], DECAY * state.params["w"] + (1 - DECAY) * new.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(new.extra["w"], DECAY * state.params["w"] + (1 - DECAY) * new.params["w"],
+                               rtol=1e-5, atol=1e-6)
     plain, _ = _setup()[0](steps.TrainState(state.params, state.opt_state), batch, mask, jax.random.key(1), 0)
-    np.testing.assert_array_equal(plain.params["w"], new.params["w"])  # the EMA changes nothing else
+    np.testing.assert_allclose(plain.params["w"], new.params["w"], rtol=1e-5, atol=1e-6)  # the EMA changes nothing else
 
 
 def test_the_public_step_takes_the_mean_gradient():
@@ -72,5 +73,5 @@ def test_the_public_step_takes_the_mean_gradient():
     new, metrics = steps.public_step(loss_fn, optimizer, mesh)(steps.TrainState(params, optimizer.init(params)),
                                                              batch, jax.random.key(0))
     grad = np.mean(2 * np.asarray(batch["x"]) ** 2, axis=0)  # d/dw of mean_i sum_j (w_j x_ij)^2 at w = 1
-    np.testing.assert_allclose(new.params["w"], 1.0 - grad, rtol=1e-6)
+    np.testing.assert_allclose(new.params["w"], 1.0 - grad, rtol=1e-5)
     assert float(metrics["loss"]) == pytest.approx(np.mean(np.sum(np.asarray(batch["x"]) ** 2, axis=-1)))
