@@ -64,7 +64,7 @@ def make_stage(workdir: Path, steps: int) -> DpRun:
 
 
 def pre_drawn(stage: DpRun, steps: int) -> list[tuple[Any, Any]]:
-    """What `DpRun.step` feeds `dp_step`, computed ahead and resident on the devices."""
+    """What the DP loop (`DpSgdRun.train`) feeds `dp_step`, computed ahead and resident on the devices."""
     out = []
     for i in range(steps):
         indices, mask = stage.sampler.batch(i)
@@ -211,7 +211,7 @@ def main() -> None:
                "checkpoint_overhead": ckpt / logged - 1,
                "epsilon_logging_ms_per_step": logged - silent}
     print(f"DP stage (mnist tiny): {n} steps, buckets {stage.sampler.buckets}, noise "
-          f"{stage.params.noise_multiplier:.4g}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{stage.mechanism.params.noise_multiplier:.4g}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"medians of {args.repeats}")
     print_table(rows, ["variant", "ms_per_step", "steps_per_s", "fraction_of_raw", "total_s"])
     print()
