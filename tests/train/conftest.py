@@ -1,7 +1,9 @@
 """Session fixtures of the framework tests (helpers in tests/helpers/runs.py).
 
-* A persistent XLA compilation cache for the session, shared with every subprocess and every xdist worker: each
-  process still traces, lowers and runs everything itself; it only skips recompiling identical programs.
+* A persistent XLA compilation cache per worker, shared with the worker's subprocesses: each process still traces,
+  lowers and runs everything itself; it only skips recompiling identical programs. Not shared between the xdist
+  workers: JAX writes cache entries in place, and a worker reading an entry the other is writing would recompile
+  with a warning on stderr, which the one-line CLI tests read.
 * `base_workdir`: tokenizer + AR pretraining run ONCE per session (by the first worker that needs it, the others
   wait for it); tests copy it.
 * `dp_reference`: the uninterrupted DP stage on that base, the ground truth of the resume tests.
@@ -32,7 +34,7 @@ def _shared(tmp_path_factory, name: str) -> Path:
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> Path:
     """This session's persistent compilation cache (also used by this process)."""
-    path = _shared(tmp_path_factory, "xla_cache")
+    path = tmp_path_factory.mktemp("xla_cache")
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
