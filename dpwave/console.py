@@ -27,13 +27,17 @@ _FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(
 
 class _Console(logging.Filter):
     """Passes the pipeline's INFO lines (one per stage), dpwave's warnings and every error (errors only off
-    process 0)."""
+    process 0) except asyncio's: those are reads of a damaged checkpoint that Orbax abandoned after dpwave handled
+    the failure ("Task exception was never retrieved", logged whenever the task is collected, even after the
+    run's one-line error), so they go to the log file only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.is_process0 = True
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            return False
         if record.levelno >= logging.ERROR:
             return True
         if not self.is_process0:

@@ -41,6 +41,9 @@ def test_console_shows_stage_lines_dpwave_warnings_and_errors():
     assert keep(_record(logging.WARNING, console.__file__, "a dpwave warning"))
     assert not keep(_record(logging.WARNING, "/site-packages/tensorflow_datasets/core.py", "custom config"))
     assert keep(_record(logging.ERROR, "/site-packages/orbax/x.py", "failed"))
+    abandoned_read = logging.LogRecord("asyncio", logging.ERROR, "/lib/asyncio/base_events.py", 1,
+                                       "Task exception was never retrieved", None, None)
+    assert not keep(abandoned_read)
     off_process0 = console._Console()
     off_process0.is_process0 = False
     assert not off_process0.filter(_record(logging.INFO, _PIPELINE, "stage tokenizer: starting"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import os
@@ -257,6 +258,7 @@ class Checkpointer:
                 failures.append(_first_line(e))
                 continue
             if failures:
+                gc.collect()  # the abandoned reads' asyncio tasks report now, into the log file, not at exit
                 unreadable = ", ".join(map(str, steps[:len(failures)]))
                 logging.warning("Checkpoint step%s %s in %s could not be restored (%s); resuming from step %d, the "
                                 "newest readable one (set aside as unreadable-<step>-<time>; full errors in the log "
@@ -264,6 +266,7 @@ class Checkpointer:
                 self._set_aside(steps[:len(failures)])
             return step, state, meta
         if failures:
+            gc.collect()
             raise CheckpointRestoreError(
                 f"none of the checkpoints {steps} in {self._directory} could be restored (the newest, "
                 f"{self._directory / str(steps[0])}: {failures[0]})")
