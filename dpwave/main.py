@@ -1,7 +1,7 @@
 """dpwave entry point.
 
     python -m dpwave.main --config=experiments/configs/mnist.py:demo --workdir=workdir/demo \
-        [--config.dp.target_epsilon=1]
+        [--config.dp.mechanism.target_epsilon=1]
 
 Rerunning with the same workdir resumes (stage and step); there is no --resume flag. The console shows one
 line per stage, the progress bars and a closing summary; the full log is `<workdir>/log.txt` (dpwave.console).
@@ -17,6 +17,7 @@ Errors a user can fix end the command with one line on stderr, `dpwave.main: <pr
 Anything else is a bug and keeps its traceback.
 """
 
+import dataclasses
 import sys
 
 import jax
@@ -66,8 +67,21 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.exit(f"dpwave.main: bad config file: {_last_line(e)}")
         name = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and str(e).strip("'\"") in a),
                     None)
-        hint = f" ({name}: no such config field; see the config file for valid keys)" if name else ""
+        hint = f" ({_no_such_field(name)})" if name else ""
         sys.exit(f"dpwave.main: bad flags: {type(e).__name__}: {one_line(e)}{hint}")
+
+
+def _no_such_field(flag: str) -> str:
+    """The hint for an override of a missing field; a flat `--config.dp.KEY` names the section KEY moved to."""
+    key = flag.removeprefix("--config.dp.")
+    section = next((name for name, cls in settings_lib.DP_SECTIONS.items()
+                    if key in {f.name for f in dataclasses.fields(cls)}), None)
+    if section is not None:
+        return f"{flag}: config.dp is in sections now; use --config.dp.{section}.{key}"
+    old_secret = {"secret_seed": "seed", "secret_seed_file": "seed_file"}.get(key)
+    if old_secret is not None:
+        return f"{flag}: config.dp is in sections now; use --config.dp.secret.{old_secret}"
+    return f"{flag}: no such config field; see the config file for valid keys"
 
 
 def _stop(error: BaseException) -> None:

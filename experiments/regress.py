@@ -2,8 +2,9 @@
 
     python -m experiments.regress --against=HEAD [--out DIR] [--workdir DIR] [--config CONFIG]
 
-Runs `python -m dpwave.main` on `--config` (default `experiments/configs/mnist.py:tiny`) with the fixed
-`--config.dp.secret_seed=SECRET_SEED` (reproducibility mode) twice on this machine, one after the other: first
+Runs `python -m dpwave.main` on `--config` (default `experiments/configs/mnist.py:tiny`) with the fixed DP secret
+`DPWAVE_DP_SECRET_SEED=SECRET_SEED` (the environment: every revision reads it, whatever its config layout) twice
+on this machine, one after the other: first
 at `--against` (checked out with `git worktree add` under a temporary directory, run with this Python and
 `PYTHONPATH` pointing at that worktree, removed afterwards), then at the working tree. It then compares every
 stage's digests (each `<workdir>/<stage>/summary.json` key ending in `_sha256` except `inputs_sha256`: the
@@ -36,7 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "experiments/configs/mnist.py:tiny"
-SECRET_SEED = 20261129  # the DP stage's secret in reproducibility mode, as tests/test_pipeline.py runs it
+SECRET_SEED = "20261129" * 4  # the DP stage's secret, 128 bits in hex: fixed, so both runs draw the same noise
 WORKING = "working tree"
 EQUAL, DIFFERENT = "equal", "DIFFERENT"
 
@@ -155,12 +156,12 @@ def worktree(commit: str, parent: Path) -> Iterator[Path]:
 def run_pipeline(source: Path, workdir: Path, config: str) -> float:
     """Runs the pipeline from the checkout `source` into `workdir` with this Python; its seconds. Its console
     output goes to `<workdir>.stderr`; a failure raises with the tail of it."""
-    env = {**os.environ, "PYTHONPATH": str(source)}
+    env = {**os.environ, "PYTHONPATH": str(source), "DPWAVE_DP_SECRET_SEED": SECRET_SEED}
     log = workdir.with_name(workdir.name + ".stderr")
     start = time.perf_counter()
     with log.open("w") as err:
-        result = subprocess.run([sys.executable, "-m", "dpwave.main", f"--config={config}", f"--workdir={workdir}",
-                                 f"--config.dp.secret_seed={SECRET_SEED}"], cwd=source, env=env,
+        result = subprocess.run([sys.executable, "-m", "dpwave.main", f"--config={config}", f"--workdir={workdir}"],
+                                cwd=source, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, check=False)
     if result.returncode:
         tail = "\n".join(log.read_text().splitlines()[-20:])
@@ -194,7 +195,7 @@ def regress(against: str, config: str, runs: Path, out: Path | None) -> int:
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     header = {"against": f"{label} {_git('log', '-1', '--format=%s', commit)}",
               "working_tree": f"{_git('rev-parse', '--short=10', 'HEAD')}{' + uncommitted changes' if dirty else ''}",
-              "config": f"{config} --config.dp.secret_seed={SECRET_SEED}", "machine": machine()}
+              "config": f"DPWAVE_DP_SECRET_SEED={SECRET_SEED} {config}", "machine": machine()}
     for key, value in header.items():
         print(f"{key}: {value}")
     for name in ("against", "working"):

@@ -1,7 +1,7 @@
 """Runs a table's rows (every seed) with `python -m dpwave.main` and writes the table.
 
     python -m experiments.reproduce --table mnist_cpu --workdir DIR [--seeds 0,1] [--rows a,b]
-        [--extra-args manual_dir=/data/raw] [--set dp.trainable=cond ...] [--dry-run] [--report-only]
+        [--extra-args manual_dir=/data/raw] [--set dp.recipe.trainable=cond ...] [--dry-run] [--report-only]
         [--no-reuse]
 
 The privacy-utility curve of any config (the public-only control, the listed epsilons and epsilon inf, each a run
@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     parser.add_argument("--extra-args", default="", help="appended to every row's :arg, e.g. "
                         "manual_dir=/data/raw,data_dir=/data/tfds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="a config override for every run, e.g. dp.trainable=cond (repeatable); use a "
+                        help="a config override for every run, e.g. dp.recipe.trainable=cond (repeatable); use a "
                         "separate --workdir for each set of overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--report-only", action="store_true", help="run nothing: write the table from the "
@@ -543,7 +543,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = run_subprocess) -> 
     if any("=" not in part for part in filter(None, args.extra_args.split(","))):
         parser.error(f"--extra-args={args.extra_args!r}: expected key=value pairs separated by commas")
     if bad := [o for o in args.overrides if not re.fullmatch(r"[\w.]+=.*", o)]:
-        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE with a dotted config key, e.g. dp.trainable=cond")
+        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE with a dotted config key, e.g. dp.recipe.trainable=cond")
     workdir = args.workdir.resolve()
     if args.dry_run:
         for run in plan(selected, workdir, args.seeds, args.extra_args, args.overrides):

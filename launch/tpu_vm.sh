@@ -16,7 +16,7 @@ On a multi-host pod, --workdir must be shared by all workers (a gs:// path), and
 the same secret seed on every worker: --secret-seed-file copies an owner-only local file holding it
 (write one with: (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > FILE)) into
 ~/.dpwave_secret/dp_seed (mode 0600, in a 0700 directory) on every worker and passes
---config.dp.secret_seed_file to dpwave. The seed never appears on a command line.
+--config.dp.secret.seed_file to dpwave. The seed never appears on a command line.
 
 Options:
   --name=NAME       TPU VM name              --zone=ZONE   its zone
@@ -71,7 +71,7 @@ REMOTE+=" .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2';"
 REMOTE+=" .venv/bin/pip install -q --no-deps -e .; fi;"
 if [[ -n $SEED_FILE ]]; then
   REMOTE+=" chmod 600 ~/.dpwave_secret/dp_seed;"
-  MAIN_ARGS+=" --config.dp.secret_seed_file=\$HOME/.dpwave_secret/dp_seed"
+  MAIN_ARGS+=" --config.dp.secret.seed_file=\$HOME/.dpwave_secret/dp_seed"
 fi
 REMOTE+=" DPWAVE_DISTRIBUTED=auto .venv/bin/python -m dpwave.main${MAIN_ARGS}"
 

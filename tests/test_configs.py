@@ -65,7 +65,7 @@ def test_documented_command_loads_locked(spec):
         config.dp.target_epsilonn = 1.0
     with pytest.raises(AttributeError, match="target_epsilonn"):
         load_config(spec, "--config.dp.target_epsilonn=1")
-    assert load_config(spec, "--config.dp.steps=7").dp.steps == 7
+    assert load_config(spec, "--config.dp.mechanism.steps=7").dp.mechanism.steps == 7
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -81,7 +81,7 @@ def test_every_table_row_loads_with_its_method_and_epsilon(table, row):
     extra = ",manual_dir=/data/raw" if table.endswith("_paper") else ""
     config = load_config(f"{row.spec}{extra},seed=3")
     assert config.seed == 3
-    assert config.dp.target_epsilon == row.epsilon_value
+    assert config.dp.mechanism.target_epsilon == row.epsilon_value
     assert config.method == ("full_dp" if row.method == "nonprivate" else row.method)
 
 
@@ -102,12 +102,12 @@ def test_paper_config_rejects_bad_args(name, arg, message):
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_config_defaults_and_nonprivate(name):
     default = PAPER[name].get_config("manual_dir=/raw")
-    assert (default.method, default.dp.target_epsilon) == ("dpwave", 1.0)
+    assert (default.method, default.dp.mechanism.target_epsilon) == ("dpwave", 1.0)
     nonprivate = PAPER[name].get_config("method=nonprivate,manual_dir=/raw")
-    assert (nonprivate.method, nonprivate.dp.target_epsilon) == ("full_dp", float("inf"))
-    assert PAPER[name].get_config("method=nonprivate,epsilon=inf").dp.target_epsilon == float("inf")
+    assert (nonprivate.method, nonprivate.dp.mechanism.target_epsilon) == ("full_dp", float("inf"))
+    assert PAPER[name].get_config("method=nonprivate,epsilon=inf").dp.mechanism.target_epsilon == float("inf")
     bicubic = PAPER[name].get_config("method=bicubic,epsilon=10,seed=4")
-    assert (bicubic.method, bicubic.dp.target_epsilon, bicubic.seed) == ("bicubic", 10.0, 4)
+    assert (bicubic.method, bicubic.dp.mechanism.target_epsilon, bicubic.seed) == ("bicubic", 10.0, 4)
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -194,23 +194,23 @@ def test_smoke_args_refuses_commas_and_unknown_configs(tmp_path):
 
 def test_mnist_public_control_subsampling_and_tuning_variants():
     public = load_config("experiments/configs/mnist.py:shift,epsilon=public")
-    assert public.dp.target_epsilon == 0.0 and public.data.public.labels == (0, 1, 2, 3, 4)
+    assert public.dp.mechanism.target_epsilon == 0.0 and public.data.public.labels == (0, 1, 2, 3, 4)
     assert load_config("experiments/configs/mnist.py:shift,n_private=500").data.private.split == "private[:500]"
     with pytest.raises(flags.IllegalFlagValueError, match="n_private=2001"):
         load_config("experiments/configs/mnist.py:shift,n_private=2001")
     tune = load_config("experiments/configs/mnist.py:tune,epsilon=1")
     shift = load_config("experiments/configs/mnist.py:shift,epsilon=1")
     # The tuning run is the shift run with a public stand-in for the private digits, and nothing else.
-    assert (tune.dp.tuning, tune.dp.tuning_private_size) == (True, 2000)
+    assert (tune.dp.mechanism.tuning, tune.dp.mechanism.tuning_private_size) == (True, 2000)
     specs = settings.read(tune).data.specs
     assert {role: spec.privacy for role, spec in specs.items()} == dict.fromkeys(settings.ROLES, "public")
     assert specs["private"].split == "heldout"
     with tune.unlocked(), shift.unlocked():
         for c in (tune, shift):
             c.data.private = None
-            c.dp.tuning, c.dp.tuning_private_size = False, 0
+            c.dp.mechanism.tuning, c.dp.mechanism.tuning_private_size = False, 0
     assert tune.to_json_best_effort() == shift.to_json_best_effort()
-    assert load_config("experiments/configs/mnist.py:tune,n_private=500").dp.tuning_private_size == 500
+    assert load_config("experiments/configs/mnist.py:tune,n_private=500").dp.mechanism.tuning_private_size == 500
 
 
 def test_mnist_style_variant_restyles_every_role_but_public_and_is_the_shift_run_otherwise():
@@ -234,10 +234,10 @@ PRIVATE_SIZES = {"mnist.py": 2000, "coco.py": 118_287, "mm_celeba_hq.py": 24_000
 def test_every_config_a_user_starts_from_runs_the_default_recipe(spec):
     c = load_config(f"experiments/configs/{spec}")
     default = recipes.RECIPES[recipes.DEFAULT]
-    assert (c.dp.optimizer, c.dp.trainable, c.dp.cond_dropout) == (
+    assert (c.dp.recipe.optimizer, c.dp.recipe.trainable, c.dp.recipe.cond_dropout) == (
         default["optimizer"], default["trainable"], default["cond_dropout"])
-    assert c.dp.learning_rate == pytest.approx(default["learning_rate"](c, PRIVATE_SIZES[spec.split(":")[0]]))
-    assert c.sample.temperature == (0.8 if c.dp.target_epsilon >= 10 else 1.0)
+    assert c.dp.recipe.learning_rate == pytest.approx(default["learning_rate"](c, PRIVATE_SIZES[spec.split(":")[0]]))
+    assert c.sample.temperature == (0.8 if c.dp.mechanism.target_epsilon >= 10 else 1.0)
 
 
 @pytest.mark.parametrize("epsilon, temperature", [("1", 1.0), ("4", 1.0), ("10", 0.8), ("inf", 0.8),
@@ -255,14 +255,14 @@ def test_learning_rate_rule_scales_with_the_noise_per_example_squared():
     c = load_config("experiments/configs/mnist.py:shift,epsilon=10")
     with c.unlocked():
         assert rule(c, 2000) == pytest.approx(0.3)  # the tuned setting itself
-        c.dp.expected_batch_size = 512
+        c.dp.mechanism.expected_batch_size = 512
         assert rule(c, 1000) == pytest.approx(0.3 / 4, rel=1e-6)
-        c.dp.target_epsilon = 1.0
+        c.dp.mechanism.target_epsilon = 1.0
         at_eps1 = rule(c, 1000)
         sigma = lambda eps: privacy.calibrate_noise(eps, 1e-5, 0.512, 150)
         assert at_eps1 == pytest.approx(0.3 / 4 * (sigma(10.0) / sigma(1.0)) ** 2, rel=1e-6)
-        c.dp.target_epsilon = 64.0
-        c.dp.expected_batch_size = 1024
+        c.dp.mechanism.target_epsilon = 64.0
+        c.dp.mechanism.expected_batch_size = 1024
         assert rule(c, 2000) == 0.3  # less noise than the tuned setting: capped at base
-        c.dp.target_epsilon = float("inf")
+        c.dp.mechanism.target_epsilon = float("inf")
         assert rule(c, 2000) == 0.3

@@ -147,10 +147,11 @@ def test_grey_class_folders_make_a_labelled_32px_run(tmp_path):
     assert roles["test"].split == "train[17:20]+train[37:40]"
     assert (c.tokenizer.batch_size, c.pretrain.batch_size, c.refiner.batch_size) == (28, 28, 28)  # 28 public images
     # The DP stage: the planner's batch (q = 1/2 ranks first by sigma/B) over 75 epochs, the sgd recipe.
-    assert (c.dp.expected_batch_size, c.dp.steps, c.dp.delta, c.dp.optimizer) == (20, 150, 1e-5, "sgd")
-    assert c.dp.target_epsilon == 10.0 and c.dp.noise_multiplier is None  # the DP stage calibrates sigma
-    assert config(public, private, "epsilon=public").dp.target_epsilon == 0.0
-    assert config(public, private, "epsilon=inf").dp.steps == 150
+    m = c.dp.mechanism
+    assert (m.expected_batch_size, m.steps, m.delta, c.dp.recipe.optimizer) == (20, 150, 1e-5, "sgd")
+    assert m.target_epsilon == 10.0 and m.noise_multiplier is None  # the DP stage calibrates sigma
+    assert config(public, private, "epsilon=public").dp.mechanism.target_epsilon == 0.0
+    assert config(public, private, "epsilon=inf").dp.mechanism.steps == 150
 
 
 @pytest.mark.unit
@@ -160,7 +161,7 @@ def test_rgb_caption_folders_at_their_own_size_and_at_a_chosen_one(tmp_path):
     assert (c.data.image_size, c.data.channels, c.data.condition, c.data.num_classes) == (64, 3, "caption", None)
     assert (c.sample.prompts, c.transformer.max_text_len) == ("heldout", 16)  # "a square": 8 bytes, up to 16
     assert (c.wavelet.levels, c.tokenizer.model.patch_sizes) == (2, (2, 2, 4))
-    assert c.dp.steps == 8 and c.pretrain.steps == 30  # tiny: 4 epochs of DP compute, mnist.py:tiny's schedules
+    assert c.dp.mechanism.steps == 8 and c.pretrain.steps == 30  # tiny: 4 DP epochs, mnist.py:tiny's schedules
     assert config(public, private, "tiny,size=32,channels=1").data.image_size == 32
     Image.new("RGB", (300, 300)).save(public / "big.png")
     with open(public / "captions.jsonl", "a") as f:

@@ -154,7 +154,7 @@ def test_tpu_vm_copies_an_owner_only_seed_file_and_refuses_a_readable_one(tmp_pa
     assert copy[5:7] == [str(seed), "t:.dpwave_secret/dp_seed"]
     remote = ssh[-1][len("--command="):]
     assert "chmod 600 ~/.dpwave_secret/dp_seed;" in remote and "12345" not in result.stdout
-    assert shlex.split(remote.rsplit("; ", 1)[-1])[-1] == "--config.dp.secret_seed_file=$HOME/.dpwave_secret/dp_seed"
+    assert shlex.split(remote.rsplit("; ", 1)[-1])[-1] == "--config.dp.secret.seed_file=$HOME/.dpwave_secret/dp_seed"
     seed.chmod(0o644)
     refused = _run("tpu_vm.sh", *args)
     assert refused.returncode == 2 and "chmod 600" in refused.stderr and refused.stdout == ""

@@ -88,7 +88,7 @@ def params_norm(stage_dir: Path) -> float:
 @pytest.mark.e2e
 def test_mnist_tiny_end_to_end_and_rerun_skips(tmp_path):
     workdir = tmp_path / "run"
-    seed = f"--config.dp.secret_seed={PINNED_SEED}"
+    seed = f"--config.dp.secret.seed={PINNED_SEED}"
     result = run_main("experiments/configs/mnist.py:tiny", workdir, seed)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = check_run(workdir, target_epsilon=10.0)

@@ -250,10 +250,10 @@ def test_load_config_resolves_the_command_like_dpwave_main(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)  # the config path is relative to the repository, not the cwd
     run = reproduce.plan([row("full_dp_eps1")], tmp_path, [2])[0]
-    config = reproduce.load_config(run.command + ["--config.dp.delta=1e-6"])
+    config = reproduce.load_config(run.command + ["--config.dp.mechanism.delta=1e-6"])
     expected = mnist.get_config("tiny,method=full_dp,epsilon=1,seed=2")
     with expected.unlocked():
-        expected.dp.delta = 1e-6
+        expected.dp.mechanism.delta = 1e-6
     assert config.is_locked and config.to_json_best_effort() == expected.to_json_best_effort()
 
 
@@ -370,7 +370,7 @@ def test_a_post_processing_row_of_an_unfinished_run_fails_and_the_others_still_r
 
 @pytest.mark.integration
 @pytest.mark.parametrize("fields, message", [
-    (dict(sampling=("dp.steps=3",), resamples="x"), "not sample.KEY=VALUE"),
+    (dict(sampling=("dp.mechanism.steps=3",), resamples="x"), "not sample.KEY=VALUE"),
     (dict(sampling=("sample.temperature=0.8",)), "go together"), (dict(resamples="x"), "go together")])
 def test_a_post_processing_row_changes_sampling_only(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -477,11 +477,12 @@ def test_table_aggregates_every_finished_seed_and_report_only_runs_nothing(tmp_p
 
 @pytest.mark.integration
 def test_set_passes_config_overrides_to_every_run(tmp_path):
-    run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0], overrides=["dp.trainable=cond", "dp.ema_decay=0.9"])[0]
-    assert run.command[4:6] == ["--config.dp.trainable=cond", "--config.dp.ema_decay=0.9"]
+    run = reproduce.plan([row("dpwave_eps1")], tmp_path, [0],
+                         overrides=["dp.recipe.trainable=cond", "dp.recipe.ema_decay=0.9"])[0]
+    assert run.command[4:6] == ["--config.dp.recipe.trainable=cond", "--config.dp.recipe.ema_decay=0.9"]
     config = reproduce.load_config(run.command)
-    assert (config.dp.trainable, config.dp.ema_decay) == ("cond", 0.9)
-    result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--set", "dp.trainable", "--dry-run")
+    assert (config.dp.recipe.trainable, config.dp.recipe.ema_decay) == ("cond", 0.9)
+    result = cli("--table", "mnist_tiny", "--workdir", str(tmp_path), "--set", "dp.recipe.trainable", "--dry-run")
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
 
 

@@ -58,7 +58,8 @@ class Plan:
 
     def overrides(self) -> str:
         """The DP stage's config overrides that run this plan (sigma is calibrated to the same value)."""
-        return f"--config.dp.expected_batch_size={self.expected_batch_size} --config.dp.steps={self.steps}"
+        return (f"--config.dp.mechanism.expected_batch_size={self.expected_batch_size} "
+                f"--config.dp.mechanism.steps={self.steps}")
 
 
 def run_noise_multiplier(target_epsilon: float, delta: float, sampling_prob: float, steps: int, *,

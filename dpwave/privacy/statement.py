@@ -22,7 +22,7 @@ DEFAULT_NOT_COVERED = (
     "run, and every extra run spends its own epsilon.",
     "The dataset size N and the DP hyperparameters: they are treated as public and written out (q = expected "
     "batch size / N). Under add-or-remove-one, whoever knows every other example learns from the published N "
-    "whether one more is in the set; `dp.neighboring=replace_one` keeps N the same on both sides.",
+    "whether one more is in the set; `dp.mechanism.neighboring=replace_one` keeps N the same on both sides.",
     "Sampling prompts: covered only because they are public, either balanced class labels or captions of the "
     "held-out split (the `sample` stage refuses any other caption source); the `sampling prompts` line of "
     "`privacy_statement.txt` names them.",
@@ -30,13 +30,13 @@ DEFAULT_NOT_COVERED = (
     "(in `metrics.json` and `report.md`). It is an operator-side diagnostic for the data owner and not DP: do "
     "not publish it as part of a DP release.",
     "Training metrics of the DP stage (loss, fraction clipped, realized batch size, non-finite count): they "
-    "are computed from private data without noise. They are off by default (`dp.log_private_metrics=False`: "
+    "are computed from private data without noise. They are off by default (`dp.operations.log_private_metrics=False`: "
     "only epsilon is logged); turning them on leaks outside the guarantee.",
     "Secrecy of the DP seed: the Poisson draws, the noise and the per-example randomness of the DP stage come "
     "from one secret (at least 128 bits for a new run; every stream depends on all its bits), and whoever knows "
     "it, or holds the DP stage's directory (it may hold the drawn secret), can undo the sampling and the noise. "
     "Publish parameters, never the workdir. The `sampling and noise seed` line says where this run's secret came "
-    "from and its size; `dp.secret_seed` (reproducibility mode) is NOT secret.",
+    "from and its size; `dp.secret.seed` (reproducibility mode) is NOT secret.",
     "Timing and other side channels: the DP stage's wall time depends on the Poisson draws (batch sizes, "
     "padding buckets), so it is kept out of `summary.json`, `metrics.json` and `report.md` (the operator finds "
     "it in the DP stage's owner-only `private_timing.json`, e.g. `dp_finetune/private_timing.json`); the DP stage's "
@@ -49,7 +49,7 @@ _RELATIONS = {
     "add_or_remove_one": (
         "add or remove one example of the private training set",
         "under add-or-remove-one the published N differs between the two neighbours, so the guarantee protects "
-        "what one example contributes to the model, not whether N counts it; `dp.neighboring=replace_one` "
+        "what one example contributes to the model, not whether N counts it; `dp.mechanism.neighboring=replace_one` "
         "(PLD only) keeps N fixed at a larger epsilon"),
     "replace_one": (
         "replace one example of the private training set by another (the dataset size N stays the same)",

@@ -1,17 +1,17 @@
 """The DP finetuning recipe's options (`config.dp`), each off by default, and the run modes around them.
 
-* Parameter-efficient finetuning: `dp.trainable` (named groups, `transformer.trainable_mask`) and LoRA
-  adapters added for the DP stage only (`dp.lora_rank`, `dp.lora_targets`; B zero-initialized, so the
+* Parameter-efficient finetuning: `dp.recipe.trainable` (named groups, `transformer.trainable_mask`) and LoRA
+  adapters added for the DP stage only (`dp.recipe.lora_rank`, `dp.recipe.lora_targets`; B zero-initialized, so the
   pretrained function is unchanged until they train). Pretraining never has adapters.
-* `dp.lr_schedule` / `dp.warmup_steps`: linear warmup from 0, then constant, cosine or linear decay to 0.
-* `dp.ema_decay`: an exponential moving average of the DP parameters, kept in the DP state (its
+* `dp.recipe.lr_schedule` / `dp.recipe.warmup_steps`: linear warmup from 0, then constant, cosine or linear decay to 0.
+* `dp.recipe.ema_decay`: an exponential moving average of the DP parameters, kept in the DP state (its
   checkpoints), updated inside the jitted step (`steps.dp_step`) and sampled from; post-processing of the noised
   iterates, so it costs no privacy.
-* `dp.cond_dropout`: condition dropout of the DP stage (None: pretraining's `transformer.cond_dropout`).
-* Modes (`settings.Mechanism`, the stages): `dp.target_epsilon = 0` is the public-only control (no DP stage;
-  the pretrained model is sampled; nothing trains on private data). `dp.tuning` runs the DP stage on a PUBLIC split
-  standing in for the private one (docs/tuning.md); with `dp.tuning_private_size` its sampling rate and noise
-  per step (q and sigma/B) are those of the private run it stands in for.
+* `dp.recipe.cond_dropout`: condition dropout of the DP stage (None: pretraining's `transformer.cond_dropout`).
+* Modes (`settings.Mechanism`, the stages): `dp.mechanism.target_epsilon = 0` is the public-only control (no DP
+  stage; the pretrained model is sampled; nothing trains on private data). `dp.mechanism.tuning` runs the DP stage on
+  a PUBLIC split standing in for the private one (docs/tuning.md); with `dp.mechanism.tuning_private_size` its
+  sampling rate and noise per step (q and sigma/B) are those of the private run it stands in for.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from dpwave.train.settings import Recipe, Settings
 
 
 def learning_rate(recipe: Recipe, steps: int) -> optax.ScalarOrSchedule:
-    """`dp.learning_rate` with `dp.warmup_steps` of linear warmup from 0, then `dp.lr_schedule` over the
-    remaining steps: constant, or cosine / linear decay to 0 at `steps` (dp.steps). Warmup and decay are the
-    standard schedule of DP finetuning recipes (e.g. Li et al. 2022; De et al. 2022 use warmup + decay)."""
+    """`dp.recipe.learning_rate` with `dp.recipe.warmup_steps` of linear warmup from 0, then `dp.recipe.lr_schedule`
+    over the remaining steps: constant, or cosine / linear decay to 0 at `steps` (dp.mechanism.steps). Warmup and
+    decay are the standard schedule of DP finetuning recipes (e.g. Li et al. 2022; De et al. 2022 use warmup and
+    decay)."""
     lr, warmup = recipe.learning_rate, recipe.warmup_steps
     if recipe.lr_schedule == "constant" and not warmup:
         return lr
@@ -78,7 +79,7 @@ def tuning_banner(settings: Settings, dataset_size: int) -> str:
     mechanism, source_label = settings.dp.mechanism, settings.data.specs["private"].label
     simulated = mechanism.simulated_size(dataset_size)
     target = "inf" if math.isinf(mechanism.target_epsilon) else f"{mechanism.target_epsilon:g}"
-    return (f"TUNING RUN (dp.tuning): the DP stage read the PUBLIC split {source_label} ({dataset_size} examples) in "
-            f"place of private data; no private data was read and no privacy claim is made.\n"
+    return (f"TUNING RUN (dp.mechanism.tuning): the DP stage read the PUBLIC split {source_label} ({dataset_size} "
+            f"examples) in place of private data; no private data was read and no privacy claim is made.\n"
             f"  It simulates a private run of N = {simulated} at target epsilon {target} (same q, steps and "
             f"noise per step sigma/B); the accounting below is of the public stand-in.\n")

@@ -68,7 +68,7 @@ __all__ = ["PIPELINES", "Plan", "StaleStageError", "execute", "prepare", "stage_
 
 
 def stages(settings: Settings) -> list[Stage]:
-    """The run's stages in order; the public-only control (dp.target_epsilon=0) has no DP stage."""
+    """The run's stages in order; the public-only control (dp.mechanism.target_epsilon=0) has no DP stage."""
     return [stage for stage in PIPELINES[settings.method] if stage.enabled(settings)]
 
 

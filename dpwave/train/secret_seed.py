@@ -53,7 +53,7 @@ def _parse_secret(text: str, where: str, fix: str) -> privacy.DpSecret:
 
 def read_seed_file(path: str) -> privacy.DpSecret:
     """The secret in the owner-only file `path`."""
-    where = f"dp.secret_seed_file {path!r}"
+    where = f"dp.secret.seed_file {path!r}"
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -64,7 +64,7 @@ def read_seed_file(path: str) -> privacy.DpSecret:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise SecretSeedError(f"{where} is not a regular file; point dp.secret_seed_file at a file holding "
+            raise SecretSeedError(f"{where} is not a regular file; point dp.secret.seed_file at a file holding "
                                   "the secret")
         if info.st_mode & 0o077:
             raise SecretSeedError(f"{where} has mode {stat.S_IMODE(info.st_mode):04o}: group or other users may "
@@ -80,28 +80,28 @@ def read_seed_file(path: str) -> privacy.DpSecret:
 
 
 def seed_source(dp: Dp) -> tuple[privacy.DpSecret, str] | None:
-    """The DP secret given by `dp.secret_seed`, `dp.secret_seed_file` or the environment variable
+    """The DP secret given by `dp.secret.seed`, `dp.secret.seed_file` or the environment variable
     DPWAVE_DP_SECRET_SEED, with how it was given; None when the stage draws its own (single host only).
 
     Raises SecretSeedError for a bad file or variable, more than one source, or a multi-host run without one.
     """
-    given = [name for name, value in (("dp.secret_seed", dp.secret_seed), ("dp.secret_seed_file", dp.secret_seed_file),
+    given = [name for name, value in (("dp.secret.seed", dp.secret.seed), ("dp.secret.seed_file", dp.secret.seed_file),
                                       (SECRET_SEED_ENV, os.environ.get(SECRET_SEED_ENV))) if value is not None]
     if len(given) > 1:
         raise SecretSeedError(f"the DP secret seed is given more than once ({', '.join(given)}); keep only one")
-    if dp.secret_seed is not None:
-        value = int(dp.secret_seed)
+    if dp.secret.seed is not None:
+        value = int(dp.secret.seed)
         return (privacy.DpSecret(value, max(1, value.bit_length()), reproducible=True),
                 "set in the config (reproducibility mode: NOT secret)")
-    if dp.secret_seed_file is not None:
-        return read_seed_file(dp.secret_seed_file), "read from the owner-only file dp.secret_seed_file (secret)"
+    if dp.secret.seed_file is not None:
+        return read_seed_file(dp.secret.seed_file), "read from the owner-only file dp.secret.seed_file (secret)"
     if SECRET_SEED_ENV in os.environ:
         secret = _parse_secret(os.environ[SECRET_SEED_ENV], SECRET_SEED_ENV,
                                f"set it to the output of {_DRAW} (the same on every host)")
         return secret, f"read from the environment variable {SECRET_SEED_ENV} (secret)"
     if jax.process_count() > 1:
         raise SecretSeedError(
-            "a multi-host DP run needs the same secret on every host: set dp.secret_seed_file to an owner-only "
+            "a multi-host DP run needs the same secret on every host: set dp.secret.seed_file to an owner-only "
             f"file every host can read (write one with {_new_seed_file('FILE')}), or export {SECRET_SEED_ENV} on "
             "every host")
     return None

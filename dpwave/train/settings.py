@@ -2,8 +2,10 @@
 
 Nothing else in dpwave reads a ConfigDict. Each stage declares the settings it reads (`Stage.inputs`); its
 fingerprint is their JSON plus the fingerprints of the stages it consumes. Settings no stage reads (`perf`,
-`ops`, where the DP secret seed comes from, `dp.compose_on_resume`, `dp.log_private_metrics`) never make a
-finished stage stale.
+`ops`, where the DP secret seed comes from, `dp.operations`) never make a finished stage stale.
+
+Each config section is read into the dataclass of its name, key by key: a key the dataclass lacks is an error,
+not dropped (config.dp's sections mechanism, recipe, secret and operations are `Dp`'s four fields).
 
 `read` raises a ValueError naming the config key (or section) at fault; `Settings.check_dp_input` is the one check
 that needs the data (the DP input's size), made before the first stage.
@@ -115,7 +117,7 @@ class ModelTraining:
 
 @dataclasses.dataclass(frozen=True)
 class Mechanism:
-    """The DP mechanism's settings (config.dp): what the privacy guarantee depends on.
+    """The DP mechanism's settings (config.dp.mechanism): what the privacy guarantee depends on.
 
     `target_epsilon`: > 0 calibrates sigma so that `steps` steps stay within it; inf is the non-private
     reference (sigma 0, still clipped); 0 is the public-only control (no DP stage). `tuning` runs the DP stage on
@@ -153,12 +155,12 @@ class Mechanism:
         the set it samples from, a delta >= 1/N, a sigma or epsilon out of range."""
         simulated = self.simulated_size(dataset_size)
         if not single_release and self.expected_batch_size > simulated:
-            more = ("raise dp.tuning_private_size" if simulated != dataset_size else
+            more = ("raise dp.mechanism.tuning_private_size" if simulated != dataset_size else
                     "give config.data.private more examples")
-            raise ValueError(f"dp.expected_batch_size={self.expected_batch_size} is larger than the {simulated} "
-                             f"examples it samples from (Poisson sampling probability "
-                             f"{self.expected_batch_size / simulated:.3g} > 1); lower dp.expected_batch_size (well "
-                             f"below {simulated}) or {more}")
+            raise ValueError(f"dp.mechanism.expected_batch_size={self.expected_batch_size} is larger than the "
+                             f"{simulated} examples it samples from (Poisson sampling probability "
+                             f"{self.expected_batch_size / simulated:.3g} > 1); lower dp.mechanism.expected_batch_size "
+                             f"(well below {simulated}) or {more}")
         try:
             self.build(dataset_size, single_release)
         except ValueError as e:
@@ -180,7 +182,7 @@ class Mechanism:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How the DP stage optimizes (config.dp; dpwave/train/dp_recipe.py): none of it changes the guarantee."""
+    """How the DP stage optimizes (config.dp.recipe; dpwave/train/dp_recipe.py): none of it changes the guarantee."""
 
     optimizer: str
     learning_rate: float
@@ -195,16 +197,33 @@ class Recipe:
 
 
 @dataclasses.dataclass(frozen=True)
+class Secret:
+    """Where the DP secret comes from (config.dp.secret; dpwave/train/secret_seed.py): `seed` is the
+    reproducibility mode (not secret) and a stage input; `seed_file` (or the environment, or the OS) is not."""
+
+    seed: int | None
+    seed_file: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DpOperations:
+    """How a DP run is resumed and logged (config.dp.operations); no stage input."""
+
+    compose_on_resume: bool
+    log_private_metrics: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Dp:
-    """The DP stage's settings. `secret_seed` (reproducibility mode, not secret) is a stage input; where a secret
-    seed comes from (`secret_seed_file`, the environment) and the two operations flags are not."""
+    """The DP stage's settings, one field per section of config.dp."""
 
     mechanism: Mechanism
     recipe: Recipe
-    secret_seed: int | None
-    secret_seed_file: str | None
-    compose_on_resume: bool
-    log_private_metrics: bool
+    secret: Secret
+    operations: DpOperations
+
+
+DP_SECTIONS = {"mechanism": Mechanism, "recipe": Recipe, "secret": Secret, "operations": DpOperations}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +326,7 @@ class Settings:
 
     @property
     def public_only(self) -> bool:
-        """The public-only control (dp.target_epsilon = 0): no DP stage, nothing trains on private data (the
+        """The public-only control (dp.mechanism.target_epsilon = 0): no DP stage, nothing trains on private data (the
         private split is opened only to hash its pixels for the run-start content check)."""
         return self.dp.mechanism.public_only
 
@@ -328,9 +347,15 @@ class Settings:
 _PATHS = ("init_params_from", "inception_weights")  # "" (e.g. `--config.eval.inception_weights=`) means None
 
 
-def _dataclass(cls: type, section: Mapping[str, Any], **derived: Any) -> Any:
+def _dataclass(cls: type, path: str, section: Mapping[str, Any], **derived: Any) -> Any:
+    """`cls` from config section `path`, every key of which is a field of `cls` (`derived` gives the fields the
+    section's raw values do not)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: (v or None) if k in _PATHS else v for k, v in section.items() if k in names and k not in derived}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ValueError(f"config.{path} has {', '.join(unknown)}, which {cls.__name__} does not read; the keys of "
+                         f"config.{path} are {', '.join(sorted(names))}")
+    values = {k: (v or None) if k in _PATHS else v for k, v in section.items() if k not in derived}
     return cls(**values, **derived)
 
 
@@ -346,10 +371,10 @@ def _dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetS
         section[key] = section.get(key) or None
     spec = data.DatasetSpec.from_config({**section, "resolution": config.data.image_size,
                                          "channels": config.data.channels})
-    expected = expected_privacy(role, config.dp.tuning)
+    expected = expected_privacy(role, config.dp.mechanism.tuning)
     if spec.privacy != expected:
-        why = ("a tuning run (dp.tuning) reads no private data: its DP input stands in for it" if config.dp.tuning
-               else "only the DP stage reads private data")
+        why = ("a tuning run (dp.mechanism.tuning) reads no private data: its DP input stands in for it"
+               if config.dp.mechanism.tuning else "only the DP stage reads private data")
         raise ValueError(f"config.data.{role} is tagged privacy={spec.privacy!r}; the {role} role must be "
                          f"{expected!r} ({why})")
     return spec
@@ -358,13 +383,13 @@ def _dataset_spec(config: ml_collections.ConfigDict, role: str) -> data.DatasetS
 def _transformer(config: ml_collections.ConfigDict, tok: TokenizerConfig, coarse_only: bool, *,
                  finetune: bool) -> TransformerConfig:
     """The AR model over the coarse tokens (dpwave, bicubic) or every scale's tokens (full_dp). `finetune`: the DP
-    stage's model, which adds the LoRA adapters of `dp.lora_rank` and uses `dp.cond_dropout` when set."""
+    stage's model, which adds the LoRA adapters of `dp.recipe.lora_rank` and uses `dp.recipe.cond_dropout` when set."""
     model = config.transformer.to_dict()
     if finetune:
         dp = config.dp
-        model.update(lora_rank=dp.lora_rank, lora_targets=dp.lora_targets)
-        if dp.cond_dropout is not None:
-            model["cond_dropout"] = dp.cond_dropout
+        model.update(lora_rank=dp.recipe.lora_rank, lora_targets=dp.recipe.lora_targets)
+        if dp.recipe.cond_dropout is not None:
+            model["cond_dropout"] = dp.recipe.cond_dropout
     condition = config.data.condition
     if condition != "caption":
         model["max_text_len"] = 0
@@ -431,10 +456,11 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.method={DIFFUSION!r} is conditioned on class labels or nothing; caption "
                              "conditioning (config.data.condition='caption') needs an AR method (dpwave, full_dp, "
                              "bicubic)")
-        if config.dp.trainable != "all" or config.dp.lora_rank:
+        if config.dp.recipe.trainable != "all" or config.dp.recipe.lora_rank:
             raise ValueError(f"config.method={DIFFUSION!r} DP-finetunes every parameter of its pixel model; set "
-                             f"dp.trainable='all' and dp.lora_rank=0 (got {config.dp.trainable!r}, "
-                             f"{config.dp.lora_rank}): the other groups name transformer parts")
+                             f"dp.recipe.trainable='all' and dp.recipe.lora_rank=0 (got "
+                             f"{config.dp.recipe.trainable!r}, {config.dp.recipe.lora_rank}): the other groups name "
+                             "transformer parts")
     if config.sample.prompts not in PROMPTS:
         raise ValueError(f"config.sample.prompts={config.sample.prompts!r}; use one of {PROMPTS}")
     microbatch = config.perf.microbatch_size
@@ -450,30 +476,35 @@ def _check_run(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_dp(dp: ml_collections.ConfigDict) -> None:
-    if not dp.target_epsilon >= 0:
-        raise ValueError(f"dp.target_epsilon={dp.target_epsilon}: use > 0, inf (non-private reference) or 0 "
-                         "(public-only control)")
-    if dp.target_epsilon == 0 and dp.tuning:
-        raise ValueError("dp.tuning needs a DP stage; dp.target_epsilon=0 (the public-only control) has none")
-    if dp.tuning_private_size and not dp.tuning:
-        raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} applies only with dp.tuning=True")
-    if dp.tuning_private_size < 0:
-        raise ValueError(f"dp.tuning_private_size={dp.tuning_private_size} must be >= 0 (0: the proxy's own size)")
-    if dp.optimizer not in OPTIMIZERS:
-        raise ValueError(f"dp.optimizer={dp.optimizer!r}; use one of {OPTIMIZERS}")
-    if dp.weight_decay and dp.optimizer != "adamw":
-        raise ValueError(f"dp.weight_decay={dp.weight_decay} applies only to dp.optimizer='adamw' (got "
-                         f"{dp.optimizer!r}); set it to 0 or use adamw")
-    if dp.lr_schedule not in SCHEDULES:
-        raise ValueError(f"dp.lr_schedule={dp.lr_schedule!r}; use one of {SCHEDULES}")
-    if not 0 <= dp.warmup_steps <= dp.steps:
-        raise ValueError(f"dp.warmup_steps={dp.warmup_steps} must be in [0, dp.steps={dp.steps}]")
-    if not 0 <= dp.ema_decay < 1:
-        raise ValueError(f"dp.ema_decay={dp.ema_decay} must be in [0, 1) (0: no EMA)")
-    groups = transformer_lib.trainable_groups(dp.trainable)
-    if dp.lora_rank and not {"lora", "all"} & set(groups):
-        raise ValueError(f"dp.lora_rank={dp.lora_rank} adds adapters that dp.trainable={dp.trainable!r} keeps "
-                         "frozen at zero; add 'lora' to dp.trainable (e.g. 'cond+lora') or set dp.lora_rank=0")
+    m, r = dp.mechanism, dp.recipe
+    if not m.target_epsilon >= 0:
+        raise ValueError(f"config.dp.mechanism.target_epsilon={m.target_epsilon}: use > 0, inf (non-private "
+                         "reference) or 0 (public-only control)")
+    if m.target_epsilon == 0 and m.tuning:
+        raise ValueError("config.dp.mechanism.tuning needs a DP stage; target_epsilon=0 (the public-only control) "
+                         "has none")
+    if m.tuning_private_size and not m.tuning:
+        raise ValueError(f"config.dp.mechanism.tuning_private_size={m.tuning_private_size} applies only with "
+                         "tuning=True")
+    if m.tuning_private_size < 0:
+        raise ValueError(f"config.dp.mechanism.tuning_private_size={m.tuning_private_size} must be >= 0 (0: the "
+                         "proxy's own size)")
+    if r.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.dp.recipe.optimizer={r.optimizer!r}; use one of {OPTIMIZERS}")
+    if r.weight_decay and r.optimizer != "adamw":
+        raise ValueError(f"config.dp.recipe.weight_decay={r.weight_decay} applies only to optimizer='adamw' (got "
+                         f"{r.optimizer!r}); set it to 0 or use adamw")
+    if r.lr_schedule not in SCHEDULES:
+        raise ValueError(f"config.dp.recipe.lr_schedule={r.lr_schedule!r}; use one of {SCHEDULES}")
+    if not 0 <= r.warmup_steps <= m.steps:
+        raise ValueError(f"config.dp.recipe.warmup_steps={r.warmup_steps} must be in [0, "
+                         f"dp.mechanism.steps={m.steps}]")
+    if not 0 <= r.ema_decay < 1:
+        raise ValueError(f"config.dp.recipe.ema_decay={r.ema_decay} must be in [0, 1) (0: no EMA)")
+    groups = transformer_lib.trainable_groups(r.trainable)
+    if r.lora_rank and not {"lora", "all"} & set(groups):
+        raise ValueError(f"config.dp.recipe.lora_rank={r.lora_rank} adds adapters that trainable={r.trainable!r} "
+                         "keeps frozen at zero; add 'lora' to trainable (e.g. 'cond+lora') or set lora_rank=0")
 
 
 @contextlib.contextmanager
@@ -516,15 +547,14 @@ def read(config: ml_collections.ConfigDict) -> Settings:
         data=DataSettings(d.image_size, d.channels, d.condition, d.num_classes if d.condition == "label" else None,
                           specs, d.near_copy_threshold),
         wavelet=Wavelet(w.name, w.levels, w.mode),
-        tokenizer=_dataclass(ModelTraining, config.tokenizer, model=tok),
+        tokenizer=_dataclass(ModelTraining, "tokenizer", config.tokenizer, model=tok),
         transformer=transformer,
-        pretrain=_dataclass(Training, config.pretrain),
+        pretrain=_dataclass(Training, "pretrain", config.pretrain),
         dp_transformer=dp_transformer,
-        dp=Dp(_dataclass(Mechanism, dp), _dataclass(Recipe, dp), dp.secret_seed, dp.secret_seed_file,
-              dp.compose_on_resume, dp.log_private_metrics),
-        merf=_dataclass(Merf, config.merf, hidden=tuple(config.merf.hidden)),
-        diffusion=_dataclass(ModelTraining, config.diffusion, model=diffusion),
-        refiner=_dataclass(ModelTraining, config.refiner, model=refiner),
-        sample=_dataclass(Sampling, config.sample), eval=_dataclass(Evaluation, config.eval),
-        perf=_dataclass(Perf, config.perf),
+        dp=Dp(*(_dataclass(cls, f"dp.{name}", dp[name]) for name, cls in DP_SECTIONS.items())),
+        merf=_dataclass(Merf, "merf", config.merf, hidden=tuple(config.merf.hidden)),
+        diffusion=_dataclass(ModelTraining, "diffusion", config.diffusion, model=diffusion),
+        refiner=_dataclass(ModelTraining, "refiner", config.refiner, model=refiner),
+        sample=_dataclass(Sampling, "sample", config.sample), eval=_dataclass(Evaluation, "eval", config.eval),
+        perf=_dataclass(Perf, "perf", config.perf),
         ops=Ops(config.checkpoint.every_steps, config.checkpoint.max_to_keep, config.log_every_steps))

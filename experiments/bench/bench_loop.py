@@ -53,8 +53,8 @@ def make_stage(workdir: Path, steps: int) -> DpRun:
     config = mnist.get_config("tiny")
     with config.unlocked():
         config.tokenizer.steps, config.pretrain.steps = 2, 0  # its schedule needs >= 2 steps
-        config.dp.steps = steps
-        config.dp.secret_seed = 0
+        config.dp.mechanism.steps = steps
+        config.dp.secret.seed = 0
     run = settings.read(config)
     ctx = Context(run, str(workdir), distributed.make_data_mesh(), pipeline.stage_inputs(run))
     for stage in (TOKENIZER, PRETRAIN):

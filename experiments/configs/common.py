@@ -91,10 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3,
                                                 init_params_from=placeholder(str)))
 
-    c.dp = ml_collections.ConfigDict(dict(
-        # The mechanism (dpwave/train/settings.py: Mechanism), what the guarantee depends on. target_epsilon: > 0
-        # calibrates noise_multiplier (None) to it over `steps`; inf: the non-private reference (no noise, still
-        # clipped); 0: the public-only control (no DP stage, nothing trains on private data).
+    # The DP stage in four sections, read by dpwave/train/settings.py into the types of the same names.
+    c.dp = ml_collections.ConfigDict()
+    # The mechanism (settings.Mechanism): what the guarantee depends on. target_epsilon: > 0 calibrates
+    # noise_multiplier (None) to it over `steps`; inf: the non-private reference (no noise, still clipped); 0: the
+    # public-only control (no DP stage, nothing trains on private data).
+    c.dp.mechanism = ml_collections.ConfigDict(dict(
         target_epsilon=10.0, delta=1e-5, noise_multiplier=placeholder(float),
         l2_clip=1.0,  # C: the clipped sum moves by at most C when one example is added or removed
         expected_batch_size=128, steps=200,  # q = expected_batch_size / N; sigma is calibrated over `steps`
@@ -105,8 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Tuning mode (docs/tuning.md): data.private is a PUBLIC split standing in for the private data (the
         # DP stage refuses private data then). tuning_private_size: the private N it simulates (same q and
         # noise per step sigma/B as that run); 0: the stand-in's own size.
-        tuning=False, tuning_private_size=0,
-        # The recipe (dpwave/train/dp_recipe.py), how the DP stage optimizes: no privacy cost, every option off.
+        tuning=False, tuning_private_size=0))
+    # The recipe (settings.Recipe, dpwave/train/dp_recipe.py), how the DP stage optimizes: no privacy cost.
+    c.dp.recipe = ml_collections.ConfigDict(dict(
         optimizer="adam", learning_rate=1e-3, weight_decay=0.0,  # sgd | adam | adamw (weight_decay: adamw only)
         # trainable: '+'-joined groups of dpwave.models.transformer.trainable_mask (all, attention, mlp, norm,
         # embed, cond, head, lora); few trained coordinates mean less noise (Yu et al. 2022; Li et al. 2022).
@@ -115,34 +118,35 @@ def base_config() -> ml_collections.ConfigDict:
         # lora_targets ('+'-joined q, k, v, o, mlp) for the DP stage only; train them with trainable='lora'.
         lora_rank=0, lora_targets="q+v",
         # Learning rate: warmup_steps of linear warmup from 0, then lr_schedule: constant | cosine | linear
-        # (decay to 0 at dp.steps).
+        # (decay to 0 at dp.mechanism.steps).
         lr_schedule="constant", warmup_steps=0,
         ema_decay=0.0,  # EMA of the DP parameters (0 = off); the sample stage uses it. Post-processing: free.
-        cond_dropout=placeholder(float),  # condition dropout of the DP stage; None: transformer.cond_dropout
-        # Operations: how a run is kept, resumed and logged; no stage input.
+        cond_dropout=placeholder(float)))  # condition dropout of the DP stage; None: transformer.cond_dropout
+    # The secret (settings.Secret) of the Poisson draws, the noise and the DP step's per-example randomness. By
+    # default 256 bits are drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
+    # host). seed_file: an owner-only (chmod 600) file holding 32 to 64 hex digits (128 to 256 bits), the same on
+    # every host; or set the environment variable DPWAVE_DP_SECRET_SEED (same format). Write one with
+    # python -c 'import secrets; print(secrets.token_hex(32))'. seed: reproducibility mode (tests), NOT secret: it
+    # is written to config.json and the logs, and whoever knows it can undo the noise.
+    c.dp.secret = ml_collections.ConfigDict(dict(seed_file=placeholder(str), seed=placeholder(int)))
+    # Operations (settings.DpOperations): how a DP run is resumed and logged; no stage input.
+    c.dp.operations = ml_collections.ConfigDict(dict(
         compose_on_resume=False,  # a resume under changed mechanism settings composes them instead of refusing
-        log_private_metrics=False,  # DP-stage loss etc. are computed from private data WITHOUT noise: off
-        # The secret of the Poisson draws, the noise and the DP step's per-example randomness. By default 256
-        # bits are drawn from the OS and kept owner-only in <workdir>/dp_finetune/secret_seed.json (single
-        # host). secret_seed_file: an owner-only (chmod 600) file holding 32 to 64 hex digits (128 to 256 bits),
-        # the same on every host; or set the environment variable DPWAVE_DP_SECRET_SEED (same format). Write one
-        # with python -c 'import secrets; print(secrets.token_hex(32))'. secret_seed: reproducibility mode (tests), NOT
-        # secret: it is written to config.json and the logs, and whoever knows it can undo the noise.
-        secret_seed_file=placeholder(str), secret_seed=placeholder(int)))
+        log_private_metrics=False))  # DP-stage loss etc. are computed from private data WITHOUT noise: off
 
     # The DP-MERF methods (dpwave/privacy/mean_embedding.py): one release of the class-conditional mean of
     # num_features random Fourier features (Gaussian kernel of length_scale; None: the median pairwise distance of
-    # the public images) under config.dp's epsilon, delta and accountant (dp.steps and dp.expected_batch_size
-    # unused), count_weight of the unit sensitivity on the class counts; then a generator (code_dim, hidden)
-    # fitted to it by Adam for `steps` of `batch_size` generated images. Where this differs from the authors' MNIST
-    # script (1,000 features, hidden 200-100, batch 500, 5 epochs): docs/baselines.md.
+    # the public images) under config.dp.mechanism's epsilon, delta and accountant (its steps and
+    # expected_batch_size unused), count_weight of the unit sensitivity on the class counts; then a generator
+    # (code_dim, hidden) fitted to it by Adam for `steps` of `batch_size` generated images. Where this differs from
+    # the authors' MNIST script (1,000 features, hidden 200-100, batch 500, 5 epochs): docs/baselines.md.
     c.merf = ml_collections.ConfigDict(dict(
         num_features=10_000, count_weight=0.5, length_scale=placeholder(float), code_dim=5, hidden=(200, 500),
         steps=1500, batch_size=200, learning_rate=1e-2))
 
     # dp_diffusion (dpwave/models/pixel_flow.py): a pixel-space flow-matching U-Net pretrained on the public split
     # (steps, batch_size, learning_rate) and DP-SGD finetuned on the private one under config.dp (mechanism and
-    # recipe; dp.trainable must be 'all'); sample_steps Euler steps at sampling.
+    # recipe; dp.recipe.trainable must be 'all'); sample_steps Euler steps at sampling.
     c.diffusion = ml_collections.ConfigDict(dict(
         model=dict(width=32, num_blocks=3, sample_steps=20),
         steps=800, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))

@@ -138,10 +138,10 @@ def _dp(c: ml_collections.ConfigDict, n: int, epsilon: str, epochs: int) -> None
     """The DP stage for N private images: the plan's batch and steps (`sizing.dp_plan`), the recipe's settings
     and its learning-rate rule at them; the DP stage calibrates sigma to the target as the planner did (its value,
     q and the steps are in privacy_statement.txt)."""
-    c.dp.target_epsilon = common.epsilon_value(epsilon)
-    c.dp.delta = sizing.delta(n)
-    plan = sizing.dp_plan(c.dp.target_epsilon, c.dp.delta, n, epochs)
-    c.dp.steps = plan.steps
+    c.dp.mechanism.target_epsilon = common.epsilon_value(epsilon)
+    c.dp.mechanism.delta = sizing.delta(n)
+    plan = sizing.dp_plan(c.dp.mechanism.target_epsilon, c.dp.mechanism.delta, n, epochs)
+    c.dp.mechanism.steps = plan.steps
     recipes.apply(c, recipes.DEFAULT, n, expected_batch_size=plan.expected_batch_size)
 
 

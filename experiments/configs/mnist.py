@@ -32,7 +32,7 @@ private, heldout and test splits are the same splits of `mnist5k_style`, the dig
 thickened (`dpwave/data/builders/mnist5k_style.py`), so what only the private data shows is a style. Same
 recipe and sizes as shift. Its table: `python -m experiments.reproduce --table mnist_style --seeds 0,1,2`.
 
-Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.target_epsilon = 0: no DP
+Controls and knobs (`:arg`): `epsilon=public` is the public-only control (dp.mechanism.target_epsilon = 0: no DP
 stage, the pretrained model is sampled; the private split is opened only to hash its pixels for the run-start
 content check); `n_private=K` keeps the first K of the 2,000 private digits (the split expression
 `private[:K]`); `pretrain_steps=K` replaces the variant's AR pretraining steps (800 in demo and shift; 210 is
@@ -42,7 +42,7 @@ the FLOPs-matched full-DP baseline of `--table mnist_fair`), e.g.
     python -m dpwave.main --config=experiments/configs/mnist.py:shift,n_private=500,epsilon=1 --workdir=/tmp/shift_n500
 
 Tune (docs/tuning.md; spends no private epsilon): the shift setup with the DP stage run on the PUBLIC
-heldout split (500 digits of all ten classes) in place of the private digits (dp.tuning), simulating the
+heldout split (500 digits of all ten classes) in place of the private digits (dp.mechanism.tuning), simulating the
 private run of N = 2,000 (or n_private): the same q, steps and noise per step sigma/B. Score recipes on it,
 then run the chosen one once on the private data:
 
@@ -78,9 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data[role].update(name="mnist5k", split=role, privacy=privacy)
     c.seed = args.seed
     c.method = args.method
-    c.dp.target_epsilon = common.epsilon_value(args.epsilon)
+    c.dp.mechanism.target_epsilon = common.epsilon_value(args.epsilon)
     # delta well below 1/N for the 2,000 private digits.
-    c.dp.delta = 1e-5
+    c.dp.mechanism.delta = 1e-5
     if not 0 <= args.n_private <= PRIVATE_SIZE:
         raise ValueError(f"n_private={args.n_private} must be in [1, {PRIVATE_SIZE}] (0: all {PRIVATE_SIZE})")
     if args.n_private:
@@ -90,7 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.data[role].name = "mnist5k_style"
     if args.variant in ("demo", "shift", "style", "tune"):  # the base's sizes, with these changes
         c.pretrain.update(steps=800, batch_size=64)
-        c.dp.update(steps=150, expected_batch_size=256, learning_rate=5e-4)
+        c.dp.mechanism.update(steps=150, expected_batch_size=256)
+        c.dp.recipe.learning_rate = 5e-4
         c.perf.microbatch_size = 8
         # At this CPU budget the regression objective gives cleaner details than flow matching (see
         # experiments/bench/bench_refiner.py); the paper configs keep flow.
@@ -105,13 +106,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # The public heldout digits (all ten classes) stand in for the private ones; sigma/B and q are those
             # of the private run of n_private (default all 2,000) digits.
             c.data.private.update(split="heldout", privacy="public")
-            c.dp.update(tuning=True, tuning_private_size=args.n_private or PRIVATE_SIZE)
+            c.dp.mechanism.update(tuning=True, tuning_private_size=args.n_private or PRIVATE_SIZE)
     elif args.variant == "tiny":
         c.tokenizer.model.update(codebook_size=64, width=16, depth=1)
         c.tokenizer.update(steps=30, batch_size=32)
         c.transformer.update(width=32, depth=1, num_heads=2, mlp_dim=64)
         c.pretrain.update(steps=30, batch_size=32)
-        c.dp.update(steps=12, expected_batch_size=64)
+        c.dp.mechanism.update(steps=12, expected_batch_size=64)
         c.perf.microbatch_size = 8
         c.refiner.model.update(widths=(16, 16), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=30, batch_size=32)
@@ -129,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.steps = args.pretrain_steps or c.pretrain.steps
     # Every variant runs the default recipe (chosen on the public stand-in, docs/tuning.md) unless recipe= names
     # another; tiny keeps its test-sized batch.
-    keep = dict(expected_batch_size=c.dp.expected_batch_size) if args.variant == "tiny" else {}
+    keep = dict(expected_batch_size=c.dp.mechanism.expected_batch_size) if args.variant == "tiny" else {}
     recipes.apply(c, args.recipe or recipes.DEFAULT, args.n_private or PRIVATE_SIZE, **keep)
     c.lock()
     return c

@@ -72,7 +72,7 @@ def paper_config(args: ml_collections.ConfigDict, *, datasets: dict[str, dict], 
     # ~0.3B parameters over the coarse tokens and the caption's first 128 UTF-8 bytes.
     c.transformer.update(width=1024, depth=24, num_heads=16, mlp_dim=4096, max_text_len=128, dtype="bfloat16")
     c.pretrain.update(steps=pretrain_steps, batch_size=512, learning_rate=3e-4)
-    c.dp.update(target_epsilon=common.epsilon_value(args.epsilon), delta=delta, steps=dp_steps)
+    c.dp.mechanism.update(target_epsilon=common.epsilon_value(args.epsilon), delta=delta, steps=dp_steps)
     # The default recipe at batch 4,096 (its learning-rate rule reads q = 4,096 / N and sigma); measured at CPU
     # scale only (docs/tuning.md): re-tune on a public stand-in before trusting it at 0.3B.
     recipes.apply(c, recipes.DEFAULT, private_size, expected_batch_size=4096)
@@ -92,7 +92,7 @@ def paper_config(args: ml_collections.ConfigDict, *, datasets: dict[str, dict], 
         c.tokenizer.update(steps=2, batch_size=4)
         c.transformer.update(width=16, depth=1, num_heads=2, mlp_dim=32, max_text_len=32, dtype="float32")
         c.pretrain.update(steps=2, batch_size=4)
-        c.dp.update(expected_batch_size=4, steps=2)
+        c.dp.mechanism.update(expected_batch_size=4, steps=2)
         c.perf.microbatch_size = 2
         c.refiner.model.update(widths=(8, 8, 8), num_blocks=1, sample_steps=2)
         c.refiner.update(steps=2, batch_size=4)

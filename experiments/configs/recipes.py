@@ -52,12 +52,12 @@ def noise_scaled_lr(base: float, reference: NoiseReference) -> Callable[[Any, in
     """
 
     def learning_rate(config: Any, dataset_size: int) -> float:
-        dp = config.dp
-        if dp.target_epsilon == 0 or not math.isfinite(dp.target_epsilon):
+        m = config.dp.mechanism
+        if m.target_epsilon == 0 or not math.isfinite(m.target_epsilon):
             return base
-        noise = _noise_per_example(dp.target_epsilon, dp.delta, dp.expected_batch_size / dataset_size, dp.steps,
-                                   dp.accountant) / dp.expected_batch_size
-        return base * min(1.0, (reference.noise_per_example(dp.accountant) / noise) ** 2)
+        noise = _noise_per_example(m.target_epsilon, m.delta, m.expected_batch_size / dataset_size, m.steps,
+                                   m.accountant) / m.expected_batch_size
+        return base * min(1.0, (reference.noise_per_example(m.accountant) / noise) ** 2)
 
     return learning_rate
 
@@ -71,8 +71,9 @@ _SGD_B1024 = dict(trainable="all", optimizer="sgd", expected_batch_size=1024, co
 
 DEFAULT = "sgd_drop_temp"
 
-# Each recipe: overrides of config.dp (plain keys) or of any config path (dotted keys, e.g. sampling); a
-# callable value is evaluated on the config and the private set's size.
+# Each recipe: overrides of config.dp.recipe or config.dp.mechanism (plain keys: a recipe may set the expected
+# batch size) or of any config path (dotted keys, e.g. sampling); a callable value is evaluated on the config and
+# the private set's size.
 RECIPES: dict[str, dict[str, Any]] = {
     # The tuned recipe (docs/tuning.md): every parameter, plain DP-SGD (Adam's per-coordinate scaling turns
     # noise-dominated coordinates into full-size random steps), sampling rate q = 0.512 (expected batch 1,024
@@ -123,7 +124,7 @@ def epsilon_temperature(config: Any, dataset_size: int) -> float:
     sgd_drop models at epsilon 10, cost FD-cls and downstream accuracy at epsilon 1 and of the public-only model.
     Reads the target epsilon only (public); post-processing, no privacy cost."""
     del dataset_size
-    return 0.8 if config.dp.target_epsilon >= 10 else 1.0
+    return 0.8 if config.dp.mechanism.target_epsilon >= 10 else 1.0
 
 
 # The winner of the ablations (docs/tuning.md, "Ablations of the default"): sgd_drop sampled at
@@ -142,8 +143,17 @@ def apply(config: Any, name: str, dataset_size: int, **keep: Any) -> None:
     for key, value in sorted(entries.items(), key=lambda item: callable(item[1])):
         if callable(value):
             value = value(config, dataset_size)
-        *path, leaf = (key if "." in key else f"dp.{key}").split(".")
+        *path, leaf = (key if "." in key else f"dp.{_dp_section(config, name, key)}.{key}").split(".")
         node = config
         for part in path:
             node = node[part]
         node[leaf] = value
+
+
+def _dp_section(config: Any, recipe: str, key: str) -> str:
+    """The section of config.dp that recipe entry `key` sets: recipe, or mechanism (the expected batch size)."""
+    section = next((s for s in ("recipe", "mechanism") if key in config.dp[s]), None)
+    if section is None:
+        raise ValueError(f"DP recipe {recipe!r} sets {key!r}, a key of neither config.dp.recipe nor "
+                         "config.dp.mechanism")
+    return section

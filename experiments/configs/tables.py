@@ -15,7 +15,7 @@ import re
 
 from experiments.configs import common
 
-PUBLIC = "public"  # the epsilon of the public-only control (dp.target_epsilon = 0)
+PUBLIC = "public"  # the epsilon of the public-only control (dp.mechanism.target_epsilon = 0)
 CONTROLS = ("inf", PUBLIC)
 EPSILONS = ("1", "10", *CONTROLS)
 CURVE_EPSILONS = ("0.5", "1", "2", "4", "8", "10", "16", *CONTROLS)  # 1, 10 and the controls: the shift rows

@@ -1,8 +1,8 @@
 """Tiny runs for the framework tests (resume, parallelism, multi-host, CLI): configs, stage runners, subprocesses.
 
 * `TINY`: overrides of `experiments/configs/mnist.py:tiny` that make a DP stage take seconds: 400
-  private digits, expected batch 16, an explicit noise multiplier (no calibration, and `dp.steps` can
-  change without changing the mechanism), a fixed `dp.secret_seed` (bit-exact reruns), a checkpoint
+  private digits, expected batch 16, an explicit noise multiplier (no calibration, and `dp.mechanism.steps` can
+  change without changing the mechanism), a fixed `dp.secret.seed` (bit-exact reruns), a checkpoint
   every 2 steps and a metrics line every step (progress a test can watch from outside a process).
 * `run_workers`, `signal_when`: concurrent JAX worker processes, and a process signalled mid-run.
 * `run_cli`, `message_lines`: several `python -m dpwave.main` commands at once, and what a user reads on stderr.
@@ -38,13 +38,14 @@ from experiments.configs import mnist
 REPO = Path(__file__).resolve().parents[2]
 TINY: dict[str, Any] = {
     "tokenizer.steps": 2, "pretrain.steps": 2, "data.private.split": "private[:400]",
-    "dp.expected_batch_size": 16, "perf.microbatch_size": 8, "dp.steps": 10, "dp.noise_multiplier": 1.0,
-    "dp.secret_seed": 7, "checkpoint.every_steps": 2, "checkpoint.max_to_keep": 2, "log_every_steps": 1,
+    "dp.mechanism.expected_batch_size": 16, "perf.microbatch_size": 8, "dp.mechanism.steps": 10,
+    "dp.mechanism.noise_multiplier": 1.0, "dp.secret.seed": 7, "checkpoint.every_steps": 2,
+    "checkpoint.max_to_keep": 2, "log_every_steps": 1,
 }
 
 
 def tiny_config(overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """`mnist.py:tiny` with `TINY` and then `overrides` ({"dp.steps": 4, ...}) applied, locked."""
+    """`mnist.py:tiny` with `TINY` and then `overrides` ({"dp.mechanism.steps": 4, ...}) applied, locked."""
     config = mnist.get_config("tiny")
     with config.unlocked():
         for path, value in {**TINY, **(overrides or {})}.items():

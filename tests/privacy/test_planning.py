@@ -55,7 +55,7 @@ def test_cli_prints_the_ranked_table(capsys):
                           "--batch-sizes", "256,1024"]) == 0
     out = capsys.readouterr().out
     assert "| rank | expected batch |" in out and out.count("\n| ") == 3  # header + 2 rows
-    assert "best: --config.dp.expected_batch_size=" in out
+    assert "best: --config.dp.mechanism.expected_batch_size=" in out
 
 
 def test_a_runs_sigma_is_the_given_one_zero_without_noise_or_calibrated_to_the_target():

@@ -66,5 +66,5 @@ def dp_reference(base_workdir, tmp_path_factory) -> Reference:
     """The uninterrupted TINY DP stage, run in this process."""
     workdir = Path(shutil.copytree(base_workdir, tmp_path_factory.mktemp("reference") / "run"))
     result = run_dp(tiny_config(), workdir)
-    assert result.finished and result.summary["final_step"] == TINY["dp.steps"]
+    assert result.finished and result.summary["final_step"] == TINY["dp.mechanism.steps"]
     return Reference(workdir, result.summary, jax.device_get(result.state.params))

@@ -22,7 +22,7 @@ from dpwave.train.stages.sample import refiner_part
 from dpwave.train.stages.base import restore_state
 
 SMALL = {"merf.num_features": 200, "merf.steps": 4, "merf.batch_size": 20, "refiner.steps": 2,
-         "diffusion.steps": 2, "dp.steps": 3,
+         "diffusion.steps": 2, "dp.mechanism.steps": 3,
          "sample.num_samples": 20, "sample.batch_size": 10, "eval.feature_epochs": 1, "eval.downstream_epochs": 1,
          "eval.num_real": 50}
 
@@ -92,7 +92,7 @@ def test_the_release_is_the_noised_mean_of_the_private_embedding(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow  # trains the refiner and evaluates: about a minute on 2 cores
 def test_public_only_dpwave_merf_fits_the_public_embedding_without_private_reads(tmp_path, monkeypatch):
-    config = merf_config("dpwave_merf", **{"dp.target_epsilon": 0.0})
+    config = merf_config("dpwave_merf", **{"dp.mechanism.target_epsilon": 0.0})
     assert stage_names(config) == ["generator", "refiner", "sample", "evaluate"]
     opened = runs.forbid_private_reads(monkeypatch)
     assert pipeline.train_and_evaluate(config, str(tmp_path))
@@ -106,7 +106,7 @@ def test_public_only_dpwave_merf_fits_the_public_embedding_without_private_reads
 def test_dpwave_merf_samples_keep_the_generated_coarse_band(tmp_path):
     """Refining is post-processing: the images' coarse band is the generator's (up to uint8 rounding and the
     clipping of pixels to [-1, 1], which moves the mean of a clipped block)."""
-    config = merf_config("dpwave_merf", **{"dp.target_epsilon": 0.0})
+    config = merf_config("dpwave_merf", **{"dp.mechanism.target_epsilon": 0.0})
     run = settings.read(config)
     for name in ("generator", "refiner"):
         assert runs.run_stage(config, tmp_path, name).finished
@@ -137,11 +137,12 @@ def test_merf_methods_refuse_captions_and_bad_settings():
 
 @pytest.mark.integration
 def test_the_release_inputs_ignore_dp_sgd_and_generator_settings():
-    """dp.steps and dp.expected_batch_size are DP-SGD's and merf.steps etc. the generator's: changing them never
-    makes a finished release stale (a new release would spend epsilon again); the features' settings do."""
+    """dp.mechanism.steps and dp.mechanism.expected_batch_size are DP-SGD's and merf.steps etc. the generator's:
+    changing them never makes a finished release stale (a new release would spend epsilon again); the features'
+    settings do."""
     base = pipeline.stage_inputs(settings.read(merf_config("dp_merf")))
     other = pipeline.stage_inputs(settings.read(merf_config("dp_merf", **{
-        "dp.steps": 7, "dp.expected_batch_size": 8, "merf.steps": 9, "merf.learning_rate": 0.5})))
+        "dp.mechanism.steps": 7, "dp.mechanism.expected_batch_size": 8, "merf.steps": 9, "merf.learning_rate": 0.5})))
     assert other["dp_embedding"] == base["dp_embedding"] and other["generator"] != base["generator"]
     features = pipeline.stage_inputs(settings.read(merf_config("dp_merf", **{"merf.num_features": 100})))
     assert features["dp_embedding"] != base["dp_embedding"]
@@ -167,5 +168,5 @@ def test_dp_diffusion_pretrains_on_public_data_and_finetunes_with_dp_sgd(tmp_pat
 
 @pytest.mark.integration
 def test_dp_diffusion_refuses_transformer_parameter_groups():
-    with pytest.raises(ValueError, match="dp.trainable='all' and dp.lora_rank=0"):
-        settings.read(merf_config("dp_diffusion", **{"dp.trainable": "cond"}))
+    with pytest.raises(ValueError, match="dp.recipe.trainable='all' and dp.recipe.lora_rank=0"):
+        settings.read(merf_config("dp_diffusion", **{"dp.recipe.trainable": "cond"}))

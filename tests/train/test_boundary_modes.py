@@ -1,6 +1,6 @@
 """The run-start privacy boundary runs in every mode that reads data: dp, epsilon inf, the public-only control
-(epsilon=public) and tuning (dp.tuning). Each test runs the pipeline only up to the boundary: writing the run info,
-the first thing after it, is replaced by a sentinel."""
+(epsilon=public) and tuning (dp.mechanism.tuning). Each test runs the pipeline only up to the boundary: writing the
+run info, the first thing after it, is replaced by a sentinel."""
 from __future__ import annotations
 
 import os
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.integration
 
 MODES = {
     "dp": {},
-    "epsinf": {"dp.target_epsilon": float("inf")},
-    "public_only": {"dp.target_epsilon": 0.0},
-    "tuning": {"dp.tuning": True, "dp.tuning_private_size": 2000, "data.private.split": "heldout",
+    "epsinf": {"dp.mechanism.target_epsilon": float("inf")},
+    "public_only": {"dp.mechanism.target_epsilon": 0.0},
+    "tuning": {"dp.mechanism.tuning": True, "dp.mechanism.tuning_private_size": 2000, "data.private.split": "heldout",
                "data.private.privacy": "public"},
 }
 # (role, split expression): each reads mnist5k's private split.

@@ -25,7 +25,7 @@ def _private_folder(name: str) -> list[str]:
 
 # case: (arguments before --workdir, fragments of the one line: the problem and the fix)
 _CASES = {
-    "delta_above_1_over_n": ([_TINY, "--config.dp.delta=0.01"],
+    "delta_above_1_over_n": ([_TINY, "--config.dp.mechanism.delta=0.01"],
                              ["config.dp over the 2000 examples of config.data.private: delta=0.01 >= 1/N",
                               "Use delta well below 1/N"]),
     "unknown_variant": (["--config=experiments/configs/mnist.py:tinyy"],
@@ -33,8 +33,8 @@ _CASES = {
     "missing_config_file": (["--config=experiments/configs/nope.py"],
                             ["bad config file", "No such file or directory: 'experiments/configs/nope.py'"]),
     "batch_above_private_set": (_private_folder("ten_images"),
-                                ["dp.expected_batch_size=64 is larger than the 10 examples it samples from",
-                                 "lower dp.expected_batch_size", "give config.data.private more examples"]),
+                                ["dp.mechanism.expected_batch_size=64 is larger than the 10 examples it samples from",
+                                 "lower dp.mechanism.expected_batch_size", "give config.data.private more examples"]),
     "missing_folder": (_private_folder("nowhere"),
                        ["the folder does not exist", "{root}/nowhere", "expected layout"]),
     "nan_pixels": (_private_folder("nan_image"), ["'train/c0/bad.tif': 1 pixel values are NaN", "fix or drop"]),

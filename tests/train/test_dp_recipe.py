@@ -68,8 +68,8 @@ def run_steps(stage, count: int) -> list[TrainState]:
     ("linear", 2, {0: 0.0, 2: 1e-3, 6: 5e-4, 10: 0.0}),
 ])
 def test_learning_rate_schedule_values(schedule, warmup, expected):
-    run = settings.read(runs.tiny_config({"dp.learning_rate": 1e-3, "dp.lr_schedule": schedule,
-                                             "dp.warmup_steps": warmup}))
+    run = settings.read(runs.tiny_config({"dp.recipe.learning_rate": 1e-3, "dp.recipe.lr_schedule": schedule,
+                                             "dp.recipe.warmup_steps": warmup}))
     lr = dp_recipe.learning_rate(run.dp.recipe, run.dp.mechanism.steps)
     for step, value in expected.items():
         assert float(lr(step) if callable(lr) else lr) == pytest.approx(value, abs=1e-9), step
@@ -77,16 +77,16 @@ def test_learning_rate_schedule_values(schedule, warmup, expected):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("overrides, message", [
-    ({"dp.lr_schedule": "step"}, "lr_schedule"),
-    ({"dp.warmup_steps": 11}, "warmup_steps"),
-    ({"dp.ema_decay": 1.0}, "ema_decay"),
-    ({"dp.lora_rank": 2, "dp.trainable": "cond"}, "keeps frozen"),
-    ({"dp.tuning_private_size": 2000}, "only with dp.tuning"),
-    ({"dp.tuning": True, "dp.target_epsilon": 0.0}, "public-only"),
-    ({"dp.target_epsilon": -1.0}, "target_epsilon"),
-    ({"dp.trainable": "cond+mlps"}, "mlps"),
-    ({"dp.optimizer": "rmsprop"}, "dp.optimizer='rmsprop'"),
-    ({"dp.optimizer": "adam", "dp.weight_decay": 0.1}, "weight_decay"),
+    ({"dp.recipe.lr_schedule": "step"}, "lr_schedule"),
+    ({"dp.recipe.warmup_steps": 11}, "warmup_steps"),
+    ({"dp.recipe.ema_decay": 1.0}, "ema_decay"),
+    ({"dp.recipe.lora_rank": 2, "dp.recipe.trainable": "cond"}, "keeps frozen"),
+    ({"dp.mechanism.tuning_private_size": 2000}, "only with dp.mechanism.tuning"),
+    ({"dp.mechanism.tuning": True, "dp.mechanism.target_epsilon": 0.0}, "public-only"),
+    ({"dp.mechanism.target_epsilon": -1.0}, "target_epsilon"),
+    ({"dp.recipe.trainable": "cond+mlps"}, "mlps"),
+    ({"dp.recipe.optimizer": "rmsprop"}, "dp.recipe.optimizer='rmsprop'"),
+    ({"dp.recipe.optimizer": "adam", "dp.recipe.weight_decay": 0.1}, "weight_decay"),
 ])
 def test_inconsistent_recipe_options_are_refused_before_any_stage(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -95,7 +95,7 @@ def test_inconsistent_recipe_options_are_refused_before_any_stage(overrides, mes
 
 @pytest.mark.integration
 def test_warmup_makes_the_first_step_a_no_op(base_workdir, tmp_path):
-    config = runs.tiny_config({"dp.warmup_steps": 3})
+    config = runs.tiny_config({"dp.recipe.warmup_steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     first, second = run_steps(runs.dp_stage(config, workdir), 2)
     assert moved(pretrained(config, workdir), first.params) == set()  # learning rate 0 at step 0
@@ -105,7 +105,7 @@ def test_warmup_makes_the_first_step_a_no_op(base_workdir, tmp_path):
 # ---- trainable subsets and LoRA ------------------------------------------------------------------
 @pytest.mark.integration
 def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
-    config = runs.tiny_config({"dp.trainable": "cond", "dp.steps": 3})
+    config = runs.tiny_config({"dp.recipe.trainable": "cond", "dp.mechanism.steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     result = runs.run_dp(config, workdir)
     assert moved(pretrained(config, workdir), result.state.params) == {"['class_embed'].value"}
@@ -114,8 +114,8 @@ def test_trainable_cond_moves_only_the_class_table(base_workdir, tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("ghost", [pytest.param(False, marks=pytest.mark.slow), True])  # ghost: the default path
 def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_workdir, tmp_path, ghost):
-    config = runs.tiny_config({"dp.trainable": "lora", "dp.lora_rank": 2, "dp.lora_targets": "q+v+mlp",
-                                  "perf.use_ghost_norms": ghost})
+    config = runs.tiny_config({"dp.recipe.trainable": "lora", "dp.recipe.lora_rank": 2,
+                               "dp.recipe.lora_targets": "q+v+mlp", "perf.use_ghost_norms": ghost})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     stage = runs.dp_stage(config, workdir)
     base = pretrained(config, workdir)
@@ -142,7 +142,7 @@ def test_lora_starts_at_the_pretrained_function_and_only_adapters_move(base_work
 
 @pytest.mark.integration
 def test_load_pretrained_refuses_unknown_and_missing_leaves():
-    config = runs.tiny_config({"dp.lora_rank": 2, "dp.trainable": "lora"})
+    config = runs.tiny_config({"dp.recipe.lora_rank": 2, "dp.recipe.trainable": "lora"})
     _, lora = init_transformer(config, finetune=True)
     _, base = init_transformer(config)
     other = runs.tiny_config({"transformer.mlp_dim": 48})
@@ -155,18 +155,18 @@ def test_load_pretrained_refuses_unknown_and_missing_leaves():
 # ---- condition dropout -----------------------------------------------------------------------------
 @pytest.mark.integration
 def test_dp_cond_dropout_sets_the_dp_model_only():
-    run = settings.read(runs.tiny_config({"dp.cond_dropout": 0.0}))  # the default recipe's
+    run = settings.read(runs.tiny_config({"dp.recipe.cond_dropout": 0.0}))  # the default recipe's
     assert run.transformer.cond_dropout == 0.1  # pretraining
     assert run.dp_transformer.cond_dropout == 0.0
-    assert settings.read(runs.tiny_config({"dp.cond_dropout": None})).dp_transformer.cond_dropout == 0.1  # unset
-    assert settings.read(runs.tiny_config({"dp.cond_dropout": 0.3})).dp_transformer.cond_dropout == 0.3
+    assert settings.read(runs.tiny_config({"dp.recipe.cond_dropout": None})).dp_transformer.cond_dropout == 0.1  # unset
+    assert settings.read(runs.tiny_config({"dp.recipe.cond_dropout": 0.3})).dp_transformer.cond_dropout == 0.3
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(base_workdir, tmp_path):
     decay = 0.5
-    config = runs.tiny_config({"dp.ema_decay": decay, "dp.steps": 3})
+    config = runs.tiny_config({"dp.recipe.ema_decay": decay, "dp.mechanism.steps": 3})
     workdir = Path(shutil.copytree(base_workdir, tmp_path / "run"))
     states = run_steps(runs.dp_stage(config, workdir), 3)
     expected = pretrained(config, workdir)
@@ -183,7 +183,7 @@ def test_ema_follows_the_formula_and_is_what_the_sample_stage_loads(base_workdir
 
 
 # ---- tuning mode ---------------------------------------------------------------------------------
-TUNING = {"dp.tuning": True, "dp.tuning_private_size": 2000, "data.private.split": "heldout",
+TUNING = {"dp.mechanism.tuning": True, "dp.mechanism.tuning_private_size": 2000, "data.private.split": "heldout",
           "data.private.privacy": "public"}
 
 
@@ -204,14 +204,14 @@ def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(b
 @pytest.mark.integration
 def test_tuning_refuses_private_data_and_real_runs_refuse_public_data():
     with pytest.raises(ValueError, match="tuning run"):
-        settings.read(runs.tiny_config({"dp.tuning": True}))
+        settings.read(runs.tiny_config({"dp.mechanism.tuning": True}))
     with pytest.raises(ValueError, match="only the DP stage reads private data"):
         settings.read(runs.tiny_config({"data.private.split": "heldout", "data.private.privacy": "public"}))
 
 
 # ---- the public-only control ---------------------------------------------------------------------
-PUBLIC_ONLY = {"dp.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples": 20, "sample.batch_size": 10,
-               "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
+PUBLIC_ONLY = {"dp.mechanism.target_epsilon": 0.0, "refiner.steps": 2, "sample.num_samples": 20,
+               "sample.batch_size": 10, "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
 
 
 @pytest.mark.e2e
@@ -242,7 +242,8 @@ def test_public_only_opens_the_private_split_only_to_hash_it_and_reports_epsilon
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("overrides", [{}, {"dp.ema_decay": 0.99, "dp.trainable": "cond", "dp.optimizer": "adam"}])
+@pytest.mark.parametrize("overrides", [
+    {}, {"dp.recipe.ema_decay": 0.99, "dp.recipe.trainable": "cond", "dp.recipe.optimizer": "adam"}])
 def test_the_restore_template_has_the_structure_of_the_dp_stages_state(overrides):
     """What the sample stage restores the DP weights against (no DP optimizer built) matches the state the DP stage
     checkpoints, leaf for leaf (shape and dtype), for every recipe shape."""

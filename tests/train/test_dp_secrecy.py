@@ -59,7 +59,7 @@ def seeded_run(base_workdir, tmp_path_factory) -> tuple[Path, str]:
     level = absl_logger.level  # restored as it was (set_verbosity(get_verbosity()) would pin WARNING)
     absl_logging.set_verbosity(absl_logging.INFO)
     try:
-        config = runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(seed_file)})
+        config = runs.tiny_config({"dp.secret.seed": None, "dp.secret.seed_file": str(seed_file)})
         assert runs.run_dp(config, workdir).finished
     finally:
         absl_logger.setLevel(level)
@@ -104,14 +104,14 @@ def test_summary_has_no_wall_time_and_the_statement_calls_the_file_seed_secret(s
     assert "wall_time_s" not in summary
     assert json.loads((stage / "private_timing.json").read_text())["wall_time_s"] > 0
     line = summary["statement"].splitlines()[-1]
-    assert line == "  sampling and noise seed: read from the owner-only file dp.secret_seed_file (secret), 256 bits"
+    assert line == "  sampling and noise seed: read from the owner-only file dp.secret.seed_file (secret), 256 bits"
     assert "reproducibility mode: NOT secret" not in summary["statement"]
 
 
 def test_the_environment_variable_resumes_the_file_seeds_run_and_another_seed_is_refused(
         seeded_run, tmp_path, monkeypatch):
     workdir = Path(shutil.copytree(seeded_run[0], tmp_path / "run"))
-    config = runs.tiny_config({"dp.secret_seed": None, "dp.steps": 12})
+    config = runs.tiny_config({"dp.secret.seed": None, "dp.mechanism.steps": 12})
     other = f"{SEED ^ 1 << 200:064x}"
     monkeypatch.setenv(SECRET_SEED_ENV, other)
     with pytest.raises(privacy.LedgerMismatchError) as error:
@@ -128,9 +128,9 @@ def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(base_workdir
     def key(overrides):
         return np.asarray(jax.random.key_data(runs.dp_stage(runs.tiny_config(overrides), base_workdir).key))
 
-    seven = key({"seed": 0, "dp.secret_seed": 7})
-    np.testing.assert_array_equal(seven, key({"seed": 1, "dp.secret_seed": 7}))
-    assert not np.array_equal(seven, key({"seed": 0, "dp.secret_seed": 8}))
+    seven = key({"seed": 0, "dp.secret.seed": 7})
+    np.testing.assert_array_equal(seven, key({"seed": 1, "dp.secret.seed": 7}))
+    assert not np.array_equal(seven, key({"seed": 0, "dp.secret.seed": 8}))
     numbers = {stage.stream for stage in PIPELINES["dpwave"] if stage.stream is not None}
     for other in (*(streams.stage_key(0, stream) for stream in numbers), *privacy.DpSecret(7, 3).noise_keys()):
         assert not np.array_equal(seven, np.asarray(jax.random.key_data(other)))
@@ -138,7 +138,7 @@ def test_the_dp_step_key_comes_from_the_secret_seed_not_config_seed(base_workdir
 
 def _dp_stage_draws(base_workdir, secret: int) -> dict[str, np.ndarray]:
     """The DP stage's secret-derived randomness: its per-example key, its noise on a zero sum, its first batch."""
-    run = runs.dp_stage(runs.tiny_config({"dp.secret_seed": secret}), base_workdir)
+    run = runs.dp_stage(runs.tiny_config({"dp.secret.seed": secret}), base_workdir)
     trainable = transformer.trainable_mask(run.state.params, run.settings.dp.recipe.trainable)
     zeros = jax.tree.map(np.zeros_like, privacy.partition(run.state.params, trainable)[0])
     noise = jax.tree.leaves(run.optimizer.update(zeros, run.optimizer.init(zeros), zeros)[0])
@@ -192,10 +192,10 @@ def test_a_bad_seed_file_stops_the_run_before_anything_is_written(tmp_path, monk
         monkeypatch.setattr(os, "open", refusing_open)
     workdir = tmp_path / "run"
     with pytest.raises(SecretSeedError) as error:
-        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
+        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret.seed": None, "dp.secret.seed_file": str(path)}),
                                     str(workdir))
     message = str(error.value)
-    assert "\n" not in message and "dp.secret_seed_file" in message and str(path) in message
+    assert "\n" not in message and "dp.secret.seed_file" in message and str(path) in message
     for fragment in fragments:
         assert fragment in message
     if content:
@@ -206,17 +206,17 @@ def test_a_bad_seed_file_stops_the_run_before_anything_is_written(tmp_path, monk
 def test_bad_environment_variable_and_ambiguous_or_missing_sources(tmp_path, monkeypatch):
     monkeypatch.setenv(SECRET_SEED_ENV, "0x1f3a9b")
     with pytest.raises(SecretSeedError, match=SECRET_SEED_ENV) as error:
-        seed_source(runs.tiny_config({"dp.secret_seed": None}))
+        seed_source(runs.tiny_config({"dp.secret.seed": None}))
     assert "0x1f3a9b" not in str(error.value)
     monkeypatch.setenv(SECRET_SEED_ENV, "123")
     with pytest.raises(SecretSeedError, match="more than once"):
-        seed_source(runs.tiny_config())  # TINY also sets dp.secret_seed
-    assert seed_source(runs.tiny_config({"dp.secret_seed": None}))[0].value == 123
+        seed_source(runs.tiny_config())  # TINY also sets dp.secret.seed
+    assert seed_source(runs.tiny_config({"dp.secret.seed": None}))[0].value == 123
     monkeypatch.delenv(SECRET_SEED_ENV)
-    config = runs.tiny_config({"dp.secret_seed": None})
+    config = runs.tiny_config({"dp.secret.seed": None})
     assert seed_source(config) is None  # single host: the stage draws its own
     monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(SecretSeedError, match=f"dp.secret_seed_file.*{SECRET_SEED_ENV}"):
+    with pytest.raises(SecretSeedError, match=f"dp.secret.seed_file.*{SECRET_SEED_ENV}"):
         seed_source(config)
 
 
@@ -225,7 +225,7 @@ def test_a_new_run_refuses_a_secret_shorter_than_128_bits_before_anything_is_wri
     path = _write_seed(tmp_path / "dp_seed", text)
     workdir = tmp_path / "run"
     with pytest.raises(SecretSeedError, match=r"has (63|124) bits; a new DP run needs at least 128") as error:
-        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret_seed": None, "dp.secret_seed_file": str(path)}),
+        pipeline.train_and_evaluate(runs.tiny_config({"dp.secret.seed": None, "dp.secret.seed_file": str(path)}),
                                     str(workdir))
     assert "\n" not in str(error.value) and text.strip() not in str(error.value) and not workdir.exists()
 
@@ -235,11 +235,11 @@ def test_a_legacy_decimal_seed_resumes_the_run_it_started(workdir, tmp_path, mon
     """A run started with a 62-bit decimal seed file (as the code before 128-bit secrets allowed: simulated by
     lifting the size check) resumes from it: same sampler commitment and ledger; the statement gives its size."""
     path = _write_seed(tmp_path / "dp_seed", f"{seeds.rng('legacy seed').getrandbits(62)}\n")
-    config = {"dp.secret_seed": None, "dp.secret_seed_file": str(path)}
+    config = {"dp.secret.seed": None, "dp.secret.seed_file": str(path)}
     with monkeypatch.context() as patch:
         patch.setattr(secret_seed, "check_strength", lambda *args: None)
-        assert runs.run_dp(runs.tiny_config({**config, "dp.steps": 4}), workdir).finished
-    summary = runs.run_dp(runs.tiny_config({**config, "dp.steps": 6}), workdir).summary
+        assert runs.run_dp(runs.tiny_config({**config, "dp.mechanism.steps": 4}), workdir).finished
+    summary = runs.run_dp(runs.tiny_config({**config, "dp.mechanism.steps": 6}), workdir).summary
     assert summary["final_step"] == 6 and summary["ledger"]["steps"] == 6
     assert summary["privacy"]["seed"].endswith("(secret), 63 bits")
 
@@ -248,7 +248,7 @@ def test_a_drawn_secret_has_256_bits_and_a_legacy_drawn_file_is_replaced_before_
     stage = tmp_path / "dp_finetune"
     stage.mkdir()
     (stage / secret_seed.SECRET_SEED_FILE).write_text(json.dumps({"secret_seed": 12345}))
-    dp = settings.read(runs.tiny_config({"dp.secret_seed": None})).dp
+    dp = settings.read(runs.tiny_config({"dp.secret.seed": None})).dp
     secret, origin = secret_seed.secret_seed(dp, str(stage))
     assert secret.bits == 256 and secret.value != 12345 and "drawn from the OS" in origin
     assert secret_seed.secret_seed(dp, str(stage))[0].value == secret.value  # kept for the resume

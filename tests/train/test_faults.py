@@ -39,7 +39,7 @@ from dpwave.train.stages.dp_finetune import STAGE as DP_FINETUNE
 
 RNG = seeds.rng("test_faults")  # kill and signal points; each assertion message names the one drawn
 STEPS = 8  # of every training stage; a checkpoint every 2 (runs.TINY)
-FAULTS = {"tokenizer.steps": STEPS, "pretrain.steps": STEPS, "dp.steps": STEPS, "refiner.steps": STEPS}
+FAULTS = {"tokenizer.steps": STEPS, "pretrain.steps": STEPS, "dp.mechanism.steps": STEPS, "refiner.steps": STEPS}
 TRAINING = ("tokenizer", "pretrain", "dp_finetune", "refiner")
 STAGES = (*TRAINING, "sample", "evaluate")
 OUTPUTS = {"sample": ("samples.png",), "evaluate": ("metrics.json", "report.md", "privacy_statement.txt")}

@@ -25,7 +25,7 @@ ALL = ("tokenizer", "pretrain", "dp_finetune", "refiner", "sample", "evaluate")
 
 
 def config(arg: str = "tiny", **overrides: Any):
-    """`mnist.py:<arg>` with dotted-path overrides ({"dp.delta": 1e-6})."""
+    """`mnist.py:<arg>` with dotted-path overrides ({"dp.mechanism.delta": 1e-6})."""
     c = mnist.get_config(arg)
     with c.unlocked():
         for path, value in overrides.items():
@@ -62,8 +62,8 @@ def test_fingerprints_cover_every_stage_and_are_deterministic():
 
 @pytest.mark.integration
 @pytest.mark.parametrize("path, value, stages", [
-    ("dp.target_epsilon", 1.0, {"dp_finetune", "sample", "evaluate"}),
-    ("dp.target_epsilon", float("inf"), {"dp_finetune", "sample", "evaluate"}),  # inf is fingerprinted too
+    ("dp.mechanism.target_epsilon", 1.0, {"dp_finetune", "sample", "evaluate"}),
+    ("dp.mechanism.target_epsilon", float("inf"), {"dp_finetune", "sample", "evaluate"}),  # inf is fingerprinted too
     ("data.private.split", "private[:400]", {"dp_finetune", "sample", "evaluate"}),
     ("tokenizer.steps", 31, {"tokenizer", "pretrain", "dp_finetune", "sample", "evaluate"}),
     ("wavelet.mode", "zero", {"tokenizer", "pretrain", "dp_finetune", "refiner", "sample", "evaluate"}),
@@ -78,7 +78,7 @@ def test_fingerprints_cover_every_stage_and_are_deterministic():
     ("checkpoint.every_steps", 5, set()),
     ("perf.use_ghost_norms", False, set()),
     ("perf.microbatch_size", 4, set()),
-    ("dp.compose_on_resume", True, set()),
+    ("dp.operations.compose_on_resume", True, set()),
 ])
 def test_a_field_changes_exactly_the_stages_that_depend_on_it(path, value, stages):
     assert changed(config(), config(**{path: value})) == stages
@@ -207,7 +207,7 @@ def test_public_stages_copied_from_a_finished_row_are_reused_and_stale_ones_refu
     for name in ("tokenizer", "pretrain"):
         shutil.copytree(base_workdir / name, row / name)
     before = {p: p.stat().st_mtime_ns for p in row.glob("*/summary.json")}
-    cheap = {"dp.target_epsilon": 1.0, "dp.steps": 2, "refiner.steps": 2, "sample.num_samples": 20,
+    cheap = {"dp.mechanism.target_epsilon": 1.0, "dp.mechanism.steps": 2, "refiner.steps": 2, "sample.num_samples": 20,
              "sample.batch_size": 10, "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
     assert pipeline.train_and_evaluate(runs.tiny_config(cheap), str(row))
     assert {p: p.stat().st_mtime_ns for p in before} == before  # reused, not retrained

@@ -13,11 +13,15 @@ pytestmark = pytest.mark.integration
 _CONFIG = "--config=experiments/configs/mnist.py:tiny"
 _CASES = {
     "typo": ([_CONFIG, "--config.dp.sepsilon=1"], ["--config.dp.sepsilon", "no such config field"]),
+    # The flat spelling of a DP key before config.dp had sections names the key's section.
+    "flat_dp_key": ([_CONFIG, "--config.dp.target_epsilon=1"],
+                    ["--config.dp.target_epsilon", "use --config.dp.mechanism.target_epsilon"]),
+    "flat_secret_seed": ([_CONFIG, "--config.dp.secret_seed=1"], ["use --config.dp.secret.seed"]),
     "no_workdir": ([_CONFIG], ["--workdir", "must have a value"]),
-    "bad_value": ([_CONFIG, "--config.dp.steps=ten"], ["--config.dp.steps", "ten"]),
+    "bad_value": ([_CONFIG, "--config.dp.mechanism.steps=ten"], ["--config.dp.mechanism.steps", "ten"]),
     "no_config": ([], ["--config", "must have a value"]),
-    "bad_seed_file": ([_CONFIG, "--config.dp.secret_seed_file=/nonexistent/dp_seed"],
-                      ["dp.secret_seed_file '/nonexistent/dp_seed' does not exist", "umask 077"]),
+    "bad_seed_file": ([_CONFIG, "--config.dp.secret.seed_file=/nonexistent/dp_seed"],
+                      ["dp.secret.seed_file '/nonexistent/dp_seed' does not exist", "umask 077"]),
     "private_as_public": ([_CONFIG, "--config.data.public.split=private", "--config.data.public.privacy=private"],
                           ["dpwave.main: bad config: config.data.public is tagged privacy='private'"]),
     # A user's image folder with one corrupt PNG as the public data ({root}: the test's folder).
@@ -58,7 +62,7 @@ def test_bad_command_line_gives_a_clean_error(outcomes, case):
 
 def test_a_bad_secret_seed_file_is_one_line(outcomes):
     stderr = outcomes["bad_seed_file"][1]
-    assert stderr.strip().splitlines()[-1].startswith("dpwave.main: dp.secret_seed_file '/nonexistent/dp_seed' does "
+    assert stderr.strip().splitlines()[-1].startswith("dpwave.main: dp.secret.seed_file '/nonexistent/dp_seed' does "
                                                       "not exist; create it with (umask 077;")
 
 

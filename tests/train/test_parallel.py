@@ -41,7 +41,8 @@ def test_dp_checkpoint_saved_on_4_devices_resumes_on_2_and_1(base_workdir, compi
                                                             tmp_path):
     first = Path(shutil.copytree(base_workdir, tmp_path / "four"))
     [saved] = _run_concurrently(compile_cache,
-                                [(4, [_DP_STAGE, json.dumps({"dp.steps": 4}), str(first), str(tmp_path / "4.npz")])])
+                                [(4, [_DP_STAGE, json.dumps({"dp.mechanism.steps": 4}), str(first),
+                                      str(tmp_path / "4.npz")])])
     assert (saved["devices"], saved["summary"]["steps"]) == (4, 4)
     jobs, dirs = [], {}
     for devices in (2, 1):

@@ -30,7 +30,7 @@ def killed_dp_workdir(base_workdir, compile_cache, tmp_path_factory) -> tuple[Pa
     its second committed checkpoint; returns (workdir, step at which the kill was sent)."""
     workdir = Path(shutil.copytree(base_workdir, tmp_path_factory.mktemp("killed") / "run"))
     stage = workdir / "dp_finetune"
-    kill_at = RNG.randint(5, runs.TINY["dp.steps"] - 3)
+    kill_at = RNG.randint(5, runs.TINY["dp.mechanism.steps"] - 3)
 
     def ready() -> bool:
         return len(runs.committed_checkpoints(stage)) >= 2 and max(runs.logged_steps(stage), default=0) >= kill_at
@@ -92,7 +92,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(killed_dp_wo
 def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_finishes(workdir, compile_cache,
                                                                          dp_reference):
     stage = workdir / "dp_finetune"
-    signal_at = RNG.randint(1, runs.TINY["dp.steps"] - 3)
+    signal_at = RNG.randint(1, runs.TINY["dp.mechanism.steps"] - 3)
     code = runs.signal_when(runs.cli_args(workdir), runs.subprocess_env(compile_cache),
                                workdir.parent / "log.txt",
                                lambda: max(runs.logged_steps(stage), default=0) >= signal_at, signal.SIGTERM)
@@ -102,7 +102,7 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_finishes(workdi
     saved, last_done = runs.committed_checkpoints(stage)[-1], runs.logged_steps(stage)[-1]
     # The checkpoint holds the last step completed (nothing done after the signal is lost), and the
     # process stopped at the step boundary after the signal instead of running on to the end.
-    assert signal_at <= saved == last_done < runs.TINY["dp.steps"], (signal_at, saved, last_done)
+    assert signal_at <= saved == last_done < runs.TINY["dp.mechanism.steps"], (signal_at, saved, last_done)
     start = _resumed_from(stage, lambda: runs.run_dp(runs.tiny_config(), workdir))
     assert start == saved
     _same_dp_result(loop.read_summary(str(stage)), dp_reference.summary, f"SIGTERM at step {signal_at}")
@@ -134,7 +134,7 @@ def test_public_stage_resumes_bit_exactly_after_sigkill(base_workdir, compile_ca
 def test_budget_guard_stops_at_the_target_epsilon(workdir):
     # sigma 1, q = 16/400 (PLD, delta 1e-5): epsilon 1.074 after 3 steps, 1.139 after 4.
     target = 1.1
-    config = runs.tiny_config({"dp.steps": 50, "dp.target_epsilon": target})
+    config = runs.tiny_config({"dp.mechanism.steps": 50, "dp.mechanism.target_epsilon": target})
     summary = runs.run_dp(config, workdir).summary
     taken = summary["final_step"]
     assert summary["stopped_early"] and summary["steps"] == taken < 50
@@ -144,19 +144,20 @@ def test_budget_guard_stops_at_the_target_epsilon(workdir):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"dp.noise_multiplier": 2.0}, "noise_multiplier: 1.0 (ledger) -> 2.0 (new config)"),
-    ({"dp.expected_batch_size": 20}, "sampling_prob: 0.04 (ledger) -> 0.05 (new config)"),
+    ({"dp.mechanism.noise_multiplier": 2.0}, "noise_multiplier: 1.0 (ledger) -> 2.0 (new config)"),
+    ({"dp.mechanism.expected_batch_size": 20}, "sampling_prob: 0.04 (ledger) -> 0.05 (new config)"),
 ])
 def test_resume_with_changed_dp_hyperparameters_is_refused(dp_reference, tmp_path, change, message):
     workdir = _copy(dp_reference.workdir, tmp_path)
     with pytest.raises(privacy.LedgerMismatchError) as error:
-        runs.run_dp(runs.tiny_config({**change, "dp.steps": 12}), workdir)
+        runs.run_dp(runs.tiny_config({**change, "dp.mechanism.steps": 12}), workdir)
     assert message in str(error.value) and "compose" in str(error.value)
 
 
 def test_compose_on_resume_composes_the_new_mechanism(dp_reference, tmp_path):
     workdir = _copy(dp_reference.workdir, tmp_path)
-    config = runs.tiny_config({"dp.noise_multiplier": 2.0, "dp.steps": 12, "dp.compose_on_resume": True})
+    config = runs.tiny_config({"dp.mechanism.noise_multiplier": 2.0, "dp.mechanism.steps": 12,
+                               "dp.operations.compose_on_resume": True})
     summary = runs.run_dp(config, workdir).summary
     assert summary["final_step"] == summary["steps"] == 12
     history = summary["privacy"]["history"]

@@ -24,7 +24,8 @@ class DpAccount:
         expected = expected_privacy("private", dp.mechanism.tuning)  # the tag its spec passed, now of the data read
         if self.source.privacy != expected:
             raise data.PrivacyError(f"the DP stage expects config.data.private to be tagged {expected}"
-                                    f"{' (dp.tuning)' if dp.mechanism.tuning else ''}, got {self.source.privacy}")
+                                    f"{' (dp.mechanism.tuning)' if dp.mechanism.tuning else ''}, got "
+                                    f"{self.source.privacy}")
         self.mechanism = dp.mechanism.build(len(self.source), single_release)
         self.ledger = self.mechanism.ledger()
         self.guard = self.mechanism.guard(self.ledger)
@@ -40,9 +41,10 @@ class DpAccount:
 
     def saved_ledger(self, meta: dict) -> tuple[privacy.PrivacyLedger, list[str]]:
         """The checkpoint's ledger and how its DP hyperparameters differ from this run's (refused unless
-        `dp.compose_on_resume`, then composed honestly)."""
+        `dp.operations.compose_on_resume`, then composed honestly)."""
         saved = privacy.PrivacyLedger.from_dict(meta["ledger"])
-        differences = saved.check_compatible(self.mechanism.params, compose=self.settings.dp.compose_on_resume)
+        differences = saved.check_compatible(self.mechanism.params,
+                                             compose=self.settings.dp.operations.compose_on_resume)
         if differences:
             logging.warning("DP hyperparameters changed on resume and are composed honestly: %s", differences)
         return saved, differences

@@ -49,14 +49,14 @@ class DpDiffusion(Stage):
         dp = settings.dp
         return {"data.private": jsonable(settings.data.specs["private"]),
                 "diffusion.model": jsonable(settings.diffusion.model),
-                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
+                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret.seed}}
 
     def train(self, ctx: Context) -> loop.LoopResult:
         return DiffusionRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name),
                             pretrain_dir=ctx.dir(PIXEL_PRETRAIN.name)).train(ctx.stage_loop(self))
 
     def restore_params(self, settings: Settings, stage_dir: str) -> tuple[nnx.GraphDef, nnx.State]:
-        """The DP-finetuned parameters (their EMA when `dp.ema_decay` > 0)."""
+        """The DP-finetuned parameters (their EMA when `dp.recipe.ema_decay` > 0)."""
         graphdef, initial, _ = PIXEL_PRETRAIN.init(settings)
         state: steps.TrainState = restore_state(stage_dir, state_template(settings, initial.params, None))
         return graphdef, state.extra if settings.dp.recipe.ema_decay else state.params

@@ -21,7 +21,7 @@ from dpwave.train.stages.dp_account import DpAccount
 
 
 # The config.dp settings the release depends on (`l2_clip`, `expected_batch_size` and `steps` are DP-SGD's). They may
-# change on resume: the ledger refuses them unless dp.compose_on_resume composes them honestly.
+# change on resume: the ledger refuses them unless dp.operations.compose_on_resume composes them honestly.
 RELEASE_SETTINGS = ("target_epsilon", "delta", "noise_multiplier", "accountant", "neighboring", "allow_large_delta",
                     "tuning", "tuning_private_size")
 
@@ -87,7 +87,7 @@ class DpEmbedding(Stage):
                 "data": {"private": jsonable(d.specs["private"]), "public": jsonable(d.specs["public"]),
                          "num_classes": d.num_classes},
                 "dp": {**{k: v for k, v in jsonable(dp.mechanism).items() if k in RELEASE_SETTINGS},
-                       "secret_seed": dp.secret_seed}}
+                       "secret_seed": dp.secret.seed}}
 
     def train(self, ctx: Context) -> loop.LoopResult:
         return Release(ctx.settings, ctx.dir(self.name)).train(ctx.stage_loop(self))

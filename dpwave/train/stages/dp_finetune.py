@@ -11,7 +11,7 @@ order `DpSgdRun` builds and runs it, all numbers from one mechanism (`settings.M
    once on that sum divided by the expected batch size, the inner optimizer (SGD, Adam), the EMA;
 3. the ledger records the step; the budget guard refuses a step that would push epsilon past the target;
 4. the checkpoint holds the state, the ledger and the sampler state; a rerun restores them and refuses changed DP
-   hyperparameters (unless `dp.compose_on_resume`).
+   hyperparameters (unless `dp.operations.compose_on_resume`).
 
 `DpSgdRun.train` is that loop, top to bottom, over the machinery of `loop.StageLoop`.
 """
@@ -44,8 +44,8 @@ def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTrans
     return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
 
 
-# The DP-SGD mechanism's settings may change on resume: the ledger refuses them unless dp.compose_on_resume composes
-# them honestly (the clipping norm is outside the ledger: it must not change).
+# The DP-SGD mechanism's settings may change on resume: the ledger refuses them unless
+# dp.operations.compose_on_resume composes them honestly (the clipping norm is outside the ledger: it must not change).
 DP_SGD_RECONCILED = tuple(f"dp.{f.name}" for f in dataclasses.fields(Mechanism) if f.name != "l2_clip")
 
 
@@ -116,8 +116,8 @@ class DpSgdRun(DpAccount):
         self.use_ledger(saved)
 
     def train(self, stage_loop: loop.StageLoop) -> loop.LoopResult:
-        """The DP stage's loop over `dp.steps` steps, resumed from its newest checkpoint (ledger and sampler state
-        restored and checked by `on_restore`)."""
+        """The DP stage's loop over `dp.mechanism.steps` steps, resumed from its newest checkpoint (ledger and sampler
+        state restored and checked by `on_restore`)."""
         total, settings = self.settings.dp.mechanism.steps, self.settings
         with stage_loop:
             state, step = stage_loop.restore(self.state, self.on_restore)
@@ -134,7 +134,8 @@ class DpSgdRun(DpAccount):
                 step = i + 1
                 if stage_loop.logs(step):
                     self.last_epsilon = self.ledger.epsilon()
-                if stage_loop.end_step(step, state, metrics if settings.dp.log_private_metrics else {}, meta=self.meta,
+                private_metrics = metrics if settings.dp.operations.log_private_metrics else {}
+                if stage_loop.end_step(step, state, private_metrics, meta=self.meta,
                                        extra={"epsilon": self.last_epsilon} if stage_loop.logs(step) else {},
                                        postfix={"eps": f"{self.last_epsilon:.3g}"}):
                     return stage_loop.result  # preempted: the same command resumes it
@@ -148,7 +149,8 @@ class DpRun(DpSgdRun):
     def __init__(self, settings: Settings, mesh: Mesh, *, stage_dir: str, tokenizer_dir: str, pretrain_dir: str):
         super().__init__(settings, stage_dir)
         examples = ar_examples.encode_examples(settings, TOKENIZER.model(settings, tokenizer_dir), self.source)
-        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when dp.lora_rank > 0.
+        # The pretrained model, plus the DP stage's LoRA adapters (zero B: the same function) when
+        # dp.recipe.lora_rank > 0.
         graphdef, params = ar_examples.init_transformer(settings.dp_transformer, PRETRAIN.key(settings))
         params = dp_recipe.load_pretrained(params, PRETRAIN.restore_params(settings, pretrain_dir))
 
@@ -176,7 +178,7 @@ class DpFinetune(Stage):
         dp = settings.dp
         return {"data.private": jsonable(settings.data.specs["private"]),
                 "transformer": jsonable(settings.dp_transformer),
-                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret_seed}}
+                "dp": {**jsonable(dp.mechanism), **jsonable(dp.recipe), "secret_seed": dp.secret.seed}}
 
     def train(self, ctx: Context) -> loop.LoopResult:
         return DpRun(ctx.settings, ctx.mesh, stage_dir=ctx.dir(self.name), tokenizer_dir=ctx.dir(TOKENIZER.name),
@@ -189,7 +191,7 @@ class DpFinetune(Stage):
                                         transformer_lib.trainable_mask(params, settings.dp.recipe.trainable))
 
     def restore_params(self, settings: Settings, stage_dir: str) -> nnx.State:
-        """The DP-finetuned AR parameters (their EMA when `dp.ema_decay` > 0)."""
+        """The DP-finetuned AR parameters (their EMA when `dp.recipe.ema_decay` > 0)."""
         state = restore_state(stage_dir, self.init(settings)[1])
         return state.extra if settings.dp.recipe.ema_decay else state.params
 

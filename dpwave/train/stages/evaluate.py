@@ -30,7 +30,7 @@ from dpwave.train.stages.sample import STAGE as SAMPLE
 # What the evaluate stage reads from the DP stage's summary, for the public-only control (no DP stage).
 PUBLIC_ONLY_SUMMARY = {
     "epsilon": 0.0, "delta": 0.0, "noise_multiplier": None, "steps": 0, "wall_time_s": 0.0, "ledger": None,
-    "statement": "(0, 0)-differential privacy: public-only control (dp.target_epsilon = 0).\n"
+    "statement": "(0, 0)-differential privacy: public-only control (dp.mechanism.target_epsilon = 0).\n"
                  "  No DP stage ran and no model was trained on private data (the private split was opened only to "
                  "hash its pixels for the run-start content check): the samples come from models trained on public "
                  "data only."}
@@ -181,7 +181,7 @@ class Evaluate(Stage):
                 dp_step_flops="public-only control: no DP stage")
         elif mode == "tuning":
             dp = {**dp, "statement": dp_recipe.tuning_banner(settings, num_private) + dp["statement"]}
-            epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.tuning): no privacy claim"
+            epsilon, reasons["epsilon"] = None, "tuning run on public data (dp.mechanism.tuning): no privacy claim"
             metrics["memorization_ratio"] = None  # the stand-in may be the heldout reference itself
             reasons["memorization_ratio"] = "tuning run: its DP input is public, there is nothing private to memorize"
         target = settings.dp.mechanism.target_epsilon

@@ -1,6 +1,6 @@
 """The DP-MERF generator stage: a generator fitted to the released embedding, without any further access to the
-private data (post-processing of the release). In the public-only control (dp.target_epsilon = 0) it is fitted to
-the public split's own embedding instead (no noise, no private data).
+private data (post-processing of the release). In the public-only control (dp.mechanism.target_epsilon = 0) it is
+fitted to the public split's own embedding instead (no noise, no private data).
 
 Each step generates `merf.batch_size` images with balanced class labels and takes one Adam step on DP-MERF's
 objective (`mean_embedding.embedding_loss`), data-parallel across devices (each device's shard estimates the

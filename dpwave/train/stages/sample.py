@@ -37,7 +37,7 @@ GRID_COLUMNS = 10
 
 
 def transformer_params(settings: Settings, dirs: dict[str, str]) -> tuple[nnx.GraphDef, nnx.State]:
-    """The AR model to sample: the DP stage's parameters (their EMA with dp.ema_decay), or the pretrained ones in
+    """The AR model to sample: the DP stage's parameters (their EMA with dp.recipe.ema_decay), or the pretrained ones in
     the public-only control."""
     if settings.public_only:
         return PRETRAIN.init(settings)[0], PRETRAIN.restore_params(settings, dirs[PRETRAIN.name])
