@@ -80,19 +80,15 @@ class Generator:
     guidance_scale: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.top_k == 0:
-            object.__setattr__(self, "top_k", None)
-        if self.top_p == 1.0:
-            object.__setattr__(self, "top_p", None)
         if self.method not in METHODS:
             raise _setting_error("method", self.method, f"use one of {METHODS}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise _setting_error("temperature", self.temperature, "must be a number > 0")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise _setting_error("top_k", self.top_k, "must be an int >= 1, or None/0 to disable")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p < 1):
-            raise _setting_error("top_p", self.top_p, "must be in (0, 1), or None/1.0 to disable")
+        try:
+            top_k, top_p = transformer_lib.check_sampling(self.temperature, self.top_k, self.top_p,
+                                                   self.transformer.config.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"Generator.{e}") from None
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
         if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)):
             raise _setting_error("guidance_scale", self.guidance_scale, "must be a finite number")
 
@@ -148,8 +144,6 @@ def make_generator(method: str, tokenizer: SpectralTokenizer, transformer: trans
     generator = Generator(method, Part.of(tokenizer), Part.of(transformer),
                           None if refiner is None else Part.of(refiner), temperature=temperature, top_k=top_k,
                           top_p=top_p, guidance_scale=guidance_scale)
-    if generator.top_k is not None and generator.top_k > transformer.config.vocab_size:
-        raise ValueError(f"top_k={top_k} exceeds the vocabulary ({transformer.config.vocab_size}); lower it")
     return generator
 
 

@@ -94,8 +94,8 @@ class PoissonSampler:
     of the drawn examples, which is what dp_accounting's ``TruncatedSubsampledGaussianDpEvent``
     assumes. ``max_batch_size`` below the tail bound needs ``truncate=True``.
 
-    Padded slots hold index 0 with mask False; normalize by ``expected_batch_size`` (q N, a public
-    constant), never by the realized count.
+    Padded slots hold index 0 with mask False; normalize by ``selection.expected_batch_size`` (q N, a
+    public constant), never by the realized count.
     """
 
     def __init__(self, num_examples: int, sampling_prob: float, seed: int, bucket_multiple: int = 8,
@@ -132,9 +132,9 @@ class PoissonSampler:
         self.buckets = choose_buckets(self.num_examples, self.sampling_prob, largest, m)
 
     @property
-    def expected_batch_size(self) -> float:
-        """q N: the public normalizer of summed clipped gradients."""
-        return self.sampling_prob * self.num_examples
+    def selection(self) -> PoissonSelection:
+        """What this sampler draws (its q N is the public normalizer of summed clipped gradients)."""
+        return PoissonSelection(self.num_examples, self.sampling_prob)
 
     @property
     def largest_bucket(self) -> int:
@@ -167,7 +167,7 @@ class PoissonSampler:
                 raise BatchOverflowError(
                     f"step {step}: Poisson draw of {count} examples exceeds the largest bucket "
                     f"{self.largest_bucket} (N={self.num_examples}, q={self.sampling_prob}, expected "
-                    f"{self.expected_batch_size:g}, P(overflow per step)={self.overflow_prob:.3g}); "
+                    f"{self.selection.expected_batch_size:g}, P(overflow per step)={self.overflow_prob:.3g}); "
                     "lower tail_prob, raise max_batch_size, or pass truncate=True")
             # A uniform subset of a uniform subset is uniform: draw the truncated batch directly.
             count = self.largest_bucket

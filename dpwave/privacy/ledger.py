@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from dp_accounting import dp_event
 
+from dpwave.privacy.batch_selection import PoissonSelection
 from dpwave.privacy.accounting import (
     DEFAULT_NEIGHBORING, DEFAULT_PLD_DISCRETIZATION, check_accountant, check_delta, check_neighboring,
     check_noise_multiplier, check_sampling_prob, check_steps, check_target_epsilon, check_truncation, epsilon_of_event,
@@ -70,8 +71,9 @@ class DpParams:
                 object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
-    def expected_batch_size(self) -> float | None:
-        return None if self.dataset_size is None else self.sampling_prob * self.dataset_size
+    def selection(self) -> PoissonSelection | None:
+        """The Poisson selection of q over the N examples (None when N is not given)."""
+        return None if self.dataset_size is None else PoissonSelection(self.dataset_size, self.sampling_prob)
 
     def step_event(self) -> dp_event.DpEvent:
         return step_event(self.noise_multiplier, self.sampling_prob,

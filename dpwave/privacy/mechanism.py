@@ -10,7 +10,7 @@ statement (through the ledger) all read the same object.
 Its L2 sensitivity is C when one example is added or removed, 2 C when one is replaced (each example's key depends
 on that example only, `dpwave.privacy.keys`); `params.step_event()` is the `DpEvent` the ledger composes once per
 step. A new mechanism (fixed-size batches, correlated noise) is a new class with the same members: `selection`,
-`expected_batch_size`, `clipped_sum`, `noise`, `optimizer`, `ledger`, `guard` and `params`;
+`clipped_sum`, `noise`, `optimizer`, `ledger`, `guard` and `params`;
 `dpwave/train/settings.py` (`Mechanism.build`) chooses it from the config.
 
 Library pieces: the step's event is dp-accounting's (`PoissonSampledDpEvent` of a `GaussianDpEvent`); sigma
@@ -53,11 +53,8 @@ class DpSgdMechanism:
 
     @property
     def selection(self) -> PoissonSelection:
-        return PoissonSelection(self.params.dataset_size, self.params.sampling_prob)
-
-    @property
-    def expected_batch_size(self) -> float:
-        return self.selection.expected_batch_size
+        """Each example joins each step with probability q; its q N normalizes the noised sum."""
+        return self.params.selection
 
     def clipped_sum(self, loss_fn: clipping.LossFn, *, microbatch_size: int | None = None,
                     trainable: clipping.Trainable = None, use_ghost_norms: bool = False) -> clipping.ClippedGradFn:
@@ -73,7 +70,7 @@ class DpSgdMechanism:
         """The clipped sum -> (sum + N(0, (sigma C)^2)) / q N, with the noise of step t from fold_in(key, t) (XOR
         fold_in(mask_key, t)'s bits, `noise.noise_and_normalize`)."""
         return noise_and_normalize(l2_clip=self.l2_clip, noise_multiplier=self.params.noise_multiplier,
-                                   expected_batch_size=self.expected_batch_size, key=key, mask_key=mask_key)
+                                   expected_batch_size=self.selection.expected_batch_size, key=key, mask_key=mask_key)
 
     def optimizer(self, inner: optax.GradientTransformation, key: int | jax.Array,
                   mask_key: jax.Array | None = None) -> optax.GradientTransformation:

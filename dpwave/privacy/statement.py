@@ -123,7 +123,7 @@ def privacy_report(ledger: PrivacyLedger, not_covered: Sequence[str] = DEFAULT_N
         "noise_multiplier": p.noise_multiplier,
         "sampling_prob": p.sampling_prob,
         "dataset_size": p.dataset_size,
-        "expected_batch_size": p.expected_batch_size,
+        "expected_batch_size": None if p.selection is None else p.selection.expected_batch_size,
         "accountant": p.accountant,
         "pld_discretization": p.pld_discretization if p.accountant == "pld" else None,
         "neighboring": p.neighboring,

@@ -542,6 +542,9 @@ def read(config: ml_collections.ConfigDict) -> Settings:
         transformer = _transformer(config, tok, coarse_only, finetune=False)
     with _section("dp (the DP stage's transformer)"):
         dp_transformer = _transformer(config, tok, coarse_only, finetune=True)
+    with _section("sample"):
+        sample = config.sample
+        transformer_lib.check_sampling(sample.temperature, sample.top_k, sample.top_p, transformer.vocab_size)
     return Settings(
         seed=config.seed, method=config.method,
         data=DataSettings(d.image_size, d.channels, d.condition, d.num_classes if d.condition == "label" else None,

@@ -267,7 +267,7 @@ def test_compose_mode_is_honest(params):
 
 def test_params_defaults_and_checks():
     p = DpParams(1.0, 64 / 2000, 1e-5, dataset_size=2000)
-    assert p.expected_batch_size == pytest.approx(64)
+    assert p.selection.expected_batch_size == pytest.approx(64)
     assert p.accountant == "pld" and p.pld_discretization == 1e-3
     with pytest.raises(ValueError, match="target_epsilon=-1"):
         DpParams(1.0, 0.1, 1e-5, target_epsilon=-1)

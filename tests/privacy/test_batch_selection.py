@@ -27,7 +27,7 @@ def test_mean_batch_size_within_4_standard_errors(draws):
     sampler, batches = draws
     sizes = np.array([m.sum() for _, m in batches])
     se = np.sqrt(N * Q * (1 - Q) / STEPS)
-    assert sampler.expected_batch_size == pytest.approx(64.0)
+    assert sampler.selection.expected_batch_size == pytest.approx(64.0)
     assert abs(sizes.mean() - N * Q) < 4 * se
 
 

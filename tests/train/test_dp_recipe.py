@@ -197,7 +197,8 @@ def test_tuning_runs_on_public_data_with_the_private_runs_q_and_noise_per_step(b
     assert stage.sampler.sampling_prob == pytest.approx(16 / 2000)  # the private run's q
     assert stage.mechanism.params.noise_multiplier == pytest.approx(1.0 * n / 2000)
     # sigma / expected batch equals the private run's 1.0 / 16.
-    assert stage.mechanism.params.noise_multiplier / stage.sampler.expected_batch_size == pytest.approx(1.0 / 16)
+    sigma = stage.mechanism.params.noise_multiplier
+    assert sigma / stage.sampler.selection.expected_batch_size == pytest.approx(1.0 / 16)
     assert stage.mechanism.params.target_epsilon is None and stage.guard is None  # the stand-in's epsilon is no budget
 
 

@@ -50,3 +50,15 @@ def test_the_dp_stage_model_takes_the_recipes_lora_and_condition_dropout():
                                         "dp.recipe.cond_dropout": 0.3}))
     assert (s.dp_transformer.lora_rank, s.dp_transformer.cond_dropout) == (2, 0.3)
     assert (s.transformer.lora_rank, s.transformer.cond_dropout) == (0, 0.1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sample.top_k": -1}, r"config.sample: top_k=-1 must be an int in \[1, vocab_size=64\]"),
+    ({"sample.top_k": 65}, "top_k=65 must be an int in"),
+    ({"sample.top_p": 1.5}, r"config.sample: top_p=1.5 must be in \(0, 1\)"),
+    ({"sample.temperature": 0.0}, "config.sample: temperature=0.0 must be a number > 0"),
+])
+def test_bad_sampling_settings_are_refused_before_any_stage_not_after_training(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        settings.read(runs.tiny_config(overrides))
+    settings.read(runs.tiny_config({"sample.top_k": 0, "sample.top_p": 1.0}))  # 0 and 1.0: no filtering

@@ -23,9 +23,9 @@ from dpwave.models.transformer.model import (
     TransformerConfig,
     lora_targets,
 )
-from dpwave.models.transformer.decoding import filter_logits, guide, sample, scale_vocab_mask
+from dpwave.models.transformer.decoding import check_sampling, filter_logits, guide, sample, scale_vocab_mask
 
 __all__ = ["LORA_TARGETS", "TRAINABLE_GROUPS", "ARTransformer", "Attention", "Block", "Cache", "Context", "Mlp",
-           "TextEncoder", "TransformerConfig", "batch_loss", "batch_losses", "filter_logits", "guide", "is_lora_leaf",
-           "lora_targets", "per_example_loss", "sample", "scale_vocab_mask", "token_nll", "trainable_groups",
-           "trainable_mask"]
+           "TextEncoder", "TransformerConfig", "batch_loss", "batch_losses", "check_sampling", "filter_logits",
+           "guide", "is_lora_leaf", "lora_targets", "per_example_loss", "sample", "scale_vocab_mask", "token_nll",
+           "trainable_groups", "trainable_mask"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,20 @@ import numpy as np
 from flax import nnx
 
 from dpwave.models.transformer.model import ARTransformer, TransformerConfig
+
+
+def check_sampling(temperature: Any, top_k: Any, top_p: Any, vocab_size: int) -> tuple[int | None, float | None]:
+    """Refuses sampling settings no draw can use; returns (top_k, top_p) with 0 and 1.0 (no filtering) as None.
+    The one check of these settings: the config's (`settings.read`), `Generator`'s and `sample`'s."""
+    top_k = None if top_k == 0 else top_k
+    top_p = None if top_p == 1.0 else top_p
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} must be a number > 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k={top_k!r} must be an int in [1, vocab_size={vocab_size}], or None/0 (no top-k)")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p < 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1), or None/1.0 (no nucleus filtering)")
+    return top_k, top_p
 
 
 def filter_logits(logits: jax.Array, top_k: int | None = None, top_p: float | None = None) -> jax.Array:
@@ -143,12 +158,7 @@ def sample(
     num_tokens = cfg.seq_len if num_tokens is None else int(num_tokens)
     if not 1 <= num_tokens <= cfg.seq_len:
         raise ValueError(f"num_tokens must be in [1, {cfg.seq_len}], got {num_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}] or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    top_k, top_p = check_sampling(temperature, top_k, top_p, cfg.vocab_size)
     if guidance_scale and cfg.conditioning == "none":
         raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model")
     if cond is not None:
