@@ -234,3 +234,19 @@ class Reference:
     workdir: Path  # finished; copy it before resuming in it
     summary: dict
     params: Any  # final parameters (host numpy)
+
+
+# Sizes that run the baseline methods' stages in seconds (tiny_config's sizes otherwise).
+BASELINE_SMALL = {"merf.num_features": 200, "merf.steps": 4, "merf.batch_size": 20, "refiner.steps": 2,
+                  "diffusion.steps": 2, "dp.mechanism.steps": 3, "sample.num_samples": 20, "sample.batch_size": 10,
+                  "eval.feature_epochs": 1, "eval.downstream_epochs": 1, "eval.num_real": 50}
+
+
+def baseline_config(method: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """`tiny_config` of a baseline method (dp_merf, dpwave_merf, dp_diffusion) at `BASELINE_SMALL` sizes."""
+    return tiny_config({"method": method, **BASELINE_SMALL, **overrides})
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The stages `config` runs, in order."""
+    return [stage.name for stage in pipeline.stages(settings.read(config))]

@@ -39,6 +39,7 @@ def test_a_key_its_section_does_not_read_is_refused_not_dropped(path):
     ({"dp.recipe.warmup_steps": 11}, r"warmup_steps=11 must be in \[0, dp.mechanism.steps=10\]"),
     ({"dp.recipe.ema_decay": 1.0}, r"config.dp.recipe.ema_decay=1.0 must be in \[0, 1\)"),
     ({"dp.recipe.lora_rank": 2, "dp.recipe.trainable": "cond"}, "add 'lora' to trainable"),
+    ({"dp.recipe.trainable": "cond+mlps"}, "mlps"),
 ])
 def test_bad_dp_settings_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -49,7 +50,9 @@ def test_the_dp_stage_model_takes_the_recipes_lora_and_condition_dropout():
     s = settings.read(runs.tiny_config({"dp.recipe.lora_rank": 2, "dp.recipe.trainable": "cond+lora",
                                         "dp.recipe.cond_dropout": 0.3}))
     assert (s.dp_transformer.lora_rank, s.dp_transformer.cond_dropout) == (2, 0.3)
-    assert (s.transformer.lora_rank, s.transformer.cond_dropout) == (0, 0.1)
+    assert (s.transformer.lora_rank, s.transformer.cond_dropout) == (0, 0.1)  # pretraining's
+    assert settings.read(runs.tiny_config({"dp.recipe.cond_dropout": None})).dp_transformer.cond_dropout == 0.1
+    assert settings.read(runs.tiny_config({"dp.recipe.cond_dropout": 0.0})).dp_transformer.cond_dropout == 0.0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -62,3 +65,17 @@ def test_bad_sampling_settings_are_refused_before_any_stage_not_after_training(o
     with pytest.raises(ValueError, match=message):
         settings.read(runs.tiny_config(overrides))
     settings.read(runs.tiny_config({"sample.top_k": 0, "sample.top_p": 1.0}))  # 0 and 1.0: no filtering
+
+
+def test_merf_methods_refuse_captions_and_bad_settings():
+    with pytest.raises(ValueError, match="caption conditioning"):
+        settings.read(runs.baseline_config("dp_merf", **{"data.condition": "caption", "data.num_classes": None}))
+    with pytest.raises(ValueError, match=r"config.merf.num_features=201 must be even"):
+        settings.read(runs.baseline_config("dp_merf", **{"merf.num_features": 201}))
+    with pytest.raises(ValueError, match=r"config.merf.count_weight=1.0 must be in \(0, 1\)"):
+        settings.read(runs.baseline_config("dp_merf", **{"merf.count_weight": 1.0}))
+
+
+def test_dp_diffusion_refuses_transformer_parameter_groups():
+    with pytest.raises(ValueError, match="dp.recipe.trainable='all' and dp.recipe.lora_rank=0"):
+        settings.read(runs.baseline_config("dp_diffusion", **{"dp.recipe.trainable": "cond"}))
