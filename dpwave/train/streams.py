@@ -5,8 +5,11 @@
 * A public stage's data order: `shuffled(...)`, a `data.ShuffleSampler` seeded with config.seed * 100 + stream
   (numpy's Philox through SeedSequence), a fresh permutation each epoch.
 
-Stream numbers are each stage's `Stage.stream`; the DP stage has none: its randomness (Poisson draws, noise,
-per-example keys) comes from the secret seed only (`dpwave.privacy.secret`), never from config.seed.
+Both are one scheme, (config.seed, stream[, step]), in the two generators the stages use (JAX keys on device,
+numpy's Philox for host-side index order). Stream numbers are each stage's `Stage.stream`; the DP stage has none:
+its randomness (Poisson draws, noise, per-example keys) comes from the secret seed only (`dpwave.privacy.secret`),
+never from config.seed. The evaluation's classifiers use fixed seeds of their own (`dpwave.evaluate`), so every
+run is scored by the same ones; they are not run streams.
 """
 
 from __future__ import annotations
