@@ -7,8 +7,12 @@ features concatenated back, and a zero-initialized head. Objective: conditional 
 x-prediction, as the refiner's: on x_t = (1 - t) z + t x the net predicts x; sampling integrates the velocity
 (x_hat - x_t) / (1 - t) with `sample_steps` Euler steps from z ~ N(0, I). Images are [-1, 1] NHWC.
 
-`example_loss` draws t and z from the example's own key (`dpwave.privacy.keys.content_key` in the DP step), so
-adding or removing one example changes no other example's randomness.
+Classifier-free guidance (Ho & Salimans 2022), as the DP-finetuned diffusion baselines use it: training replaces
+the label by a null class with probability `cond_dropout`, and sampling with `guidance_scale` s predicts
+x_c + s (x_c - x_u) (the AR model's convention: s = 0 is the conditional model alone).
+
+`example_loss` draws t, z and the label drop from the example's own key (`dpwave.privacy.keys.content_key` in the
+DP step), so adding or removing one example changes no other example's randomness.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ _TIME_FEATURES = 64
 
 @dataclasses.dataclass(frozen=True)
 class PixelFlowConfig:
-    """Architecture and sampling; `num_classes` None for an unconditional model. `image_size` must be even."""
+    """Architecture, training's condition dropout and sampling; `num_classes` None for an unconditional model.
+    `image_size` must be even."""
 
     image_size: int = 32
     channels: int = 1
@@ -36,6 +41,7 @@ class PixelFlowConfig:
     width: int = 32
     num_blocks: int = 3
     sample_steps: int = 20
+    cond_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("image_size", self.image_size, 2)
@@ -47,6 +53,8 @@ class PixelFlowConfig:
         check_int("width", self.width, 1)
         check_int("num_blocks", self.num_blocks, 1)
         check_int("sample_steps", self.sample_steps, 1)
+        if not (isinstance(self.cond_dropout, (int, float)) and 0 <= self.cond_dropout < 1):
+            raise ValueError(f"cond_dropout={self.cond_dropout!r} must be in [0, 1)")
 
 
 class PixelFlow(nnx.Module):
@@ -54,7 +62,8 @@ class PixelFlow(nnx.Module):
         self.config = config
         w, c = config.width, config.channels
         self.time_mlp = nnx.Sequential(nnx.Linear(_TIME_FEATURES, w, rngs=rngs), nnx.silu, nnx.Linear(w, w, rngs=rngs))
-        self.label_embed = nnx.Embed(config.num_classes, w, rngs=rngs) if config.num_classes else None
+        # One row more than the classes: the null class that condition dropout trains and guidance samples.
+        self.label_embed = nnx.Embed(config.num_classes + 1, w, rngs=rngs) if config.num_classes else None
         self.stem = nnx.Conv(c, w, (3, 3), rngs=rngs)
         self.down = nnx.Conv(w, w, (3, 3), strides=(2, 2), rngs=rngs)
         self.blocks = nnx.List([ResBlock(w, w, jnp.float32, rngs=rngs) for _ in range(config.num_blocks)])
@@ -76,15 +85,20 @@ class PixelFlow(nnx.Module):
         return self.head(nnx.silu(self.out_norm(h)))
 
 
-def example_loss(graphdef: nnx.GraphDef, params: nnx.State, example: dict[str, jax.Array],
-                 key: jax.Array) -> jax.Array:
-    """Flow-matching loss of ONE example {"image": (H, W, C) in [-1, 1], ["label": ()]} with t, z from `key`."""
+def example_loss(graphdef: nnx.GraphDef, params: nnx.State, example: dict[str, jax.Array], key: jax.Array,
+                 cond_dropout: float | None = None) -> jax.Array:
+    """Flow-matching loss of ONE example {"image": (H, W, C) in [-1, 1], ["label": ()]} with t, z and the label
+    drop (probability `cond_dropout`; None: the model config's) from `key`."""
     model = nnx.merge(graphdef, params)
+    cfg = model.config
     x = example["image"][None].astype(jnp.float32)
-    k_t, k_z = jax.random.split(key)
+    k_t, k_z, k_drop = jax.random.split(key, 3)
     t = jax.random.uniform(k_t, (1,), jnp.float32)
     z = jax.random.normal(k_z, x.shape, jnp.float32)
-    label = example["label"][None] if model.config.num_classes else None
+    label = None
+    if cfg.num_classes:
+        rate = cfg.cond_dropout if cond_dropout is None else cond_dropout
+        label = jnp.where(jax.random.bernoulli(k_drop, rate, (1,)), cfg.num_classes, example["label"][None])
     return jnp.mean(jnp.square(model((1.0 - t) * z + t * x, t, label) - x))
 
 
@@ -95,17 +109,28 @@ def batch_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.A
     return jnp.mean(jax.vmap(lambda e, k: example_loss(graphdef, params, e, k))(batch, keys))
 
 
-def generate(graphdef: nnx.GraphDef, params: nnx.State, labels: jax.Array, key: jax.Array) -> jax.Array:
-    """Images of `labels` ((N,) ints; zeros for an unconditional model), Euler-integrated from noise of `key`."""
+def generate(graphdef: nnx.GraphDef, params: nnx.State, labels: jax.Array, key: jax.Array,
+             guidance_scale: float = 0.0) -> jax.Array:
+    """Images of `labels` ((N,) ints; zeros for an unconditional model), Euler-integrated from noise of `key`, with
+    classifier-free guidance `guidance_scale` (0: the conditional model alone; ignored without labels)."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
     n, steps = labels.shape[0], cfg.sample_steps
     label = labels if cfg.num_classes else None
+    guided = bool(guidance_scale) and label is not None
     dt = 1.0 / steps
+
+    def predict(x, t):
+        if not guided:
+            return model(x, t, label)
+        both = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                     jnp.concatenate([label, jnp.full_like(label, cfg.num_classes)]))
+        cond, uncond = both[:n], both[n:]
+        return cond + guidance_scale * (cond - uncond)
 
     def euler(i, x):
         t = i * dt
-        x1 = model(x, jnp.full((n,), t, jnp.float32), label)
+        x1 = predict(x, jnp.full((n,), t, jnp.float32))
         return x + dt * (x1 - x) / (1.0 - t)
 
     x0 = jax.random.normal(key, (n, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)

@@ -146,9 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     # dp_diffusion (dpwave/models/pixel_flow.py): a pixel-space flow-matching U-Net pretrained on the public split
     # (steps, batch_size, learning_rate) and DP-SGD finetuned on the private one under config.dp (mechanism and
-    # recipe; dp.recipe.trainable must be 'all'); sample_steps Euler steps at sampling.
+    # recipe; dp.recipe.trainable must be 'all'); sample_steps Euler steps at sampling, guided by
+    # sample.guidance_scale; cond_dropout trains the null class guidance needs (the DP stage: dp.recipe.cond_dropout
+    # when set).
     c.diffusion = ml_collections.ConfigDict(dict(
-        model=dict(width=32, num_blocks=3, sample_steps=20),
+        model=dict(width=32, num_blocks=3, sample_steps=20, cond_dropout=0.1),
         steps=800, batch_size=64, learning_rate=2e-3, init_params_from=placeholder(str)))
 
     # How the DP step computes the clipped sum, not what: every path gives the same update up to float rounding
@@ -168,7 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sample = ml_collections.ConfigDict(dict(
         num_samples=1000, batch_size=250,  # the samples every metric is computed on
-        temperature=1.0, guidance_scale=1.0,  # plain sampling; guidance > 1 pushes towards the condition
+        # Classifier-free guidance cond + s (cond - uncond) with s = guidance_scale (0: the conditional model alone;
+        # larger pushes towards the condition); it needs condition dropout in training.
+        temperature=1.0, guidance_scale=1.0,
         top_k=placeholder(int), top_p=placeholder(float),  # None: no top-k / nucleus filtering
         prompts="labels"))  # labels: balanced class labels; heldout: captions of the held-out split
 

@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # The DP-finetuned pixel model's per-example conv gradients dominate its DP step on a CPU: half the base
         # width (about 4x fewer FLOPs per example).
         c.diffusion.model.update(width=16, num_blocks=2)
+        # Public pretraining is cheap beside its DP step: 4,000 steps (about 10 min) against 800, on the style
+        # table's public-only row FD-cls 95 against 145 and conditioning accuracy 0.35 against 0.18 (seed 0).
+        c.diffusion.steps = 4000
         c.checkpoint.update(every_steps=100)
         if args.variant in ("shift", "tune"):
             c.data.public.labels = (0, 1, 2, 3, 4)

@@ -1,11 +1,12 @@
 """The dp_diffusion baseline's DP step keeps the sensitivity the accountant assumes: the pixel flow model's loss
-draws its noise level and noise per example, from the example's own content key, so adding one example anywhere
-in the batch moves the clipped sum by at most C (both clipping paths; ghost norms fall back to per-example
-gradients for the convolutions)."""
+draws its noise level, noise and label drop per example from the example's own content key, so adding one example
+anywhere in the batch moves the clipped sum by at most C (both clipping paths; ghost norms fall back to
+per-example gradients for the convolutions)."""
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,7 +23,8 @@ CLIP, OTHERS, BUCKET = 0.5, 15, 24
 
 @functools.cache
 def _setup(ghost: bool):
-    config = pixel_flow.PixelFlowConfig(image_size=8, channels=1, num_classes=10, width=8, num_blocks=1)
+    config = pixel_flow.PixelFlowConfig(image_size=8, channels=1, num_classes=10, width=8, num_blocks=1,
+                                        cond_dropout=0.5)
     graphdef, params = nnx.split(pixel_flow.PixelFlow(config, rngs=nnx.Rngs(params=jax.random.key(0))), nnx.Param)
     # SGD with learning rate 1, no noise, expected batch 1: params_after = params - clipped sum.
     optimizer = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=0.0, expected_batch_size=1.0, key=0)
@@ -56,12 +58,35 @@ def test_adding_one_image_moves_the_clipped_sum_by_at_most_c(ghost):
         assert moved <= CLIP * (1 + 1e-5), (where, moved)
 
 
-def test_the_loss_draws_from_the_key_only():
+def _model(**config) -> tuple[nnx.GraphDef, nnx.State]:
+    """A tiny pixel model with perturbed weights (its zero-initialized head would predict 0 whatever the input)."""
     graphdef, params = nnx.split(pixel_flow.PixelFlow(
-        pixel_flow.PixelFlowConfig(image_size=8, channels=1, width=8, num_blocks=1),
+        pixel_flow.PixelFlowConfig(image_size=8, channels=1, width=8, num_blocks=1, **config),
         rngs=nnx.Rngs(params=jax.random.key(0))), nnx.Param)
-    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)  # head != 0
-    example = {"image": np.random.default_rng(1).uniform(-1, 1, (8, 8, 1)).astype(np.float32), "label": np.int32(0)}
+    return graphdef, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape), params)
+
+
+def test_the_loss_draws_from_the_key_only():
+    graphdef, params = _model(num_classes=10, cond_dropout=0.5)
+    example = {"image": np.random.default_rng(1).uniform(-1, 1, (8, 8, 1)).astype(np.float32), "label": np.int32(3)}
     same = [float(pixel_flow.example_loss(graphdef, params, example, jax.random.key(1))) for _ in range(2)]
     other = float(pixel_flow.example_loss(graphdef, params, example, jax.random.key(2)))
     assert same[0] == same[1] and same[0] != other
+    # The drop is a draw of the key: over keys, some losses are the null class's, the others the label's.
+    def losses(rate):
+        return [float(pixel_flow.example_loss(graphdef, params, example, jax.random.key(k), rate)) for k in range(12)]
+
+    dropped, kept, mixed = losses(1.0), losses(0.0), losses(None)
+    assert all(m in (d, c) for m, d, c in zip(mixed, dropped, kept))
+    assert set(mixed) & set(dropped) and set(mixed) & set(kept)
+
+
+def test_guidance_zero_is_the_conditional_model_and_guidance_moves_the_samples():
+    graphdef, params = _model(num_classes=10, cond_dropout=0.1)
+    labels, key = jnp.arange(4, dtype=jnp.int32), jax.random.key(7)
+    plain = pixel_flow.generate(graphdef, params, labels, key)
+    np.testing.assert_array_equal(pixel_flow.generate(graphdef, params, labels, key, 0.0), plain)
+    assert not np.array_equal(pixel_flow.generate(graphdef, params, labels, key, 2.0), plain)
+    graphdef, params = _model()  # unconditional: nothing to guide
+    np.testing.assert_array_equal(pixel_flow.generate(graphdef, params, labels, key, 2.0),
+                                  pixel_flow.generate(graphdef, params, labels, key))

@@ -26,8 +26,8 @@ class DiffusionRun(DpSgdRun):
         graphdef = PIXEL_PRETRAIN.init(settings)[0]
         params = PIXEL_PRETRAIN.restore_params(settings, pretrain_dir)
 
-        def example_loss(params, example, key):
-            return pixel_flow.example_loss(graphdef, params, example, key)
+        def example_loss(params, example, key):  # the recipe's condition dropout, when set, as the DP transformer's
+            return pixel_flow.example_loss(graphdef, params, example, key, settings.dp.recipe.cond_dropout)
 
         self.build(mesh, pixel_examples(settings, self.source), params, None, example_loss)
 

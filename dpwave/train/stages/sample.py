@@ -95,7 +95,7 @@ def generate(settings: Settings, dirs: dict[str, str], conds: np.ndarray | None,
 
         @jax.jit
         def images(params, labels_b, key_b):
-            out = pixel_flow.generate(graphdef, params, labels_b, key_b)
+            out = pixel_flow.generate(graphdef, params, labels_b, key_b, s.guidance_scale)
             coarse = wavelets.decompose(out, w.levels, w.name, w.mode).coarse
             return {"images": out, "coarse_images": jnp.clip(
                 wavelets.upsample_coarse(coarse, w.levels, (side, side), w.name, method="nearest"), -1.0, 1.0)}
