@@ -236,16 +236,25 @@ def _pad(x: jax.Array, size: int) -> jax.Array:
 
 def generate_many(generator: Generator, conds: Any, key: jax.Array, batch_size: int, *,
                   num_samples: int | None = None) -> dict[str, np.ndarray]:
-    """`generate` over all of ``conds`` in batches of ``batch_size`` as uint8 NHWC images.
-
-    Batch b draws with ``fold_in(key, b)``; the last batch is padded (by repeating its last
-    condition) so every batch has the same shape and the function compiles once. The next batch is
-    dispatched before the previous one is copied to the host.
-    """
+    """`generate` over all of ``conds`` (or ``num_samples`` unconditional samples) in batches of ``batch_size`` as
+    uint8 NHWC images (`generate_batches`)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     conds, static_num = _check_cond(generator, conds, num_samples)
-    total = static_num if conds is None else len(conds)
+
+    def fn(conds_b: jax.Array | None, key_b: jax.Array) -> dict[str, jax.Array]:
+        return _generate_jit(generator, conds_b, key_b, batch_size if conds_b is None else None)
+
+    return generate_batches(fn, conds, key, batch_size, num_samples=static_num)
+
+
+def generate_batches(fn: Any, conds: Any, key: jax.Array, batch_size: int, *,
+                     num_samples: int | None = None) -> dict[str, np.ndarray]:
+    """uint8 images of `fn(conds_batch, key_b) -> {name: float [-1, 1] images}` over `conds` (labels or captions;
+    None: `num_samples` unconditional samples, `fn` gets None) in batches of `batch_size`. Batch b draws with
+    fold_in(key, b); the last batch is padded by repeating its last condition, so `fn` compiles once; the next
+    batch is dispatched before the previous one is copied to the host. Only the `IMAGE_KEYS` outputs are kept."""
+    total = num_samples if conds is None else len(conds)
     parts: dict[str, list[np.ndarray]] = {}
 
     def collect(out: dict[str, jax.Array], count: int) -> None:
@@ -256,27 +265,10 @@ def generate_many(generator: Generator, conds: Any, key: jax.Array, batch_size: 
     pending = None
     for b, start in enumerate(range(0, total, batch_size)):
         count = min(batch_size, total - start)
-        batch_key = jax.random.fold_in(key, b)
-        if conds is None:
-            out = _generate_jit(generator, None, batch_key, batch_size)
-        else:
-            out = _generate_jit(generator, _pad(conds[start:start + count], batch_size), batch_key, None)
+        chunk = None if conds is None else _pad(jnp.asarray(conds[start:start + count]), batch_size)
+        out = fn(chunk, jax.random.fold_in(key, b))
         if pending is not None:
             collect(*pending)
         pending = (out, count)
     collect(*pending)
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
-
-
-def generate_batches(fn: Any, labels: np.ndarray, key: jax.Array, batch_size: int) -> dict[str, np.ndarray]:
-    """uint8 images of `fn(labels_batch, key_b) -> {name: float [-1, 1] images}` over `labels` in batches of
-    `batch_size` (the last padded by repeating its last label, so `fn` compiles once); batch b draws with
-    fold_in(key, b). For the generators that are not AR models (DP-MERF's, the pixel flow model)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for b, start in enumerate(range(0, len(labels), batch_size)):
-        chunk = labels[start:start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk))])
-        out = fn(jnp.asarray(padded, jnp.int32), jax.random.fold_in(key, b))
-        for name, value in out.items():
-            parts.setdefault(name, []).append(to_uint8(jax.device_get(value[:len(chunk)])))
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
