@@ -202,6 +202,19 @@ def twin_check(graphdef: nnx.GraphDef, params: Any, batch: dict[str, Any], twin)
             "max_logit_diff": float(np.abs(jax_logits - torch_logits).max()), "logit_std": float(jax_logits.std())}
 
 
+def _step(optimizer: Any, loss_fn: Callable[[], Any]) -> Callable[[], float]:
+    """One training step on the fixed batch: zero the gradients, backward `loss_fn()`, step; returns the loss."""
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
 def torch_step(mode: str, size: dict[str, int], params: Any, tokens_np: np.ndarray) -> tuple[Callable[[], float], Any]:
     """(a closure running one training step of a torch mode on the fixed batch and returning its loss, the twin it
     trains, built from `params`)."""
@@ -210,15 +223,7 @@ def torch_step(mode: str, size: dict[str, int], params: Any, tokens_np: np.ndarr
     tokens = torch.from_numpy(np.asarray(tokens_np, np.int64))
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     if mode == "torch_non_dp":
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch_loss(model, tokens)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
-
-        return step, model
+        return _step(optimizer, lambda: torch_loss(model, tokens)), model
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=size["batch"])
     common = dict(optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE, max_grad_norm=CLIP,
                   poisson_sampling=False, loss_reduction="mean")
@@ -228,27 +233,15 @@ def torch_step(mode: str, size: dict[str, int], params: Any, tokens_np: np.ndarr
             module=model, criterion=torch.nn.CrossEntropyLoss(), grad_sample_mode="ghost", **common
         )
 
-        def step() -> float:
-            dp_opt.zero_grad(set_to_none=True)
+        def ghost_loss() -> Any:
             logits = module(tokens)
             # shape= makes the criterion reduce per sequence (the privacy unit), then backward() clips and re-weights
-            loss = criterion(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), shape=logits.shape)
-            loss.backward()
-            dp_opt.step()
-            return loss.item()
+            return criterion(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), shape=logits.shape)
 
-        return step, model
+        return _step(dp_opt, ghost_loss), model
     if mode == "opacus_hooks":
         module, dp_opt, _ = engine.make_private(module=model, grad_sample_mode="hooks", **common)
-
-        def step() -> float:
-            dp_opt.zero_grad(set_to_none=True)
-            loss = torch_loss(module, tokens)
-            loss.backward()
-            dp_opt.step()
-            return loss.item()
-
-        return step, model
+        return _step(dp_opt, lambda: torch_loss(module, tokens)), model
     raise ValueError(f"unknown torch mode {mode!r}; known: {TORCH_MODES}")
 
 
