@@ -84,7 +84,7 @@ class Generator:
             raise _setting_error("method", self.method, f"use one of {METHODS}")
         try:
             top_k, top_p = transformer_lib.check_sampling(self.temperature, self.top_k, self.top_p,
-                                                   self.transformer.config.vocab_size)
+                                                          self.transformer.config.vocab_size)
         except ValueError as e:
             raise ValueError(f"Generator.{e}") from None
         object.__setattr__(self, "top_k", top_k)
