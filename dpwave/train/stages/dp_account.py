@@ -50,10 +50,8 @@ class DpAccount:
         return saved, differences
 
     def use_ledger(self, ledger: privacy.PrivacyLedger) -> None:
-        """Continues from a restored ledger (the progress bar shows its epsilon until the next log step)."""
         self.ledger = ledger
         self.guard = self.mechanism.guard(self.ledger)
-        self.last_epsilon = ledger.epsilon()
 
     def summary(self) -> dict:
         report, params = privacy.privacy_report(self.ledger, release=self.release), self.mechanism.params

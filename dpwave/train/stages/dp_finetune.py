@@ -132,12 +132,14 @@ class DpSgdRun(DpAccount):
                                               distributed.shard_batch(mask, self.mesh), self.key, i)
                 self.ledger.record_steps(1)
                 step = i + 1
-                if stage_loop.logs(step):
+                # Epsilon is computed on the log steps; the bar shows the last one (none before the first).
+                logged = stage_loop.logs(step)
+                if logged:
                     self.last_epsilon = self.ledger.epsilon()
                 private_metrics = metrics if settings.dp.operations.log_private_metrics else {}
                 if stage_loop.end_step(step, state, private_metrics, meta=self.meta,
-                                       extra={"epsilon": self.last_epsilon} if stage_loop.logs(step) else {},
-                                       postfix={"eps": f"{self.last_epsilon:.3g}"}):
+                                       extra={"epsilon": self.last_epsilon} if logged else {},
+                                       postfix={"eps": f"{self.last_epsilon:.3g}"} if logged else None):
                     return stage_loop.result  # preempted: the same command resumes it
             return stage_loop.finish(state, step, state.extra if settings.dp.recipe.ema_decay else state.params,
                                      meta=self.meta, summary_extra=self.summary())
