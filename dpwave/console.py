@@ -22,21 +22,22 @@ from dpwave import files
 LOG = "log.txt"
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _PIPELINE = os.path.join(_PACKAGE, "train", "pipeline.py")
+_ABANDONED_TASK = "Task exception was never retrieved"
 _FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 
 class _Console(logging.Filter):
     """Passes the pipeline's INFO lines (one per stage), dpwave's warnings and every error (errors only off
-    process 0) except asyncio's: those are reads of a damaged checkpoint that Orbax abandoned after dpwave handled
-    the failure ("Task exception was never retrieved", logged whenever the task is collected, even after the
-    run's one-line error), so they go to the log file only."""
+    process 0) except asyncio's "Task exception was never retrieved": those are reads of a damaged checkpoint
+    that Orbax abandoned after dpwave handled the failure, logged whenever the task is collected (even after the
+    run's one-line error), so they go to the log file only. asyncio's other errors still show."""
 
     def __init__(self) -> None:
         super().__init__()
         self.is_process0 = True
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "asyncio":
+        if record.name == "asyncio" and record.getMessage().startswith(_ABANDONED_TASK):
             return False
         if record.levelno >= logging.ERROR:
             return True

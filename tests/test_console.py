@@ -44,6 +44,9 @@ def test_console_shows_stage_lines_dpwave_warnings_and_errors():
     abandoned_read = logging.LogRecord("asyncio", logging.ERROR, "/lib/asyncio/base_events.py", 1,
                                        "Task exception was never retrieved", None, None)
     assert not keep(abandoned_read)
+    other_asyncio_error = logging.LogRecord("asyncio", logging.ERROR, "/lib/asyncio/base_events.py", 1,
+                                            "Exception in callback Loop.call_soon()", None, None)
+    assert keep(other_asyncio_error)
     off_process0 = console._Console()
     off_process0.is_process0 = False
     assert not off_process0.filter(_record(logging.INFO, _PIPELINE, "stage tokenizer: starting"))
