@@ -169,7 +169,9 @@ def clipped_grad(
       trainable: see `partition`; grad_sum then holds only the trainable leaves.
       use_ghost_norms: compute per-example norms and the clipped sum without materializing
         per-example gradients of weights that enter only `dot_general` ops (dense layers, attention
-        projections): exact, see `dpwave.privacy.ghost`. Other leaves use per-example gradients.
+        projections), convolutions (as kernels) or row lookups (embedding tables): certified, see
+        `dpwave.privacy.ghost`.
+        Other leaves use per-example gradients.
 
     The returned fn takes `batch` (pytree, leading axis B), `mask` ((B,), nonzero for real
     examples, 0 for padding: a padding row contributes exactly zero because the binarized mask

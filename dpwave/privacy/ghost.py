@@ -1,4 +1,5 @@
-"""Ghost norms: per-example gradient norms of dot_general weights (certified upper bounds), no per-example grads.
+"""Ghost norms: per-example gradient norms of dense, conv and embedding weights (certified upper bounds), no
+per-example gradients.
 
 A weight W that enters one example's loss only as an operand of `dot_general` ops
 (y_u = x_u W: dense layers, attention projections, tied uses) has the per-example gradient
@@ -10,14 +11,26 @@ widened by its float32 rounding error bound, so the clip factor never lets an ex
 (`_norm_bound`), and the weighted sum over a batch, sum_i w_i G_i = X_all^T (w * D_all), is one ordinary
 weight-gradient matmul. X and D come out of ONE per-example forward/backward pass: the loss is
 re-evaluated from its traced jaxpr with a zero perturbation z added to each such dot_general's
-output, so dL/dz = dY exactly while W itself is not differentiated. Every other leaf (biases,
-scales, embeddings, weights used any other way or inside loops/conditionals) is returned for the
-caller to handle with materialized per-example gradients. Generic over the loss: nothing here
-knows about models.
+output, so dL/dz = dY exactly while W itself is not differentiated.
+
+A convolution kernel is the same case: the output is the dot of the input's patches (the window
+at each output position, exact copies of input entries or padding zeros; N output positions,
+K = C_in x window) with the kernel, so X is the patch matrix (`_ConvUse`).
+
+A table E that enters only through row lookups (`gather` of whole rows: `jnp.take(E, ids, axis=0)`,
+`E[ids]`; token, position and class embeddings) is handled from the same pass: its per-example
+gradient is G = sum_s e_{r_s} D_s^T (r_s the row read at lookup s), so
+  ||G||^2 = sum([r_s = r_t] * (D D^T)_st)    O(N^2 M), the row-equality matrix exact,
+and the weighted batch sum is one scatter-add of the rows w_i D_i. No (V x M) gradient per example.
+
+Every other leaf (biases, scales, weights used any other way or inside loops/conditionals) is
+returned for the caller to handle with materialized per-example gradients. Generic over the loss:
+nothing here knows about models.
 """
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -45,6 +58,83 @@ class _Use:
     k: int
     m: int
     out: jax.ShapeDtypeStruct  # per-example output of the dot_general (shape of z)
+
+    @property
+    def layout(self) -> tuple[Any, ...]:
+        return (self.w_order, self.k, self.m)
+
+    def canonical(self, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Batched (B, ...) x and dY -> float32 (B, N, K) and (B, N, M)."""
+        b = x.shape[0]
+        xc = jnp.transpose(x, (0,) + tuple(p + 1 for p in self.x_perm)).reshape(b, self.n, self.k)
+        dc = jnp.transpose(dy, (0,) + tuple(p + 1 for p in self.out_perm)).reshape(b, self.n, self.m)
+        return xc.astype(jnp.float32), dc.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvUse:
+    """One convolution with weight leaf `param` as its kernel: a dot_general of the input's patches (N output
+    positions x K = C_in * window entries, exact copies of input entries or padding zeros) with the kernel."""
+
+    param: int
+    dims: Any  # ConvDimensionNumbers of the convolution
+    window: tuple[int, ...]  # the kernel's spatial shape, in the input's spatial order
+    conv: dict[str, Any]  # window_strides, padding, lhs_dilation, rhs_dilation
+    w_order: tuple[int, ...]  # the kernel's input-feature dim, spatial dims, output-feature dim
+    n: int
+    k: int
+    m: int
+    out: jax.ShapeDtypeStruct
+
+    @property
+    def layout(self) -> tuple[Any, ...]:
+        return (self.w_order, self.k, self.m)
+
+    def canonical(self, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Batched (B, ...) input and dY -> float32 (B, N, K) patches and (B, N, M), K ordered (C_in, window)."""
+        b, last = x.shape[0], lambda spec: (0, spec[0] + 1, *(d + 1 for d in spec[2:]), spec[1] + 1)  # (B, N, ..., C)
+        d = jnp.transpose(dy, last(self.dims.out_spec))
+        patches = _patches(jnp.transpose(x, last(self.dims.lhs_spec)), self.window, d.shape[2:-1], **self.conv)
+        return (patches.reshape(b, self.n, self.k).astype(jnp.float32),
+                d.reshape(b, self.n, self.m).astype(jnp.float32))
+
+
+def _patches(x: jax.Array, window: tuple[int, ...], out: tuple[int, ...], *, window_strides, padding, lhs_dilation,
+             rhs_dilation) -> jax.Array:
+    """(..., *out, C * prod(window)) windows of the (..., *spatial, C) input `x` as the convolution reads them, C-major:
+    strided slices of the padded (and lhs-dilated) input, one per window offset, so every entry is a copy."""
+    lead = x.ndim - len(window) - 1
+    config = [(0, 0, 0)] * lead + [(lo, hi, dil - 1) for (lo, hi), dil in zip(padding, lhs_dilation)] + [(0, 0, 0)]
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    slices = []
+    for offset in itertools.product(*(range(w) for w in window)):
+        start = [0] * lead + [o * r for o, r in zip(offset, rhs_dilation)] + [0]
+        limit = x.shape[:lead] + tuple(s + (n - 1) * st + 1 for s, n, st in zip(start[lead:], out, window_strides))
+        slices.append(jax.lax.slice(x, start, limit + x.shape[-1:], [1] * lead + list(window_strides) + [1]))
+    stacked = jnp.stack(slices, axis=-1)  # (..., *out, C, window entries)
+    return stacked.reshape(stacked.shape[:-2] + (-1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lookup:
+    """One row lookup of table leaf `param` (V rows of M entries): the output holds N rows of the table."""
+
+    param: int
+    v: int
+    m: int
+    clamp: bool  # indices out of [0, V) read the nearest row (CLIP, PROMISE_IN_BOUNDS); else no row (FILL_OR_DROP)
+    out: jax.ShapeDtypeStruct  # per-example output of the gather (shape of z)
+
+    @property
+    def layout(self) -> tuple[Any, ...]:
+        return ("lookup", self.v, self.m)
+
+    def canonical(self, ids: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Batched (B, ..., 1) indices and dY -> (B, N) int32 rows (V: none) and float32 (B, N, M)."""
+        b = ids.shape[0]
+        ids = ids.reshape(b, -1).astype(jnp.int32)
+        rows = jnp.clip(ids, 0, self.v - 1) if self.clamp else jnp.where((ids >= 0) & (ids < self.v), ids, self.v)
+        return rows, dy.reshape(b, rows.shape[1], self.m).astype(jnp.float32)
 
 
 class GhostResult(NamedTuple):
@@ -79,12 +169,74 @@ def _owned_dot(eqn: Any, owners: list[int | None]) -> tuple[int, int] | None:
     return held[0]
 
 
+_ROW_MODES = {
+    jax.lax.GatherScatterMode.CLIP: True,
+    jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS: True,
+    jax.lax.GatherScatterMode.FILL_OR_DROP: False,
+}
+
+
+def _owned_lookup(eqn: Any, owners: list[int | None]) -> int | None:
+    """The table's param if `eqn` gathers whole rows of one weight at non-weight indices (shape (..., 1))."""
+    if eqn.primitive is not prims.gather_p or owners[0] is None or owners[1] is not None:
+        return None
+    dims, table, ids = eqn.params["dimension_numbers"], eqn.invars[0].aval, eqn.invars[1].aval
+    lead, rest = ids.ndim - 1, tuple(table.shape[1:])
+    whole_rows = (
+        table.ndim >= 1
+        and ids.shape[-1:] == (1,)
+        and tuple(dims.collapsed_slice_dims) == (0,)
+        and tuple(dims.start_index_map) == (0,)
+        and tuple(dims.offset_dims) == tuple(range(lead, lead + len(rest)))
+        and not dims.operand_batching_dims
+        and tuple(eqn.params["slice_sizes"]) == (1,) + rest
+        and eqn.params["mode"] in _ROW_MODES
+    )
+    return owners[0] if whole_rows else None
+
+
+def _owned_conv(eqn: Any, owners: list[int | None]) -> int | None:
+    """The kernel's param if `eqn` convolves a non-weight input with a weight kernel, without feature groups."""
+    if eqn.primitive is not prims.conv_general_dilated_p or owners[0] is not None or owners[1] is None:
+        return None
+    return owners[1] if eqn.params["feature_group_count"] == eqn.params["batch_group_count"] == 1 else None
+
+
+def _owned_use(eqn: Any, owners: list[int | None]) -> tuple[int, int] | None:
+    """(param, operand index of the weight) of a weight use ghost can handle: a dot_general, a convolution's
+    kernel or a row lookup."""
+    if (table := _owned_lookup(eqn, owners)) is not None:
+        return table, 0
+    if (kernel := _owned_conv(eqn, owners)) is not None:
+        return kernel, 1
+    return _owned_dot(eqn, owners)
+
+
 def _is_cast(eqn: Any, owners: list[int | None]) -> bool:
     """A dtype cast of a weight (e.g. to bfloat16 activations): its uses count as the weight's."""
     return eqn.primitive is prims.convert_element_type_p and owners[0] is not None
 
 
-def _make_use(eqn: Any, param: int, side: int) -> _Use:
+def _make_use(eqn: Any, param: int, side: int) -> _Use | _ConvUse | _Lookup:
+    out = jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype)
+    if eqn.primitive is prims.gather_p:
+        table = eqn.invars[0].aval.shape
+        return _Lookup(param, table[0], math.prod(table[1:]), _ROW_MODES[eqn.params["mode"]], out)
+    if eqn.primitive is prims.conv_general_dilated_p:
+        dims, kernel = eqn.params["dimension_numbers"], eqn.invars[1].aval.shape
+        window = tuple(kernel[d] for d in dims.rhs_spec[2:])
+        out_shape = out.shape
+        return _ConvUse(
+            param=param,
+            dims=dims,
+            window=window,
+            conv={name: eqn.params[name] for name in ("window_strides", "padding", "lhs_dilation", "rhs_dilation")},
+            w_order=(dims.rhs_spec[1], *dims.rhs_spec[2:], dims.rhs_spec[0]),
+            n=math.prod(out_shape[d] for d in (dims.out_spec[0], *dims.out_spec[2:])),
+            k=kernel[dims.rhs_spec[1]] * math.prod(window),
+            m=kernel[dims.rhs_spec[0]],
+            out=out,
+        )
     (lc, rc), _ = eqn.params["dimension_numbers"]
     w_c, x_c = (lc, rc) if side == 0 else (rc, lc)
     w_shape, x_shape = eqn.invars[side].aval.shape, eqn.invars[1 - side].aval.shape
@@ -105,19 +257,19 @@ def _make_use(eqn: Any, param: int, side: int) -> _Use:
         n=math.prod(x_shape[d] for d in x_free),
         k=math.prod(w_shape[d] for d in w_contract),
         m=math.prod(w_shape[d] for d in w_free),
-        out=jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype),
+        out=out,
     )
 
 
-def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use], other: set[int]) -> None:
-    """Records every dot_general use of a weight (in evaluation order) and every other use."""
+def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use | _ConvUse | _Lookup], other: set[int]) -> None:
+    """Records every use of a weight that `_owned_use` accepts (in evaluation order) and every other use."""
     own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
     of = lambda vs: [None if isinstance(v, jcore.Literal) else own.get(v) for v in vs]
     for eqn in jaxpr.eqns:
         in_own = of(eqn.invars)
         if eqn.primitive in _INLINE_PARAM:
             _analyze(eqn.params[_INLINE_PARAM[eqn.primitive]].jaxpr, in_own, uses, other)
-        elif (hit := _owned_dot(eqn, in_own)) is not None:
+        elif (hit := _owned_use(eqn, in_own)) is not None:
             uses.append(_make_use(eqn, *hit))
         elif _is_cast(eqn, in_own):
             own[eqn.outvars[0]] = in_own[0]
@@ -133,7 +285,7 @@ def _evaluate(
     owners: list[int | None],
     tap: Callable[[Any, int, int, list[Any]], Any],
 ) -> list[Any]:
-    """`jax.core.eval_jaxpr`, inlining jit calls; `tap` may replace weight dot_general outputs."""
+    """`jax.core.eval_jaxpr`, inlining jit calls; `tap` may replace the outputs of weight uses (`_owned_use`)."""
     env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
@@ -148,20 +300,12 @@ def _evaluate(
             with eqn.ctx.manager:
                 out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = out if eqn.primitive.multiple_results else [out]
-            if (hit := _owned_dot(eqn, in_own)) is not None:
+            if (hit := _owned_use(eqn, in_own)) is not None:
                 outs = [tap(outs[0], hit[0], hit[1], invals)]
             elif _is_cast(eqn, in_own):
                 own[eqn.outvars[0]] = in_own[0]
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
-
-
-def _canonical(use: _Use, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Batched (B, ...) x and dY -> float32 (B, N, K) and (B, N, M)."""
-    b = x.shape[0]
-    xc = jnp.transpose(x, (0,) + tuple(p + 1 for p in use.x_perm)).reshape(b, use.n, use.k)
-    dc = jnp.transpose(dy, (0,) + tuple(p + 1 for p in use.out_perm)).reshape(b, use.n, use.m)
-    return xc.astype(jnp.float32), dc.astype(jnp.float32)
 
 
 _U = 1.01 * 2.0**-24  # float32 unit roundoff, with slack for the first-order error bounds below
@@ -246,25 +390,64 @@ def _norm_bound(x: jax.Array, d: jax.Array) -> jax.Array:
     2^-58 (N + 1) sqrt((K + 1) (M + 1)): 4 times that is added.
     """
     n, k, m = x.shape[1], x.shape[2], d.shape[2]
-    row_norms = lambda a: jnp.linalg.norm(a, axis=2) + 2.0**-62 * math.sqrt(a.shape[2])
-    nx, nd = row_norms(x), row_norms(d)
+    nx, nd = _padded_row_norms(x), _padded_row_norms(d)
     t = jnp.sum(nx * nd, axis=1) * (1 + (k + m + n + 4) * _U)
     if n * (k + m) < k * m:
         gx = jnp.einsum("bnk,bsk->bns", x, x, precision=_HIGHEST)
-        gd = jnp.einsum("bnm,bsm->bns", d, d, precision=_HIGHEST)
-        total = lambda a: jnp.sum(jnp.sum(a, axis=2), axis=1)
-        outer = lambda v: v[:, :, None] * v[:, None, :]
-        sq = total(gx * gd)
-        error = ((k + 2) * total(outer(nx) * jnp.abs(gd)) + (m + 2) * total(jnp.abs(gx) * outer(nd))
-                 + (2 * n + 3) * total(jnp.abs(gx * gd)) + 3 * (k + 2) * (m + 2) * _U * jnp.square(t))
-        base = jnp.maximum(sq, 0.0) + 1.1 * _U * error
+        base = _gram_square(gx, k, nx, d, nd, t)
     else:
         g = jnp.einsum("bnk,bnm->bkm", x, d, precision=_HIGHEST)
         sq = jnp.sum(jnp.einsum("bkm,bkm->bk", g, g, precision=_HIGHEST), axis=1)
         base = sq * (1 + (k + m + 4) * _U)
+    return _widened(base, t, n, k, m)
+
+
+def _lookup_norm_bound(rows: jax.Array, d: jax.Array, v: int) -> jax.Array:
+    """(B,) certified upper bounds on the Frobenius norm of sum_s e_{rows_s} d_s^T (rows >= v read no row).
+
+    `_norm_bound` with X the one-hot rows: X X^T is the row-equality matrix, exact, so its rounding term
+    is 0; each X row has norm 1 (or 0) and one nonzero entry (K = 1 in the underflow term).
+    """
+    n, m = d.shape[1], d.shape[2]
+    valid = rows < v
+    nx, nd = valid.astype(jnp.float32), _padded_row_norms(d)
+    t = jnp.sum(nx * nd, axis=1) * (1 + (m + n + 5) * _U)
+    same = (rows[:, :, None] == rows[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    return _widened(_gram_square(same.astype(jnp.float32), None, nx, d, nd, t), t, n, 1, m)
+
+
+def _padded_row_norms(a: jax.Array) -> jax.Array:
+    """(B, N) norms of the rows of a scaled (B, N, K) array, plus what squares that underflow may lose."""
+    return jnp.linalg.norm(a, axis=2) + 2.0**-62 * math.sqrt(a.shape[2])
+
+
+def _gram_square(gx: jax.Array, k: int | None, nx: jax.Array, d: jax.Array, nd: jax.Array, t: jax.Array) -> jax.Array:
+    """sum(gx * (D D^T)) widened by its first-order rounding error; gx = X X^T computed from rows of length k
+    (None: gx is exact)."""
+    n, m = d.shape[1], d.shape[2]
+    gd = jnp.einsum("bnm,bsm->bns", d, d, precision=_HIGHEST)
+    total = lambda a: jnp.sum(jnp.sum(a, axis=2), axis=1)
+    outer = lambda v: v[:, :, None] * v[:, None, :]
+    sq = total(gx * gd)
+    x_rounding = 0.0 if k is None else (k + 2) * total(outer(nx) * jnp.abs(gd))
+    error = (x_rounding + (m + 2) * total(jnp.abs(gx) * outer(nd)) + (2 * n + 3) * total(jnp.abs(gx * gd))
+             + 3 * ((k or 0) + 2) * (m + 2) * _U * jnp.square(t))
+    return jnp.maximum(sq, 0.0) + 1.1 * _U * error
+
+
+def _widened(base: jax.Array, t: jax.Array, n: int, k: int, m: int) -> jax.Array:
+    """sqrt(base) plus the rounding of the batched sum, capped by T, plus the underflow allowance."""
     margin = 2 * (n + 2) * _U
     underflow = 2.0**-56 * (n + 1) * math.sqrt((k + 1) * (m + 1))
     return jnp.minimum(jnp.sqrt(base) + margin * t, t * (1 + margin)) + underflow
+
+
+class _ScaledRows(NamedTuple):
+    """One table's looked-up rows and output cotangents of each example, the cotangents scaled."""
+
+    rows: jax.Array  # (B, N) int32 row read at each lookup; V where none is (an index out of range, dropped)
+    d: jax.Array  # (B, N, M) D_b * 2^-e_b: entries below 4 in magnitude
+    e: jax.Array  # (B,) int32
 
 
 def ghost_norms(
@@ -287,15 +470,15 @@ def ghost_norms(
     n_in = len(closed.jaxpr.invars)
     owners = list(range(len(leaves))) + [None] * (n_in - len(leaves))
 
-    uses: list[_Use] = []
+    uses: list[_Use | _ConvUse | _Lookup] = []
     other: set[int] = set()
     _analyze(closed.jaxpr, owners, uses, other)
     layouts: dict[int, set[tuple[Any, ...]]] = {}
     for use in uses:
-        layouts.setdefault(use.param, set()).add((use.w_order, use.k, use.m))
+        layouts.setdefault(use.param, set()).add(use.layout)
     dense = {p for p, lay in layouts.items() if p not in other and len(lay) == 1}
     taps = [u for u in uses if u.param in dense]
-    orders = {u.param: u.w_order for u in taps}
+    kinds = {u.param: u for u in taps}  # one layout per param: any of its uses describes them all
     fallback = [i for i in range(len(leaves)) if i not in dense]
 
     def tapped(fb_leaves, zs, example, key):
@@ -323,13 +506,21 @@ def ghost_norms(
 
     stacked: dict[int, tuple[jax.Array, jax.Array]] = {}
     for use, x, dy in zip(taps, xs, dys):
-        xc, dc = _canonical(use, x, dy)
+        xc, dc = use.canonical(x, dy)
         if use.param in stacked:
             px, pd = stacked[use.param]
             xc, dc = jnp.concatenate([px, xc], axis=1), jnp.concatenate([pd, dc], axis=1)
         stacked[use.param] = (xc, dc)
-    scaled = {p: _scale(x, d) for p, (x, d) in stacked.items()}
-    bounds = [_times_pow2(_norm_bound(s.x, s.d), s.e) for s in scaled.values()]
+    scaled: dict[int, _Scaled | _ScaledRows] = {}
+    bounds = []
+    for p, (x, d) in stacked.items():
+        if isinstance(kinds[p], _Lookup):
+            ed = _row_exponents(d)
+            s = scaled[p] = _ScaledRows(x, _scaled_rows(d, ed), ed)
+            bounds.append(_times_pow2(_lookup_norm_bound(s.rows, s.d, kinds[p].v), s.e))
+        else:
+            s = scaled[p] = _scale(x, d)
+            bounds.append(_times_pow2(_norm_bound(s.x, s.d), s.e))
     norms = l2_norms(bounds) * (1 + (len(bounds) + 2) * _U) if bounds else jnp.zeros((batch,), jnp.float32)
 
     def dense_sum(weights: jax.Array) -> PyTree:
@@ -337,8 +528,14 @@ def ghost_norms(
         keep = (weights != 0)[:, None, None]
         for p, s in scaled.items():
             w = _times_pow2(weights.astype(jnp.float32), s.e)[:, None, None]  # X^T (w D) = x^T (w 2^e d)
-            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, s.x, 0.0), jnp.where(keep, s.d * w, 0.0), precision=_HIGHEST)
-            order = orders[p]
+            wd = jnp.where(keep, s.d * w, 0.0)
+            if isinstance(s, _ScaledRows):  # rows V (none) are dropped
+                g = jnp.zeros((kinds[p].v, wd.shape[2]), jnp.float32).at[s.rows.reshape(-1)].add(
+                    wd.reshape(-1, wd.shape[2]), mode="drop")
+                out[p] = g.reshape(leaves[p].shape)
+                continue
+            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, s.x, 0.0), wd, precision=_HIGHEST)
+            order = kinds[p].w_order
             g = g.reshape([leaves[p].shape[a] for a in order])
             out[p] = jnp.transpose(g, np.argsort(order))
         return treedef.unflatten(out)

@@ -156,8 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
     # How the DP step computes the clipped sum, not what: every path gives the same update up to float rounding
     # (tests/privacy/test_clipping.py, test_ghost.py; tests/train/test_parallel.py), so none is a stage input.
     # microbatch_size: examples whose per-example gradients are live at once per device (None: the whole batch);
-    # use_ghost_norms: certified norms of dense weights without per-example gradients (dpwave.privacy.ghost);
-    # False: materialized per-example gradients (vmap). Time and memory of both: experiments/bench/bench_dp_step.py.
+    # use_ghost_norms: certified norms of dense and conv kernels and embedding tables without per-example gradients
+    # (dpwave.privacy.ghost); False: materialized per-example gradients (vmap). Time and memory of both:
+    # experiments/bench/bench_dp_step.py.
     # input_workers threads make the training stages' batches (decode, resize, gather) up to input_prefetch steps
     # ahead (0 workers: in the loop's thread); each batch is a function of (seed, step) whatever these are.
     # Throughput and input-wait fractions: experiments/bench/bench_input.py.

@@ -12,8 +12,9 @@ clip norm, so its clipped gradient is C e_(r_i, c_i) up to 1e-4 of the model's o
 canaries sit in `fc1.kernel`, which the ghost path handles as a dense weight: the term is written
 `(scale e_r) W e_c`, a dot_general of W in the layout of the layer's own use, so the weight stays on the
 ghost route and its norms and sums stay exact (indexing W would move it to the fallback). The other half
-sit in `token_embed`, a gathered table the ghost path leaves to per-example gradients, in rows of tokens no
-sequence contains, so no real gradient lands there. Each canary is in the private set with probability
+sit in `token_embed`, which the ghost path handles as a table of row lookups: the term reads row r_i, as the
+model's own token lookups do, then its entry c_i, in rows of tokens no sequence contains, so no real
+gradient lands there. Each canary is in the private set with probability
 1/2; its score is how far its coordinate moved against its term (the summed normalized noisy gradient).
 The normalizer is the expected batch size of the expected set, so it does not depend on the coins.
 """
@@ -83,7 +84,7 @@ def canary_loss(graphdef: nnx.GraphDef):
         (dr, dc), (tr, tc) = example["at"][0], example["at"][1]
         row = example["scale"][0] * jax.nn.one_hot(dr, kernel.shape[0], dtype=kernel.dtype)
         dense = jnp.dot(jnp.dot(row, kernel), jax.nn.one_hot(dc, kernel.shape[1], dtype=kernel.dtype))
-        canary = dense + example["scale"][1] * table[tr, tc]
+        canary = dense + example["scale"][1] * jnp.take(table, tr, axis=0)[tc]  # a row lookup, then its entry
         return transformer_lib.per_example_loss(graphdef, params, tokens, key) + canary
 
     return loss
@@ -144,7 +145,7 @@ def run_audit(seed: int, setting: Setting, noise_multiplier: float, use_ghost_no
     return audit.one_run_audit(scores, included, num_pos=setting.num_guess, num_neg=setting.num_guess, delta=DELTA)
 
 
-def test_canary_terms_take_the_dense_and_the_fallback_ghost_route():
+def test_canary_terms_take_the_dense_and_the_row_lookup_ghost_routes():
     setting = Setting(steps=1, sampling_prob=0.5, num_real=2, num_canaries=4, num_guess=1, microbatch_size=4)
     examples, _, _ = canary_data(0, setting)
     graphdef, params = nnx.split(transformer_lib.ARTransformer(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)
@@ -153,7 +154,7 @@ def test_canary_terms_take_the_dense_and_the_fallback_ghost_route():
         lambda: ghost.ghost_norms(canary_loss(graphdef), params, jax.tree.map(jnp.asarray, examples), keys)
         .fallback_grads)
     assert _leaf(fallback, DENSE) is None  # dense: exact ghost norm and sum, no per-example gradient
-    assert _leaf(fallback, TABLE).shape == (len(keys),) + _leaf(params, TABLE).shape
+    assert _leaf(fallback, TABLE) is None  # row lookups: the same
 
 
 QUICK = Setting(steps=200, sampling_prob=0.1, num_real=100, num_canaries=200, num_guess=50, microbatch_size=64)

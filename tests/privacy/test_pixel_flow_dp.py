@@ -1,7 +1,7 @@
 """The dp_diffusion baseline's DP step keeps the sensitivity the accountant assumes: the pixel flow model's loss
 draws its noise level, noise and label drop per example from the example's own content key, so adding one example
-anywhere in the batch moves the clipped sum by at most C (both clipping paths; ghost norms fall back to
-per-example gradients for the convolutions)."""
+anywhere in the batch moves the clipped sum by at most C (both clipping paths; ghost norms handle the convolution
+kernels from their input patches, the label table as row lookups)."""
 
 import functools
 
@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from dpwave import privacy
+from dpwave.privacy.ghost import ghost_norms
 from dpwave.models import pixel_flow
 from dpwave.train import distributed, steps
 
@@ -56,6 +57,26 @@ def test_adding_one_image_moves_the_clipped_sum_by_at_most_c(ghost):
         with_extra = {k: np.concatenate([others[k][:where], extra[k], others[k][where:]]) for k in data}
         moved = float(np.linalg.norm(_clipped_sum(ghost, with_extra, key) - without))
         assert moved <= CLIP * (1 + 1e-5), (where, moved)
+
+
+def test_ghost_norms_handle_every_kernel_and_equal_the_materialized_ones():
+    """Every conv and dense kernel and the label table have no per-example gradient on the ghost path, and its
+    norms (certified bounds) and clipped sum equal the vmap path's."""
+    graphdef, params = _model(num_classes=10, cond_dropout=0.3)
+    loss = lambda p, ex, key: pixel_flow.example_loss(graphdef, p, ex, key)
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (6, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 6), jnp.int32)}
+    keys = jax.random.split(jax.random.key(2), 6)
+    fallback = jax.eval_shape(lambda p: ghost_norms(loss, p, batch, keys).fallback_grads, params)
+    names = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(fallback)}
+    assert names and not any("kernel" in n or "embed" in n for n in names), names
+    ref, ref_aux = jax.jit(privacy.clipped_grad(loss, l2_clip=0.05))(params, batch, jnp.ones(6), keys)
+    got, aux = jax.jit(privacy.clipped_grad(loss, l2_clip=0.05, use_ghost_norms=True))(params, batch, jnp.ones(6), keys)
+    assert np.all(np.asarray(aux.norms) >= np.asarray(ref_aux.norms) * (1 - 1e-6))
+    np.testing.assert_allclose(aux.norms, ref_aux.norms, rtol=1e-4)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
 def _model(**config) -> tuple[nnx.GraphDef, nnx.State]:
