@@ -20,8 +20,9 @@ the benchmark batch agree within 1e-4 (`twin_check`; 3e-7 at the quick size, log
 counts equal `param_count` (both are printed).
 
 Modes:
-- `jax_non_dp`, `dpwave_ghost_mb32`: bench_dp_step's own `non_dp` and `dp_ghost_mb32` steps (its `_prepared` and
-  `_run`: one jitted, compiled-ahead step; ghost norms, microbatch 32, the DP stage's default path).
+- `jax_non_dp`, `dpwave_ghost_mb8`, `dpwave_ghost_mb32`: bench_dp_step's own `non_dp`, `dp_ghost_mb8` and
+  `dp_ghost_mb32` steps (its `_prepared` and `_run`: one jitted, compiled-ahead step; ghost norms, microbatches of 8
+  (the CPU configs' setting) and 32).
 - `torch_non_dp`: the plain PyTorch step (torch.optim.Adam).
 - `opacus_ghost`: Opacus ghost clipping (`PrivacyEngine.make_private(grad_sample_mode="ghost")`, which returns a
   wrapped criterion whose `backward` runs Opacus's two backward passes).
@@ -29,11 +30,11 @@ Modes:
 Both Opacus modes: DP-Adam, fixed batches (`poisson_sampling=False`, so the batch is the same 64 examples as the JAX
 step's; expected batch size 64), noise drawn on every step.
 
-Time: ONE process holds all five modes (JAX compiled ahead, torch with `torch.set_num_threads(<cores>)`) and runs
+Time: ONE process holds all six modes (JAX compiled ahead, torch with `torch.set_num_threads(<cores>)`) and runs
 them round-robin, one step per mode per round, each step blocked until done (JAX: `block_until_ready`; torch CPU
 steps are synchronous); the order rotates each round. `--warmup` rounds (default 2) are discarded; the median of the
 `--rounds` timed rounds (default 10; quick 5) is reported, with its ratio to the same framework's non-DP step
-(`step_x`) and to the Opacus ghost step (`vs_opacus_ghost`; for `dpwave_ghost_mb32` that is dpwave DP / Opacus
+(`step_x`) and to the Opacus ghost step (`vs_opacus_ghost`; for `dpwave_ghost_mb8` that is dpwave DP / Opacus
 ghost). The JSON records torch, Opacus and JAX versions, the CPU model, the thread count and the load average.
 
 OpenMP: torch's CPU build runs its ops on libgomp threads. The run sets OMP_WAIT_POLICY=PASSIVE before torch loads
@@ -65,7 +66,8 @@ from experiments.bench.common import print_table, write_json
 
 INSTALL = "pip install -r requirements-opacus.txt"
 SIZES = dp_step.SIZES
-JAX_MODES = {"jax_non_dp": "non_dp", "dpwave_ghost_mb32": "dp_ghost_mb32"}  # ours -> bench_dp_step's name
+# ours -> bench_dp_step's name
+JAX_MODES = {"jax_non_dp": "non_dp", "dpwave_ghost_mb8": "dp_ghost_mb8", "dpwave_ghost_mb32": "dp_ghost_mb32"}
 TORCH_MODES = ("torch_non_dp", "opacus_ghost", "opacus_hooks")
 MODES = (*JAX_MODES, *TORCH_MODES)
 BASELINE = {m: "jax_non_dp" for m in JAX_MODES} | {m: "torch_non_dp" for m in TORCH_MODES}
@@ -336,9 +338,9 @@ def main() -> None:
           f"{init['max_logit_diff']:.2g} (logit std {init['logit_std']:.2g})")
     print_table(rows, ["mode", "framework", "step_s", "step_x", "vs_opacus_ghost", "min_s", "max_s"])
     ratio = None
-    if {"dpwave_ghost_mb32", "opacus_ghost"} <= set(median):
-        ratio = median["dpwave_ghost_mb32"] / median["opacus_ghost"]
-        print(f"dpwave DP (ghost, microbatch 32) / Opacus ghost: {ratio:.3g}")
+    if {"dpwave_ghost_mb8", "opacus_ghost"} <= set(median):
+        ratio = median["dpwave_ghost_mb8"] / median["opacus_ghost"]
+        print(f"dpwave DP (ghost, microbatch 8) / Opacus ghost: {ratio:.3g}")
     write_json(args.out, "opacus", rows, size_name=size_name, size=size, rounds=rounds, warmup=args.warmup,
                dpwave_dp_over_opacus_ghost=ratio, params=counts, twin_check=init,
                same_process=True, torch_threads=result["torch_threads"], cpu_model=cpu_model(),
