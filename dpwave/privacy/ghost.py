@@ -225,14 +225,13 @@ def _make_use(eqn: Any, param: int, side: int) -> _Use | _ConvUse | _Lookup:
     if eqn.primitive is prims.conv_general_dilated_p:
         dims, kernel = eqn.params["dimension_numbers"], eqn.invars[1].aval.shape
         window = tuple(kernel[d] for d in dims.rhs_spec[2:])
-        out_shape = out.shape
         return _ConvUse(
             param=param,
             dims=dims,
             window=window,
             conv={name: eqn.params[name] for name in ("window_strides", "padding", "lhs_dilation", "rhs_dilation")},
             w_order=(dims.rhs_spec[1], *dims.rhs_spec[2:], dims.rhs_spec[0]),
-            n=math.prod(out_shape[d] for d in (dims.out_spec[0], *dims.out_spec[2:])),
+            n=math.prod(out.shape[d] for d in (dims.out_spec[0], *dims.out_spec[2:])),
             k=kernel[dims.rhs_spec[1]] * math.prod(window),
             m=kernel[dims.rhs_spec[0]],
             out=out,
