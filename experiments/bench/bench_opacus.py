@@ -1,7 +1,7 @@
 """dpwave's DP training step beside Opacus's (PyTorch) on the same 3.7M-parameter AR transformer.
 
     pip install -r requirements-opacus.txt   # optional (torch 2.13.0 CPU build, Opacus 1.6.0): this benchmark only
-    python -m experiments.bench.bench_opacus --out /tmp/bench_opacus.json   # full size; time to be measured
+    python -m experiments.bench.bench_opacus --out /tmp/bench_opacus.json   # full size: about 5 min, idle 2 cores
     python -m experiments.bench.bench_opacus --quick                        # small model: 1 min on 2 busy cores
 
 Model: bench_dp_step's "full" size, dpwave.models.transformer.ARTransformer with vocabulary 1024, sequence 64,
