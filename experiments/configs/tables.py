@@ -133,7 +133,7 @@ def _tune() -> tuple[Row, ...]:
     """The recipe search on the public stand-in (docs/tuning.md): each (method, recipe) at the epsilons it was
     scored at, and the shift setup's public-only controls (the stand-in changes only the DP stage)."""
     rows = [Row(label(m, e, f"recipe={r}"), TUNE, m, e, f"recipe={r}") for m, r, eps in TUNE_SEARCH for e in eps]
-    return (*rows, *grid(SHIFT, ("dpwave", "full_dp"), (PUBLIC,)))
+    return (*rows, *grid(SHIFT, ("dpwave", "full_dp", "dp_diffusion"), (PUBLIC,)))
 
 
 SHIFT = "experiments/configs/mnist.py:shift"
@@ -165,6 +165,9 @@ TUNE_SEARCH = (
     ("dpwave", "cond_lora4_sgd_b1024", ("1", "10")),
     ("full_dp", "all", ("10", "inf")),
     ("full_dp", "all_sgd_b1024", ("10",)),
+    ("dp_diffusion", "sgd_drop", ("10",)),
+    ("dp_diffusion", "sgd_drop_lr1", ("10",)),
+    ("dp_diffusion", "sgd_drop_lr3", ("10",)),
 )
 # The ablations of the default recipe on the same stand-in (docs/tuning.md): condition dropout, trained subsets,
 # and post-processing of the trained models (guidance, temperature), the public-only control included.
