@@ -101,9 +101,9 @@ def _init(key: int | jax.Array, l2_clip: float, noise_multiplier: float, expecte
     check_number("expected_batch_size", expected_batch_size, positive=True)
     raw, impl = _key_parts(key)
 
-    def init_fn(params: PyTree) -> NoiseState:
+    def init_fn(params: PyTree) -> NoiseState:  # a new key buffer each time: the step donates (consumes) it
         del params
-        return NoiseState(key=jnp.asarray(raw), count=jnp.zeros((), jnp.int32))
+        return NoiseState(key=jnp.array(raw), count=jnp.zeros((), jnp.int32))
 
     return init_fn, impl
 

@@ -8,11 +8,17 @@
   key on every device. Each example's randomness comes from a keyed hash of its own content under the
   (secret) step key (`dpwave.privacy.keys`), so it depends neither on the example's slot, nor on the
   other examples, nor on the number of devices.
+
+Both steps donate their `state` argument: XLA writes the new state into the old one's buffers, so a step holds
+one copy of the parameters and optimizer state, not two. The state passed in is consumed; the caller keeps the
+returned one. A leaf whose host view is still held (an asynchronous checkpoint being written) is not donated:
+JAX copies it instead, so a save in flight is never overwritten (tests/train/test_steps.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -52,7 +58,7 @@ def public_step(loss_fn: BatchLoss, optimizer: optax.GradientTransformation, mes
 
     grads_fn = jax.shard_map(local_grads, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=P())
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: PyTree, rng: jax.Array) -> tuple[TrainState, dict]:
         grads, metrics = grads_fn(state.params, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -91,7 +97,7 @@ def dp_step(clipped_sum: clipping.ClippedGradFn, optimizer: optax.GradientTransf
     sum_fn = jax.shard_map(local_sum, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P(),
                            check_vma=False)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(state: TrainState, batch: PyTree, mask: jax.Array, key: jax.Array,
              index: jax.Array) -> tuple[TrainState, dict]:
         batch = jax.lax.with_sharding_constraint(batch, jax.sharding.NamedSharding(mesh, P(DATA_AXIS)))

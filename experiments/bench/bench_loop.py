@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from dpwave import privacy
 from dpwave.train import distributed, loop, pipeline, settings
@@ -75,9 +76,14 @@ def pre_drawn(stage: DpRun, steps: int) -> list[tuple[Any, Any]]:
     return out
 
 
+def _copy_state(stage: DpRun) -> Any:
+    """A copy of the stage's initial state to step from: the step consumes (donates) the state it is given."""
+    return jax.tree.map(jnp.copy, stage.state)
+
+
 def run_raw(stage: DpRun, batches: list) -> tuple[float, float]:
     """(seconds per step over steps 1 .. N-2, total seconds) of the jitted step over `batches`."""
-    n, state, marks = len(batches), stage.state, {}
+    n, state, marks = len(batches), _copy_state(stage), {}
     t0 = time.perf_counter()
     for i, (batch, mask) in enumerate(batches):
         _mark(marks, state, i, n)
@@ -102,14 +108,14 @@ def run_loop(stage: DpRun, root: Path, steps: int, every: int, log_every: int,
             jax.random.fold_in(stage.key, i)
         return step_fn(state, *args)
 
-    stage.step_fn = step
+    stage.step_fn, initial, stage.state = step, stage.state, _copy_state(stage)
     directory = Path(tempfile.mkdtemp(dir=root))
     options = loop.LoopOptions(checkpoint_every=every, max_to_keep=2, log_every=log_every)
     t0 = time.perf_counter()
     try:
         result = stage.train(loop.StageLoop("dp_finetune", str(directory), options, private=True))
     finally:
-        stage.step_fn = step_fn
+        stage.step_fn, stage.state = step_fn, initial
     total = time.perf_counter() - t0
     assert result.finished and result.step == steps, result
     shutil.rmtree(directory)
@@ -137,7 +143,7 @@ def host_work(stage: DpRun, root: Path, steps: int) -> list[dict]:
     ledger = stage.mechanism.ledger()
     guard = privacy.BudgetGuard(ledger)
     guard.can_step(1)  # the budget search runs once per stage; time it separately below
-    _, metrics = stage.step_fn(stage.state, *pre_drawn(stage, 1)[0], stage.key, 0)
+    _, metrics = stage.step_fn(_copy_state(stage), *pre_drawn(stage, 1)[0], stage.key, 0)
     indices = [stage.sampler.batch(i)[0] for i in range(steps)]
     rows = []
     with Checkpointer(root / "host_ckpt") as ckpt, MetricWriter(root / "host_metrics", is_process0=True,

@@ -127,7 +127,7 @@ def train_and_score(seed: int, setting: Setting, noise_multiplier: float,
     clipped_sum = mechanism.clipped_sum(canary_loss(graphdef), microbatch_size=setting.microbatch_size,
                                         trainable=trainable, use_ghost_norms=use_ghost_norms)
     step_fn = steps.dp_step(clipped_sum, optimizer, mesh, trainable=trainable)
-    state = steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]))
+    state = steps.TrainState(jax.tree.map(jnp.copy, params), optimizer.init(privacy.partition(params, trainable)[0]))
     state = distributed.replicate(state, mesh)
     key = jax.random.key(seed + 1)
     for i in range(setting.steps):

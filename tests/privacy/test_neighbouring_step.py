@@ -11,6 +11,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -51,7 +52,7 @@ def _clipped_sum(ghost: bool, dtype: str, batch: dict, rng: jax.Array) -> np.nda
     size = len(batch["label"])
     padded = {k: np.concatenate([v, np.repeat(v[:1], BUCKET - size, axis=0)]) for k, v in batch.items()}
     mask = (np.arange(BUCKET) < size).astype(np.float32)
-    state = steps.TrainState(params, optimizer.init(params))
+    state = steps.TrainState(jax.tree.map(jnp.copy, params), optimizer.init(params))
     new, _ = step(state, padded, mask, rng, 0)
     delta = jax.tree.map(lambda a, b: a - b, params, new.params)
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(delta)])

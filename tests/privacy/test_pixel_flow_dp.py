@@ -39,7 +39,7 @@ def _clipped_sum(ghost: bool, batch: dict, rng: jax.Array) -> np.ndarray:
     size = len(batch["label"])
     padded = {k: np.concatenate([v, np.repeat(v[:1], BUCKET - size, axis=0)]) for k, v in batch.items()}
     mask = (np.arange(BUCKET) < size).astype(np.float32)
-    new, _ = step(steps.TrainState(params, optimizer.init(params)), padded, mask, rng, 0)
+    new, _ = step(steps.TrainState(jax.tree.map(jnp.copy, params), optimizer.init(params)), padded, mask, rng, 0)
     delta = jax.tree.map(lambda a, b: a - b, params, new.params)
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(delta)])
 

@@ -44,13 +44,14 @@ def init_transformer(config, finetune: bool = False):
 
 
 def run_steps(stage, count: int) -> list[TrainState]:
-    """The stage's first `count` jitted DP steps, fed as its loop feeds them."""
-    state, states = stage.state, []
+    """The states after the stage's first `count` jitted DP steps, fed as its loop feeds them (from a copy of its
+    initial state, kept as `stage.state`: the step consumes the state it is given)."""
+    state, states = jax.tree.map(jnp.copy, stage.state), []
     for i in range(count):
         examples, mask = stage.batch(i)
         state, _ = stage.step_fn(state, distributed.shard_batch(examples, stage.mesh),
                                  distributed.shard_batch(mask, stage.mesh), stage.key, i)
-        states.append(state)
+        states.append(jax.tree.map(jnp.copy, state))
     return states
 
 

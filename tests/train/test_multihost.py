@@ -44,7 +44,7 @@ sampler = privacy.PoissonSampler(N, 0.25, seed=11, bucket_multiple=4)
 opt = privacy.dp_optimizer(optax.adam(0.05), l2_clip=1.0, noise_multiplier=1.0,
                            expected_batch_size=sampler.selection.expected_batch_size, key=3)
 step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=1.0), opt, mesh)
-state = distributed.replicate(steps.TrainState(params, opt.init(params)), mesh)
+state = distributed.replicate(steps.TrainState(jax.tree.map(jnp.copy, params), opt.init(params)), mesh)
 sizes = []
 for i in range(3):
   indices, mask = sampler.batch(i)

@@ -106,7 +106,7 @@ expected = -clipped_sum / EXPECTED
 def update(devices, sigma):
   mesh = distributed.make_data_mesh(jax.devices()[:devices])
   opt = privacy.dp_optimizer(optax.sgd(1.0), l2_clip=CLIP, noise_multiplier=sigma, expected_batch_size=EXPECTED, key=3)
-  state = distributed.replicate(steps.TrainState(params, opt.init(params)), mesh)
+  state = distributed.replicate(steps.TrainState(jax.tree.map(jnp.copy, params), opt.init(params)), mesh)
   step = steps.dp_step(privacy.clipped_grad(example_loss, l2_clip=CLIP, microbatch_size=2), opt, mesh)
   new, metrics = step(state, distributed.shard_batch(batch, mesh), distributed.shard_batch(mask, mesh), key, 0)
   assert int(metrics["batch_size"]) == REAL

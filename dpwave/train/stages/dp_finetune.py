@@ -40,8 +40,10 @@ from dpwave.train.stages.tokenizer import STAGE as TOKENIZER
 
 def init_state(params: nnx.State, trainable: Any, optimizer: optax.GradientTransformation,
                ema: bool = False) -> steps.TrainState:
-    """The DP stage's state; with `ema`, `extra` holds the EMA of the parameters (starting at `params`)."""
-    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), params if ema else None)
+    """The DP stage's state; with `ema`, `extra` holds the EMA of the parameters (starting at a copy of `params`:
+    the step donates its state, and a buffer cannot be donated twice)."""
+    extra = jax.tree.map(jnp.copy, params) if ema else None
+    return steps.TrainState(params, optimizer.init(privacy.partition(params, trainable)[0]), extra)
 
 
 # The DP-SGD mechanism's settings may change on resume: the ledger refuses them unless
