@@ -60,3 +60,16 @@ def test_device_check_quick_dp_step_part_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     part = json.loads(out.read_text())["parts"]["dp_step"]
     assert set(part["modes"]) == {"non_dp", "dp_ghost"} and part["ratios"]["dp_ghost"]["flops_x"] > 1
+
+
+@pytest.mark.unit
+def test_scanned_rows_compare_with_the_scanned_non_dp_step_and_leave_out_flops():
+    rows = [{**_row(mode, 16, total, 1e12), "blocks": blocks, "compile_s": seconds}
+            for blocks, seconds in (("unrolled", 10.0), ("scanned", 4.0))
+            for mode, total in (("non_dp", 24.0), ("dp_ghost", 20.0))]
+    rows[1]["compile_s"], rows[3]["compile_s"] = 70.0, 5.0  # the DP steps
+    table = {(r["mode"], r["blocks"]): r for r in paper.derive(rows, per_device=512, scanned=[])}
+    assert table[("dp_ghost", "unrolled")]["compile_x"] == pytest.approx(7.0)
+    scanned = table[("dp_ghost", "scanned")]
+    assert scanned["compile_x"] == pytest.approx(1.25) and scanned["mem_x"] == pytest.approx(20.0 / 24.0)
+    assert scanned["gflop_ex"] is None and scanned["step_s_est"] is None  # XLA counts a scanned block once

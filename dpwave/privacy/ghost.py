@@ -23,9 +23,13 @@ gradient is G = sum_s e_{r_s} D_s^T (r_s the row read at lookup s), so
   ||G||^2 = sum([r_s = r_t] * (D D^T)_st)    O(N^2 M), the row-equality matrix exact,
 and the weighted batch sum is one scatter-add of the rows w_i D_i. No (V x M) gradient per example.
 
-Every other leaf (biases, scales, weights used any other way or inside loops/conditionals) is
-returned for the caller to handle with materialized per-example gradients. Generic over the loss:
-nothing here knows about models.
+A stacked leaf that a `scan` slices along its leading axis (the weights of L layers run by one scanned block,
+`jax.lax.scan(body, h, stacked)`) is handled inside the scan body: each layer's slice is a weight of its own, its
+X and D are scanned outputs and inputs of the same pass, and the example's squared norm adds the L layers'.
+
+Every other leaf (biases, scales, weights used any other way, inside conditionals or a scan's constants, or
+sliced by a scan inside a scan) is returned for the caller to handle with materialized per-example gradients.
+Generic over the loss: nothing here knows about models.
 """
 
 from collections.abc import Callable, Sequence
@@ -58,10 +62,11 @@ class _Use:
     k: int
     m: int
     out: jax.ShapeDtypeStruct  # per-example output of the dot_general (shape of z)
+    layers: int | None = None  # L: a use inside a scan over the leaf's leading axis (`out` per layer)
 
     @property
     def layout(self) -> tuple[Any, ...]:
-        return (self.w_order, self.k, self.m)
+        return (self.w_order, self.k, self.m, self.layers)
 
     def canonical(self, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Batched (B, ...) x and dY -> float32 (B, N, K) and (B, N, M)."""
@@ -85,10 +90,11 @@ class _ConvUse:
     k: int
     m: int
     out: jax.ShapeDtypeStruct
+    layers: int | None = None  # L: a use inside a scan over the leaf's leading axis (`out` per layer)
 
     @property
     def layout(self) -> tuple[Any, ...]:
-        return (self.w_order, self.k, self.m)
+        return (self.w_order, self.k, self.m, self.layers)
 
     def canonical(self, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Batched (B, ...) input and dY -> float32 (B, N, K) patches and (B, N, M), K ordered (C_in, window)."""
@@ -124,10 +130,11 @@ class _Lookup:
     m: int
     clamp: bool  # indices out of [0, V) read the nearest row (CLIP, PROMISE_IN_BOUNDS); else no row (FILL_OR_DROP)
     out: jax.ShapeDtypeStruct  # per-example output of the gather (shape of z)
+    layers: int | None = None  # L: a use inside a scan over the leaf's leading axis (`out` per layer)
 
     @property
     def layout(self) -> tuple[Any, ...]:
-        return ("lookup", self.v, self.m)
+        return ("lookup", self.v, self.m, self.layers)
 
     def canonical(self, ids: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Batched (B, ..., 1) indices and dY -> (B, N) int32 rows (V: none) and float32 (B, N, M)."""
@@ -217,11 +224,11 @@ def _is_cast(eqn: Any, owners: list[int | None]) -> bool:
     return eqn.primitive is prims.convert_element_type_p and owners[0] is not None
 
 
-def _make_use(eqn: Any, param: int, side: int) -> _Use | _ConvUse | _Lookup:
+def _make_use(eqn: Any, param: int, side: int, layers: int | None) -> _Use | _ConvUse | _Lookup:
     out = jax.ShapeDtypeStruct(eqn.outvars[0].aval.shape, eqn.outvars[0].aval.dtype)
     if eqn.primitive is prims.gather_p:
         table = eqn.invars[0].aval.shape
-        return _Lookup(param, table[0], math.prod(table[1:]), _ROW_MODES[eqn.params["mode"]], out)
+        return _Lookup(param, table[0], math.prod(table[1:]), _ROW_MODES[eqn.params["mode"]], out, layers)
     if eqn.primitive is prims.conv_general_dilated_p:
         dims, kernel = eqn.params["dimension_numbers"], eqn.invars[1].aval.shape
         window = tuple(kernel[d] for d in dims.rhs_spec[2:])
@@ -235,6 +242,7 @@ def _make_use(eqn: Any, param: int, side: int) -> _Use | _ConvUse | _Lookup:
             k=kernel[dims.rhs_spec[1]] * math.prod(window),
             m=kernel[dims.rhs_spec[0]],
             out=out,
+            layers=layers,
         )
     (lc, rc), _ = eqn.params["dimension_numbers"]
     w_c, x_c = (lc, rc) if side == 0 else (rc, lc)
@@ -257,19 +265,36 @@ def _make_use(eqn: Any, param: int, side: int) -> _Use | _ConvUse | _Lookup:
         k=math.prod(w_shape[d] for d in w_contract),
         m=math.prod(w_shape[d] for d in w_free),
         out=out,
+        layers=layers,
     )
 
 
-def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use | _ConvUse | _Lookup], other: set[int]) -> None:
-    """Records every use of a weight that `_owned_use` accepts (in evaluation order) and every other use."""
+def _scan_owners(eqn: Any, in_own: list[int | None], layers: int | None) -> list[int | None] | None:
+    """The owners of a scan body's inputs when `eqn` is a scan that slices weights (its scanned inputs, not its
+    constants or carry, and not inside another scan); None otherwise."""
+    if eqn.primitive is not prims.scan_p or layers is not None:
+        return None
+    fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
+    if all(o is None for o in in_own[fixed:]):
+        return None
+    return [None] * fixed + in_own[fixed:]
+
+
+def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use | _ConvUse | _Lookup], other: set[int],
+             layers: int | None = None) -> None:
+    """Records every use of a weight that `_owned_use` accepts (in evaluation order; inside a scan over L layers
+    with `layers` L) and every other use."""
     own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
     of = lambda vs: [None if isinstance(v, jcore.Literal) else own.get(v) for v in vs]
     for eqn in jaxpr.eqns:
         in_own = of(eqn.invars)
         if eqn.primitive in _INLINE_PARAM:
-            _analyze(eqn.params[_INLINE_PARAM[eqn.primitive]].jaxpr, in_own, uses, other)
+            _analyze(eqn.params[_INLINE_PARAM[eqn.primitive]].jaxpr, in_own, uses, other, layers)
+        elif (body_owners := _scan_owners(eqn, in_own, layers)) is not None:
+            other.update(o for o, b in zip(in_own, body_owners) if o is not None and b is None)
+            _analyze(eqn.params["jaxpr"].jaxpr, body_owners, uses, other, eqn.params["length"])
         elif (hit := _owned_use(eqn, in_own)) is not None:
-            uses.append(_make_use(eqn, *hit))
+            uses.append(_make_use(eqn, *hit, layers))
         elif _is_cast(eqn, in_own):
             own[eqn.outvars[0]] = in_own[0]
         else:
@@ -277,14 +302,48 @@ def _analyze(jaxpr: Any, owners: list[int | None], uses: list[_Use | _ConvUse | 
     other.update(o for o in of(jaxpr.outvars) if o is not None)
 
 
-def _evaluate(
-    jaxpr: Any,
-    consts: list[Any],
-    args: list[Any],
-    owners: list[int | None],
-    tap: Callable[[Any, int, int, list[Any]], Any],
-) -> list[Any]:
-    """`jax.core.eval_jaxpr`, inlining jit calls; `tap` may replace the outputs of weight uses (`_owned_use`)."""
+class _Taps:
+    """What the re-evaluated loss does at each use of a ghost-handled weight, in evaluation order: records its
+    input X (`xs`) and adds the next zero perturbation of `zs` to its output, so that dL/dz = dY."""
+
+    def __init__(self, zs: Sequence[jax.Array], dense: set[int]):
+        self.zs, self.dense, self.xs = list(zs), dense, []
+
+    def __call__(self, out: jax.Array, param: int, side: int, invals: list[Any]) -> jax.Array:
+        if param not in self.dense:
+            return out
+        self.xs.append(invals[1 - side])
+        return out + self.zs[len(self.xs) - 1]
+
+
+def _tapped_scan(eqn: Any, invals: list[Any], body_owners: list[int | None], taps: _Taps) -> list[Any]:
+    """A scan over weight slices, evaluated with the body's uses tapped: their perturbations are the next
+    `zs` (stacked over the layers), scanned in; their inputs X are stacked scan outputs."""
+    body, n_consts, n_carry = eqn.params["jaxpr"], eqn.params["num_consts"], eqn.params["num_carry"]
+    fixed = n_consts + n_carry
+    uses: list[Any] = []
+    _analyze(body.jaxpr, body_owners, uses, set(), eqn.params["length"])
+    count = sum(u.param in taps.dense for u in uses)
+    zs = taps.zs[len(taps.xs):len(taps.xs) + count]
+    consts = invals[:n_consts]
+
+    def step(carry, sliced):
+        xs, z = sliced
+        inner = _Taps(z, taps.dense)
+        outs = _evaluate(body.jaxpr, body.consts, [*consts, *carry, *xs], body_owners, inner, eqn.params["length"])
+        return outs[:n_carry], (outs[n_carry:], inner.xs)
+
+    carry, (ys, tapped) = jax.lax.scan(step, invals[n_consts:fixed], (invals[fixed:], zs),
+                                       length=eqn.params["length"], reverse=eqn.params["reverse"],
+                                       unroll=eqn.params["unroll"])
+    taps.xs.extend(tapped)
+    return [*carry, *ys]
+
+
+def _evaluate(jaxpr: Any, consts: list[Any], args: list[Any], owners: list[int | None], taps: _Taps,
+              layers: int | None = None) -> list[Any]:
+    """`jax.core.eval_jaxpr`, inlining jit calls; `taps` replaces the outputs of the weight uses that `_analyze`
+    recorded (`layers` as there)."""
     env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     own: dict[Any, int] = {v: o for v, o in zip(jaxpr.invars, owners) if o is not None}
@@ -294,13 +353,15 @@ def _evaluate(
         in_own = [None if isinstance(v, jcore.Literal) else own.get(v) for v in eqn.invars]
         if eqn.primitive in _INLINE_PARAM:
             closed = eqn.params[_INLINE_PARAM[eqn.primitive]]
-            outs = _evaluate(closed.jaxpr, closed.consts, invals, in_own, tap)
+            outs = _evaluate(closed.jaxpr, closed.consts, invals, in_own, taps, layers)
+        elif (body_owners := _scan_owners(eqn, in_own, layers)) is not None:
+            outs = _tapped_scan(eqn, invals, body_owners, taps)
         else:
             with eqn.ctx.manager:
                 out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = out if eqn.primitive.multiple_results else [out]
             if (hit := _owned_use(eqn, in_own)) is not None:
-                outs = [tap(outs[0], hit[0], hit[1], invals)]
+                outs = [taps(outs[0], hit[0], hit[1], invals)]
             elif _is_cast(eqn, in_own):
                 own[eqn.outvars[0]] = in_own[0]
         env.update(zip(eqn.outvars, outs))
@@ -476,36 +537,30 @@ def ghost_norms(
     for use in uses:
         layouts.setdefault(use.param, set()).add(use.layout)
     dense = {p for p, lay in layouts.items() if p not in other and len(lay) == 1}
-    taps = [u for u in uses if u.param in dense]
-    kinds = {u.param: u for u in taps}  # one layout per param: any of its uses describes them all
+    uses = [u for u in uses if u.param in dense]
+    kinds = {u.param: u for u in uses}  # one layout per param: any of its uses describes them all
     fallback = [i for i in range(len(leaves)) if i not in dense]
 
     def tapped(fb_leaves, zs, example, key):
         flat = list(leaves)
         for i, leaf in zip(fallback, fb_leaves):
             flat[i] = leaf
-        xs: list[jax.Array] = []
-
-        def tap(out, param, side, invals):
-            if param not in dense:
-                return out
-            xs.append(invals[1 - side])
-            return out + zs[len(xs) - 1]
-
+        taps = _Taps(zs, dense)
         args = flat + jax.tree.leaves(example) + [key]
-        (loss,) = _evaluate(closed.jaxpr, closed.consts, args, owners, tap)
-        return loss, xs
+        (loss,) = _evaluate(closed.jaxpr, closed.consts, args, owners, taps)
+        return loss, taps.xs
 
     batch = keys.shape[0]
-    zs = [jnp.zeros((batch,) + u.out.shape, u.out.dtype) for u in taps]
+    zs = [jnp.zeros((batch,) + ((u.layers,) if u.layers else ()) + u.out.shape, u.out.dtype) for u in uses]
     grad_fn = jax.value_and_grad(tapped, argnums=(0, 1), has_aux=True)
     (losses, xs), (fb_grads, dys) = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
         [leaves[i] for i in fallback], zs, examples, keys
     )
 
     stacked: dict[int, tuple[jax.Array, jax.Array]] = {}
-    for use, x, dy in zip(taps, xs, dys):
-        xc, dc = use.canonical(x, dy)
+    flat_layers = lambda a: a.reshape((-1,) + a.shape[2:])  # (B, L, ...) -> (B L, ...): one row per layer
+    for use, x, dy in zip(uses, xs, dys):
+        xc, dc = use.canonical(*((flat_layers(x), flat_layers(dy)) if use.layers else (x, dy)))
         if use.param in stacked:
             px, pd = stacked[use.param]
             xc, dc = jnp.concatenate([px, xc], axis=1), jnp.concatenate([pd, dc], axis=1)
@@ -516,27 +571,39 @@ def ghost_norms(
         if isinstance(kinds[p], _Lookup):
             ed = _row_exponents(d)
             s = scaled[p] = _ScaledRows(x, _scaled_rows(d, ed), ed)
-            bounds.append(_times_pow2(_lookup_norm_bound(s.rows, s.d, kinds[p].v), s.e))
+            bound = _times_pow2(_lookup_norm_bound(s.rows, s.d, kinds[p].v), s.e)
         else:
             s = scaled[p] = _scale(x, d)
-            bounds.append(_times_pow2(_norm_bound(s.x, s.d), s.e))
-    norms = l2_norms(bounds) * (1 + (len(bounds) + 2) * _U) if bounds else jnp.zeros((batch,), jnp.float32)
+            bound = _times_pow2(_norm_bound(s.x, s.d), s.e)
+        bounds.append(bound.reshape(batch, -1))  # (B, L): one bound per layer, added in squares by `l2_norms`
+    terms = sum(b.shape[1] for b in bounds)  # squares summed: one per leaf and layer
+    norms = l2_norms(bounds) * (1 + (terms + 2) * _U) if bounds else jnp.zeros((batch,), jnp.float32)
 
     def dense_sum(weights: jax.Array) -> PyTree:
         out: list[Any] = [None] * len(leaves)
-        keep = (weights != 0)[:, None, None]
         for p, s in scaled.items():
-            w = _times_pow2(weights.astype(jnp.float32), s.e)[:, None, None]  # X^T (w D) = x^T (w 2^e d)
-            wd = jnp.where(keep, s.d * w, 0.0)
-            if isinstance(s, _ScaledRows):  # rows V (none) are dropped
-                g = jnp.zeros((kinds[p].v, wd.shape[2]), jnp.float32).at[s.rows.reshape(-1)].add(
+            layers = kinds[p].layers or 1
+            rows_w = jnp.repeat(weights.astype(jnp.float32), layers)  # one weight per (example, layer) row
+            keep = (rows_w != 0)[:, None, None]
+            wd = jnp.where(keep, s.d * _times_pow2(rows_w, s.e)[:, None, None], 0.0)  # X^T (w D) = x^T (w 2^e d)
+            if isinstance(s, _ScaledRows):  # layer l's row r is row l V + r of the stacked tables; V (none) drops
+                v = kinds[p].v
+                rows = jnp.where(s.rows < v, s.rows + v * (jnp.arange(s.rows.shape[0]) % layers)[:, None],
+                                 v * layers)
+                g = jnp.zeros((v * layers, wd.shape[2]), jnp.float32).at[rows.reshape(-1)].add(
                     wd.reshape(-1, wd.shape[2]), mode="drop")
                 out[p] = g.reshape(leaves[p].shape)
                 continue
-            g = jnp.einsum("bnk,bnm->km", jnp.where(keep, s.x, 0.0), wd, precision=_HIGHEST)
+            x = jnp.where(keep, s.x, 0.0)
+            if kinds[p].layers:
+                per_layer = lambda a: a.reshape((-1, layers) + a.shape[1:])
+                g = jnp.einsum("blnk,blnm->lkm", per_layer(x), per_layer(wd), precision=_HIGHEST)
+            else:
+                g = jnp.einsum("bnk,bnm->km", x, wd, precision=_HIGHEST)[None]
             order = kinds[p].w_order
-            g = g.reshape([leaves[p].shape[a] for a in order])
-            out[p] = jnp.transpose(g, np.argsort(order))
+            layer_shape = leaves[p].shape[1:] if kinds[p].layers else leaves[p].shape
+            g = g.reshape([layers, *(layer_shape[a] for a in order)])
+            out[p] = jnp.transpose(g, (0, *(np.argsort(order) + 1))).reshape(leaves[p].shape)
         return treedef.unflatten(out)
 
     fb_tree: list[Any] = [None] * len(leaves)

@@ -6,23 +6,25 @@
 Model: `settings.read(experiments/configs/coco.py).dp_transformer` (mm_celeba_hq.py builds the same one): width
 1024, depth 24, 16 heads, MLP 4096, 256 coarse tokens (vocabulary 4096) after a caption prefix of 128 bytes
 read by a 2-block text encoder; activations float32 or bfloat16 (`TransformerConfig.dtype`; the paper config
-sets bfloat16). `--label` adds the same model label-conditioned (no prefix) at microbatch 16, for comparison
-with the issue's first measurement.
+sets bfloat16); the 24 decoder blocks `scanned` (one `jax.lax.scan` over stacked weights: the paper config) or
+`unrolled` (`--blocks`). `--label` adds the same model label-conditioned (no prefix) at microbatch 16, for
+comparison with the issue's first measurement.
 
 Steps, built as the pipeline builds them on a one-device data mesh (the per-device program of the 8-device run):
   dp_vmap, dp_ghost  the DP stage's step (`DpSgdMechanism.clipped_sum` -> `steps.dp_step`;
                      DP-Adam of the config's recipe), materialized per-example gradients
-                     or ghost norms, over one microbatch per device (no scan: XLA's cost analysis counts a scan or
-                     while body once, so only a scan-free step gives every FLOP);
+                     or ghost norms, over one microbatch per device (no microbatch scan: XLA's cost analysis counts a
+                     scan or while body once, so only a scan-free step gives every FLOP: the FLOP columns are
+                     the unrolled rows');
   non_dp             `steps.public_step` with the same model and inner optimizer, over the same examples.
 Parameters, optimizer state and batch are abstract (`jax.eval_shape`, `ShapeDtypeStruct`): nothing of size
 0.3B is allocated. `scan` rows compile the DP step over the expected per-device batch (4096 / 8 = 512
 examples, 512 / microbatch scanned microbatches; bfloat16) to show what the scan adds to the memory.
 
-Derived (estimates): per-device memory = arguments + outputs + temporaries - aliased (the step donates nothing,
-so the state is held twice); the largest microbatch within 80 GB (and within the 75% that JAX preallocates on a
-GPU by default), from a straight-line fit of memory over microbatches 8/16/32; the step time at 40% of H100
-bf16 dense peak (989 TFLOP/s) for the expected batch over 8 devices, from the FLOPs per example.
+Derived (estimates): per-device memory = arguments + outputs + temporaries - aliased (the step donates its state,
+so the new state reuses the old one's buffers); the largest microbatch within 80 GB (and within the 75% that JAX
+preallocates on a GPU by default), from a straight-line fit of memory over microbatches 8/16/32; the step time at
+40% of H100 bf16 dense peak (989 TFLOP/s) for the expected batch over 8 devices, from the FLOPs per example.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class StepSpec:
     batch: int
     dtype: str
     condition: str = "caption"
+    blocks: str = "scanned"
 
     @property
     def dp(self) -> bool:
@@ -79,8 +82,9 @@ def paper_settings() -> settings_lib.Settings:
 
 def model_config(settings: settings_lib.Settings, spec: StepSpec, shrink: dict[str, int] | None = None
                  ) -> transformer_lib.TransformerConfig:
-    """The DP stage's transformer with `spec`'s activation dtype and condition, and `shrink`'s sizes."""
-    cfg = dataclasses.replace(settings.dp_transformer, dtype=spec.dtype, **(shrink or {}))
+    """The DP stage's transformer with `spec`'s activation dtype, condition and blocks, and `shrink`'s sizes."""
+    cfg = dataclasses.replace(settings.dp_transformer, dtype=spec.dtype, scan_blocks=spec.blocks == "scanned",
+                              **(shrink or {}))
     if spec.condition == "label":
         cfg = dataclasses.replace(cfg, max_text_len=0, num_classes=10)
     return cfg
@@ -166,7 +170,8 @@ def compile_row(settings: settings_lib.Settings, spec: StepSpec, mesh: jax.shard
     row = {**dataclasses.asdict(spec), "params_m": sum(math.prod(p.shape) for p in jax.tree.leaves(params)) / 1e6,
            **analyze(compiled), "lower_s": lowered_at - start, "compile_s": done - lowered_at}
     row["flops_per_example"] = row["flops"] / spec.batch
-    print(f"  {spec.mode:8s} {spec.dtype:8s} {spec.condition:7s} mb {spec.microbatch:3d} batch {spec.batch:4d}: "
+    print(f"  {spec.mode:8s} {spec.blocks:8s} {spec.dtype:8s} {spec.condition:7s} mb {spec.microbatch:3d} "
+          f"batch {spec.batch:4d}: "
           f"temp {row['temp_gb']:.2f} GB, total {row['total_gb']:.2f} GB, {row['flops_per_example']:.3g} FLOP/ex, "
           f"compile {row['compile_s']:.1f} s", flush=True)
     return row
@@ -188,30 +193,35 @@ def largest_fit(rows: list[dict[str, Any]], budget: float) -> int | None:
 
 
 def derive(rows: list[dict[str, Any]], per_device: int, scanned: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-device table: for each (mode, dtype, condition), memory at each microbatch, DP / non-DP ratios,
-    the largest microbatch within 80 GB, and the estimated step time for the expected batch on 8 devices."""
+    """The per-device table: for each (mode, blocks, dtype, condition), memory at each microbatch, DP / non-DP
+    ratios (of memory, FLOPs and compile time), the largest microbatch within 80 GB, and the estimated step time
+    for the expected batch on 8 devices (FLOPs: unrolled rows only, XLA counts a scanned block once)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["dtype"], r["condition"]), []).append(r)
-    base = {(r["dtype"], r["condition"], r["microbatch"]): r for r in rows if r["mode"] == "non_dp"}
+        groups.setdefault((r["mode"], r.get("blocks", "unrolled"), r["dtype"], r["condition"]), []).append(r)
+    base = {(r.get("blocks", "unrolled"), r["dtype"], r["condition"], r["microbatch"]): r
+            for r in rows if r["mode"] == "non_dp"}
     extra = {(r["mode"], r["dtype"], r["condition"]): r["total_gb"] - r["ref_total_gb"] for r in scanned}
     table = []
-    for (mode, dtype, condition), group in groups.items():
+    for (mode, blocks, dtype, condition), group in groups.items():
+        counted = blocks == "unrolled"
         for r in sorted(group, key=lambda r: r["microbatch"]):
-            ref = base.get((dtype, condition, r["microbatch"]))
+            ref = base.get((blocks, dtype, condition, r["microbatch"]))
             table.append({
-                "mode": mode, "dtype": dtype, "condition": condition, "microbatch": r["microbatch"],
+                "mode": mode, "blocks": blocks, "dtype": dtype, "condition": condition, "microbatch": r["microbatch"],
                 "state_gb": r["args_gb"], "temp_gb": r["temp_gb"], "total_gb": r["total_gb"],
                 "mem_x": r["total_gb"] / ref["total_gb"] if ref else None,
                 "temp_x": r["temp_gb"] / ref["temp_gb"] if ref else None,
-                "gflop_ex": r["flops_per_example"] / 1e9,
-                "flop_x": r["flops_per_example"] / ref["flops_per_example"] if ref else None,
+                "gflop_ex": r["flops_per_example"] / 1e9 if counted else None,
+                "flop_x": r["flops_per_example"] / ref["flops_per_example"] if ref and counted else None,
                 "fit_80gb": largest_fit(group, DEVICE_BYTES / GB - extra.get((mode, dtype, condition), 0.0))
                 if len(group) > 1 else None,
                 "fit_60gb": largest_fit(group, PREALLOCATED * DEVICE_BYTES / GB
                                         - extra.get((mode, dtype, condition), 0.0)) if len(group) > 1 else None,
-                "step_s_est": r["flops_per_example"] * per_device / (UTILIZATION * H100_BF16_FLOPS),
+                "step_s_est": r["flops_per_example"] * per_device / (UTILIZATION * H100_BF16_FLOPS)
+                if counted else None,
                 "compile_s": r["compile_s"],
+                "compile_x": r["compile_s"] / ref["compile_s"] if ref else None,
             })
     return table
 
@@ -221,6 +231,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"a tiny model {QUICK}, microbatch 8, bfloat16")
     parser.add_argument("--microbatches", default="8,16,32", help="comma-separated microbatch sizes")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated activation dtypes")
+    parser.add_argument("--blocks", default="scanned,unrolled", help="comma-separated: scanned (the paper config), "
+                        "unrolled (24 copies of the block: every FLOP counted)")
     parser.add_argument("--no-scan", action="store_true", help="skip the scanned steps over the per-device batch")
     parser.add_argument("--label", action="store_true", help="also the label-conditioned model at microbatch 16")
     parser.add_argument("--out", default="/tmp/bench_paper_step.json")
@@ -231,14 +243,15 @@ def main() -> None:
     microbatches = (8,) if args.quick else tuple(int(m) for m in args.microbatches.split(","))
     dtypes = ("bfloat16",) if args.quick else tuple(args.dtypes.split(","))
     per_device = settings.dp.mechanism.expected_batch_size // DEVICES
-    specs = [StepSpec(m, mb, mb, dt) for dt in dtypes for mb in microbatches for m in MODES]
+    blocks = tuple(args.blocks.split(","))
+    specs = [StepSpec(m, mb, mb, dt, blocks=b) for b in blocks for dt in dtypes for mb in microbatches for m in MODES]
     if args.label:
-        specs += [StepSpec(m, 16, 16, dt, "label") for dt in dtypes for m in MODES]
+        specs += [StepSpec(m, 16, 16, dt, "label", blocks[0]) for dt in dtypes for m in MODES]
     # The scanned DP step over the expected per-device batch at the config's microbatch (quick: 4 microbatches).
     scan_mb = microbatches[0] if args.quick else settings.perf.microbatch_size
     scan_batch = 4 * scan_mb if args.quick else per_device
     if not args.no_scan and scan_mb in microbatches and "bfloat16" in dtypes:
-        specs += [StepSpec(m, scan_mb, scan_batch, "bfloat16") for m in MODES[1:]]
+        specs += [StepSpec(m, scan_mb, scan_batch, "bfloat16", blocks=blocks[0]) for m in MODES[1:]]
     rows: list[dict[str, Any]] = []
     scanned: list[dict[str, Any]] = []
     extra = dict(quick=args.quick, shrink=shrink, per_device_batch=per_device, devices=DEVICES,
@@ -249,8 +262,8 @@ def main() -> None:
         if spec.batch == spec.microbatch:
             rows.append(row)
         else:
-            ref = next(r for r in rows if (r["mode"], r["dtype"], r["microbatch"], r["condition"])
-                       == (spec.mode, spec.dtype, spec.microbatch, spec.condition))
+            ref = next(r for r in rows if (r["mode"], r["dtype"], r["microbatch"], r["condition"], r["blocks"])
+                       == (spec.mode, spec.dtype, spec.microbatch, spec.condition, spec.blocks))
             row.update(ref_total_gb=ref["total_gb"], scan_flops_x=row["flops"] / ref["flops"])
             scanned.append(row)
         write_json(args.out, "paper_step", derive(rows, per_device, scanned), compiled=rows, scanned=scanned,
@@ -258,7 +271,7 @@ def main() -> None:
     print_table(derive(rows, per_device, scanned))
     if scanned:
         print()
-        print_table(scanned, ["mode", "dtype", "microbatch", "batch", "temp_gb", "total_gb", "ref_total_gb",
+        print_table(scanned, ["mode", "blocks", "dtype", "microbatch", "batch", "temp_gb", "total_gb", "ref_total_gb",
                               "scan_flops_x", "compile_s"])
 
 

@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=0.0,  # off: the DP noise already regularizes, and dropout adds per-example randomness
         cond_dropout=0.1,  # drops the condition, so classifier-free guidance has an unconditional model
         max_text_len=0,  # caption bytes the model reads (caption conditioning only)
-        dtype="float32"))  # activations; it changes the numbers, so it is a model choice, not in perf
+        dtype="float32",  # activations; it changes the numbers, so it is a model choice, not in perf
+        # the blocks as one scan over stacked weights: one block compiled, not `depth` (another parameter layout)
+        scan_blocks=False))
 
     c.pretrain = ml_collections.ConfigDict(dict(steps=600, batch_size=64, learning_rate=1e-3,
                                                 init_params_from=placeholder(str)))

@@ -1,5 +1,6 @@
 """Tests of the autoregressive transformer: causality, KV cache, guidance, DP-facing API."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +14,9 @@ from dpwave.models import transformer as tr
 from dpwave.models.text import TEXT_PAD, decode_caption, encode_captions
 from dpwave.models.transformer import decoding, losses
 from dpwave.models.transformer import model as model_lib
+from dpwave.privacy.clipping import clipped_grad
+from dpwave.privacy.ghost import ghost_norms
+from dpwave.privacy.keys import example_keys
 
 pytestmark = pytest.mark.unit
 
@@ -559,3 +563,41 @@ def test_all_scales_model_samples_each_position_from_its_own_scale():
     tokens = tr.sample(model, None, jax.random.key(1), batch_size=64, temperature=5.0)
     scale_of_position = np.array([0, 0, 1, 1, 2, 2])
     np.testing.assert_array_equal(np.asarray(tokens) // 8, np.broadcast_to(scale_of_position, tokens.shape))
+
+
+# ---- scanned blocks -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["class", "text"])
+def test_scanned_blocks_stack_the_unrolled_weights_and_compute_the_same_function(name):
+    cfg = dataclasses.replace(CONFIGS[name], depth=3, dropout=0.2)
+    graphdef, params = build(cfg)
+    scan_graphdef, scanned = build(dataclasses.replace(cfg, scan_blocks=True))
+    unrolled = params.to_pure_dict()
+    stacked = jax.tree.map(lambda *layers: np.stack(layers), *(unrolled["blocks"][i] for i in range(3)))
+    jax.tree.map(np.testing.assert_array_equal, scanned.to_pure_dict(), {**unrolled, "blocks": stacked})
+    tokens, cond, key = random_tokens(3), cond_for(cfg), jax.random.key(5)
+    train = lambda g, p: nnx.merge(g, p)(tokens, cond, train=True, key=key)  # dropout: the same key per block
+    np.testing.assert_allclose(train(scan_graphdef, scanned), train(graphdef, params), atol=1e-5)
+    kw = dict(guidance_scale=2.0, batch_size=B, return_logits=True)
+    got, got_logits = tr.sample((scan_graphdef, scanned), cond, key, **kw)  # the stacked KV cache
+    want, want_logits = tr.sample((graphdef, params), cond, key, **kw)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
+    assert losses.trainable_mask(scanned, "attention")["blocks"]["attn"]["q_proj"]["kernel"].value
+
+
+def test_scanned_block_kernels_are_ghost_handled_and_give_the_materialized_update():
+    cfg = dataclasses.replace(CONFIGS["class"], depth=3, scan_blocks=True)
+    graphdef, params = build(cfg)
+    batch = {"tokens": random_tokens(4), "label": jnp.arange(B) % 3}
+    loss = lambda p, example, key: losses.per_example_loss(graphdef, p, example, key)
+    keys = example_keys(jax.random.key(0), batch)
+    fallback = ghost_norms(loss, params, batch, keys).fallback_grads
+    handled = {jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(
+        fallback, is_leaf=lambda x: x is None) if g is None}
+    assert {f"['blocks']['{m}']['{d}']['kernel'].value" for m, d in (("attn", "q_proj"), ("attn", "o_proj"),
+                                                                     ("mlp", "fc1"), ("mlp", "fc2"))} <= handled
+    ref, ref_aux = jax.jit(clipped_grad(loss, l2_clip=0.05))(params, batch, jnp.ones(B), keys)
+    got, aux = jax.jit(clipped_grad(loss, l2_clip=0.05, use_ghost_norms=True))(params, batch, jnp.ones(B), keys)
+    assert np.all(aux.norms >= ref_aux.norms) and np.all(ref_aux.norms > 0.05)  # every example clipped
+    np.testing.assert_allclose(aux.norms, ref_aux.norms, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got, ref)

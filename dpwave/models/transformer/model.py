@@ -73,6 +73,9 @@ class TransformerConfig:
     attention: CUDA GPU, bfloat16 or float16 activations, head dim a multiple of 8) or None (cudnn where it
     applies, else xla). It changes results only by float rounding, so stage fingerprints leave it out
     (``metadata={"fingerprint": False}``, honoured by ``dpwave.train.fingerprints.jsonable``).
+    ``scan_blocks``: the decoder's ``depth`` blocks hold stacked weights (a leading ``depth`` axis) and run as one
+    ``jax.lax.scan``, so XLA compiles one block instead of ``depth`` (deep models: the paper configs); the same
+    initial weights and function as the unrolled blocks, but another parameter layout (a stage input).
     """
 
     vocab_size: int
@@ -94,6 +97,7 @@ class TransformerConfig:
     lora_targets: str = "qv"
     scale_boundaries: tuple[int, ...] | None = None
     attention_impl: str | None = dataclasses.field(default=None, metadata={"fingerprint": False})
+    scan_blocks: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "width", "depth", "num_heads", "mlp_dim", "text_depth"):
@@ -345,7 +349,17 @@ class Context(NamedTuple):
     bos: jax.Array
 
 
-Cache = list[tuple[jax.Array, jax.Array]]
+# Keys and values of each decoder block: one (B, K, heads, head_dim) pair per block, or with `scan_blocks` one pair
+# stacked over the blocks, (depth, B, K, heads, head_dim).
+Cache = list[tuple[jax.Array, jax.Array]] | tuple[jax.Array, jax.Array]
+
+
+def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters stack those of ``depth`` blocks built in turn (the unrolled model's draws)."""
+    blocks = [Block(cfg, rngs) for _ in range(cfg.depth)]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(nnx.state(b) for b in blocks))
+    nnx.update(blocks[0], stacked)
+    return blocks[0]
 
 
 class ARTransformer(nnx.Module):
@@ -365,7 +379,10 @@ class ARTransformer(nnx.Module):
         self.class_embed = _embedding(rngs, cfg.num_classes + 1, cfg.width) if cfg.conditioning == "class" else None
         self.text_encoder = TextEncoder(cfg, rngs) if cfg.conditioning == "text" else None
         self.null_embed = _embedding(rngs, cfg.width) if cfg.conditioning == "text" else None
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        if cfg.scan_blocks:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
         self.final_norm = _make_norm(cfg, rngs)
         self.head = None if cfg.tie_embeddings else Dense(cfg.width, cfg.vocab_size, rngs=rngs, dtype=cfg.dtype)
 
@@ -428,6 +445,8 @@ class ARTransformer(nnx.Module):
         """Zero key/value caches, one (B, P + num_tokens, heads, head_dim) pair per block."""
         cfg = self.config
         shape = (batch, cfg.prefix_len + num_tokens, cfg.num_heads, cfg.width // cfg.num_heads)
+        if cfg.scan_blocks:
+            return jnp.zeros((cfg.depth, *shape), cfg.dtype), jnp.zeros((cfg.depth, *shape), cfg.dtype)
         return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in self.blocks]
 
     def prefill(self, ctx: Context, tokens: jax.Array, cache: Cache):
@@ -471,12 +490,28 @@ class ARTransformer(nnx.Module):
         return jnp.concatenate([bos, rest], axis=1)
 
     def _blocks(self, x, mask, *, causal: bool, key=None, cache: Cache | None = None, index=0):
+        if self.config.scan_blocks:
+            return self._scanned_blocks(x, mask, causal=causal, key=key, cache=cache, index=index)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(x, mask, causal=causal, key=_fold(key, i), index=index,
                                    cache=None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else new_cache)
+
+    def _scanned_blocks(self, x, mask, *, causal: bool, key=None, cache: Cache | None = None, index=0):
+        """``_blocks`` over the stacked blocks: a scan whose step is block i with its weights, key ``_fold(key, i)``
+        and cache slice."""
+        graphdef, weights = nnx.split(self.blocks)
+        keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(self.config.depth))
+
+        def step(x, layer):
+            layer_weights, layer_key, layer_cache = layer
+            return nnx.merge(graphdef, layer_weights)(x, mask, causal=causal, key=layer_key, cache=layer_cache,
+                                                      index=index)
+
+        x, new_cache = jax.lax.scan(step, x, (weights, keys, cache))
+        return self.final_norm(x), new_cache
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
         if self.head is not None:
