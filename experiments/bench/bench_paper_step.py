@@ -6,9 +6,9 @@
 Model: `settings.read(experiments/configs/coco.py).dp_transformer` (mm_celeba_hq.py builds the same one): width
 1024, depth 24, 16 heads, MLP 4096, 256 coarse tokens (vocabulary 4096) after a caption prefix of 128 bytes
 read by a 2-block text encoder; activations float32 or bfloat16 (`TransformerConfig.dtype`; the paper config
-sets bfloat16); the 24 decoder blocks `scanned` (one `jax.lax.scan` over stacked weights: the paper config) or
-`unrolled` (`--blocks`). `--label` adds the same model label-conditioned (no prefix) at microbatch 16, for
-comparison with the issue's first measurement.
+sets bfloat16); the 24 decoder blocks `unrolled` (the paper config) or `scanned` (one `jax.lax.scan` over stacked
+weights: `transformer.scan_blocks`), `--blocks`. `--label` adds the same model label-conditioned (no prefix) at
+microbatch 16, for comparison with the issue's first measurement.
 
 Steps, built as the pipeline builds them on a one-device data mesh (the per-device program of the 8-device run):
   dp_vmap, dp_ghost  the DP stage's step (`DpSgdMechanism.clipped_sum` -> `steps.dp_step`;
@@ -68,7 +68,7 @@ class StepSpec:
     batch: int
     dtype: str
     condition: str = "caption"
-    blocks: str = "scanned"
+    blocks: str = "unrolled"
 
     @property
     def dp(self) -> bool:
@@ -231,8 +231,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"a tiny model {QUICK}, microbatch 8, bfloat16")
     parser.add_argument("--microbatches", default="8,16,32", help="comma-separated microbatch sizes")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated activation dtypes")
-    parser.add_argument("--blocks", default="scanned,unrolled", help="comma-separated: scanned (the paper config), "
-                        "unrolled (24 copies of the block: every FLOP counted)")
+    parser.add_argument("--blocks", default="unrolled,scanned", help="comma-separated: unrolled (the paper config; "
+                        "every FLOP counted), scanned (transformer.scan_blocks)")
     parser.add_argument("--no-scan", action="store_true", help="skip the scanned steps over the per-device batch")
     parser.add_argument("--label", action="store_true", help="also the label-conditioned model at microbatch 16")
     parser.add_argument("--out", default="/tmp/bench_paper_step.json")

@@ -14,6 +14,8 @@ other parts still run:
            over `--chunks` microbatches (DP: scanned, non-DP: one batch of the same examples), examples and
            tokens per second, and model FLOPs utilization (the one-microbatch step's FLOPs from XLA's cost
            analysis, times the chunks, over the device's bf16 peak from PEAK_FLOPS; null on an unknown device).
+           `--blocks scanned` runs the transformer's blocks as one scan (`transformer.scan_blocks`; XLA's FLOPs
+           then count one block: MFU is not comparable).
   smoke    `python -m dpwave.main` on coco.py:smoke and mm_celeba_hq.py:smoke (the fixture trees of
            tests/helpers/trees.py), side by side except on a TPU (one process per chip).
   tests    pytest -x -q over TESTS, on the device's platform (tests/conftest.py defaults to CPU otherwise).
@@ -55,9 +57,9 @@ def peak_flops(device_kind: str) -> float | None:
     return next((flops for name, flops in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def _median_step(compiled: Any, args: tuple, repeats: int) -> float:
+def _median_step(compiled: Any, args: tuple, repeats: int) -> tuple[float, Any]:
     """The median time of `repeats` steps after a warm-up one, each from the state the previous one returned (the
-    step donates its state)."""
+    step donates its state), and the last state."""
     import jax
 
     state, rest = args[0], args[1:]
@@ -66,7 +68,7 @@ def _median_step(compiled: Any, args: tuple, repeats: int) -> float:
         start = time.perf_counter()
         state, _ = jax.block_until_ready(compiled(state, *rest))
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return statistics.median(times[1:]), state
 
 
 def dp_step_worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +86,8 @@ def dp_step_worker(job: dict[str, Any]) -> dict[str, Any]:
     shrink = {**(paper.QUICK if job["quick"] else {}), "depth": job["depth"]}
     result: dict[str, Any] = {"runs": []}
     for chunks in (1, job["chunks"]):
-        spec = paper.StepSpec(job["mode"], job["microbatch"], job["microbatch"] * chunks, job["dtype"])
+        spec = paper.StepSpec(job["mode"], job["microbatch"], job["microbatch"] * chunks, job["dtype"],
+                              blocks=job["blocks"])
         cfg = paper.model_config(settings, spec, shrink)
         step, init, _, _ = paper.build_step(settings, cfg, spec, mesh)
         if "params_m" not in result:
@@ -96,7 +99,7 @@ def dp_step_worker(job: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        step_s = _median_step(compiled, args, job["repeats"])
+        step_s, state = _median_step(compiled, args, job["repeats"])
         stats = device.memory_stats() or {}
         result["runs"].append({"chunks": chunks, "batch": spec.batch, "compile_s": compile_s, "step_s": step_s,
                                "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
@@ -155,7 +158,7 @@ def part_dp_step(args: argparse.Namespace, deadline: float) -> dict[str, Any]:
     attempts = []
     for depth, microbatch in QUICK_SIZES if args.quick else SIZES:
         size = {"depth": depth, "microbatch": microbatch, "chunks": args.chunks, "dtype": "bfloat16",
-                "repeats": args.repeats, "quick": args.quick}
+                "repeats": args.repeats, "quick": args.quick, "blocks": args.blocks}
         modes = {}
         for mode in args.modes:
             left = deadline - time.time()
@@ -271,6 +274,9 @@ def main() -> None:
     parser.add_argument("--parts", default="dp_step,smoke,tests", help="comma-separated subset of the parts")
     parser.add_argument("--modes", default=",".join(MODES), help=f"dp_step modes, a subset of {MODES}")
     parser.add_argument("--chunks", type=int, default=4, help="microbatches per timed step")
+    parser.add_argument("--blocks", default="unrolled", choices=("unrolled", "scanned"),
+                        help="the transformer's blocks: unrolled (the paper config) or scanned "
+                        "(transformer.scan_blocks)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--limits", default="300,150,120",
                         help="seconds for dp_step, smoke, tests (each part stops there; the others still run)")

@@ -117,7 +117,8 @@ RECIPES["sgd_drop"] = {**RECIPES["sgd"], "cond_dropout": 0.1}
 RECIPES["sgd_attn"] = {**RECIPES["sgd"], "trainable": "cond+attention"}
 RECIPES["sgd_mlp"] = {**RECIPES["sgd"], "trainable": "cond+mlp"}
 # The search for dp_diffusion's pixel U-Net (docs/tuning.md): sgd_drop (the default less its AR sampling
-# temperature, which the pixel model does not read) at 3x and 10x the learning rate, with the same noise scaling.
+# temperature, which the pixel model does not read) at 1/3, 3x and 10x the learning rate, with the same noise scaling.
+RECIPES["sgd_drop_lr01"] = {**RECIPES["sgd_drop"], "learning_rate": noise_scaled_lr(0.1, TUNED_AT)}
 RECIPES["sgd_drop_lr1"] = {**RECIPES["sgd_drop"], "learning_rate": noise_scaled_lr(1.0, TUNED_AT)}
 RECIPES["sgd_drop_lr3"] = {**RECIPES["sgd_drop"], "learning_rate": noise_scaled_lr(3.0, TUNED_AT)}
 

@@ -168,6 +168,7 @@ TUNE_SEARCH = (
     ("dp_diffusion", "sgd_drop", ("10",)),
     ("dp_diffusion", "sgd_drop_lr1", ("10",)),
     ("dp_diffusion", "sgd_drop_lr3", ("10",)),
+    ("dp_diffusion", "sgd_drop_lr01", ("10",)),
 )
 # The ablations of the default recipe on the same stand-in (docs/tuning.md): condition dropout, trained subsets,
 # and post-processing of the trained models (guidance, temperature), the public-only control included.
