@@ -252,6 +252,28 @@ def test_cancelling_activations_add_at_most_c(k, m, dtype, ghost):
                 assert float(aux.norms[0]) >= exact * (1 - 1e-6)
 
 
+def test_cancelling_activations_in_scanned_layers_add_at_most_c():
+    """The cancelling example of `_cancelling_problem` in each of two layers run by one scan over stacked weights:
+    the per-layer bounds, added in squares, still never let it add more than C."""
+    problems = [_cancelling_problem(1e4, seed, 64, 4) for seed in range(2)]
+    params = {"w": jnp.stack([p["w"] for p, _ in problems])}
+    batch = {name: jnp.stack([b[name] for _, b in problems], axis=1) for name in ("x", "c")}  # (4, 2 layers, ...)
+
+    def loss(p, ex, key):
+        del key
+        layer = lambda total, slices: (total + jnp.sum((slices[1] @ slices[0]) * slices[2]), None)
+        return jax.lax.scan(layer, 0.0, (p["w"], ex["x"], ex["c"]))[0]
+
+    fn = jax.jit(clipped_grad(loss, l2_clip=1.0, use_ghost_norms=True))
+    full, aux = fn(params, batch, jnp.ones(4), example_keys(RNG, batch))
+    rest = jax.tree.map(lambda x: x[1:], batch)
+    without, _ = fn(params, rest, jnp.ones(3), example_keys(RNG, rest))
+    assert float(jnp.linalg.norm(full["w"] - without["w"])) <= 1.0 + 1e-5
+    x, c = (np.asarray(batch[name][0], np.float64) for name in ("x", "c"))
+    exact = np.linalg.norm(np.einsum("lnk,lnm->lkm", x, c))  # about 4 sqrt(2)
+    assert float(aux.norms[0]) >= exact * (1 - 1e-6)
+
+
 # (N, K, M) of one dense layer: the Gram formula when N (K + M) < K M, else X^T D (`ghost._norm_bound`).
 BRANCHES = {"gram": (2, 64, 4), "direct": (40, 28, 28)}
 
