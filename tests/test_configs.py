@@ -4,6 +4,7 @@ import ast
 import re
 from pathlib import Path
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -11,6 +12,7 @@ from ml_collections import config_flags
 from dpwave import privacy
 from dpwave.data import require_public
 from dpwave.train import settings
+from dpwave.train.ar_examples import init_transformer
 from experiments.configs import coco, common, mm_celeba_hq, recipes
 from experiments.configs.tables import TABLES
 from helpers.trees import smoke_args, write_smoke_tree
@@ -266,3 +268,10 @@ def test_learning_rate_rule_scales_with_the_noise_per_example_squared():
         assert rule(c, 2000) == 0.3  # less noise than the tuned setting: capped at base
         c.dp.mechanism.target_epsilon = float("inf")
         assert rule(c, 2000) == 0.3
+
+
+def test_scanned_blocks_reach_both_transformers_and_stack_the_dp_models_weights():
+    read = settings.read(load_config("experiments/configs/mnist.py:tiny", "--config.transformer.scan_blocks=True"))
+    assert read.transformer.scan_blocks and read.dp_transformer.scan_blocks
+    _, params = init_transformer(read.dp_transformer, jax.random.key(0))
+    assert params["blocks"]["mlp"]["fc1"]["kernel"].value.shape[0] == read.dp_transformer.depth
