@@ -391,12 +391,13 @@ def _control_line(ax: Axes, result: RowResult, key: str, colour: str, name: str)
 
 def figure(table: str, results: Sequence[RowResult]) -> Figure:
     """The PLOTTED metrics (and FID when measured) vs epsilon, one line per method (and setting), std as error
-    bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their std as a band.
+    bars; each line's controls (epsilon inf, public only) as horizontal lines in its colour, their std as a band;
+    one legend for every panel, below them.
     A public-only control without a setting (nothing in it trains on private data) is drawn once per method, in
     black when the method has lines for several settings."""
     keys = ("fid",) * any(r.stats["fid"].n for r in results) + PLOTTED
     epsilons = sorted({r.row.epsilon_value for r in results if not r.row.is_control})
-    fig = Figure(figsize=(5 * len(keys), 4), layout="constrained")
+    fig = Figure(figsize=(5 * len(keys), 5), layout="constrained")
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
         shared = [r for r in results if r.row.epsilon == PUBLIC and not r.row.setting_label]
         groups = list(dict.fromkeys((r.row.method, r.row.setting_label) for r in results if r not in shared))
@@ -415,14 +416,17 @@ def figure(table: str, results: Sequence[RowResult]) -> Figure:
         for r in shared:
             own = [group for group in groups if group[0] == r.row.method]
             _control_line(ax, r, key, colours[own[0]] if len(own) == 1 else "k", r.row.method)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-        else:
+        if not ax.has_data():
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
         ax.set_xscale("log")
         ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
         ax.minorticks_off()
         ax.set(xlabel="ε (target)", title=TITLES[key])
+    entries = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    legend = dict(sorted(entries.items(), key=lambda entry: ":" in entry[0]))  # the methods, then the controls
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 4),
+                   fontsize="small")
     fig.suptitle(table)
     return fig
 

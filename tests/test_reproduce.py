@@ -99,7 +99,8 @@ def test_controls_are_horizontal_lines_in_their_methods_colour(tmp_path):
     for label, value in fd.items():
         for seed in (0, 1):
             write_run(tmp_path, label, seed, fake_metrics(seed, value + seed, 0.5))
-    ax = reproduce.figure("t", reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0, 1]))).axes[0]
+    fig = reproduce.figure("t", reproduce.aggregate(TINY, reproduce.plan(TINY, tmp_path, [0, 1])))
+    ax = fig.axes[0]
     assert ax.get_title() == "FD-cls (surrogate, not FID)"
     [(dp_x, dp_y, dp_colour), (_, full_y, full_colour)] = [
         (list(line.get_xdata()), list(line.get_ydata()), line.get_color()) for line in ax.get_lines()
@@ -109,6 +110,11 @@ def test_controls_are_horizontal_lines_in_their_methods_colour(tmp_path):
                 if line.get_linestyle() in ("--", ":")}
     assert controls == {(dp_colour, "--", 10.5), (dp_colour, ":", 40.5), (full_colour, ":", 80.5)}
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "10"]
+    [legend] = fig.legends  # one legend below the panels, each entry once, none inside a panel
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "dpwave", "full_dp", "dpwave: ε = ∞ (no noise)", "dpwave: public only (no DP stage)",
+        "full_dp: public only (no DP stage)"]
+    assert all(a.get_legend() is None for a in fig.axes)
 
 
 @pytest.mark.integration
