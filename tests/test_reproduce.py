@@ -162,7 +162,7 @@ def test_main_aggregates_fake_runs_into_markdown_json_and_png(tmp_path):
     assert by_label["bicubic_eps1"]["seeds_done"] == 0
 
     image = np.asarray(Image.open(tmp_path / "mnist_tiny.png").convert("RGB"))
-    assert image.shape == (400, 2000, 3)  # FD-cls, FD-lowpass, downstream acc, cond acc
+    assert image.shape == (500, 2000, 3)  # FD-cls, FD-lowpass, downstream acc, cond acc
     for panel in np.split(image, 4, axis=1):  # every panel drew coloured lines, not only axes
         colourful = np.ptp(panel.astype(int), axis=-1) > 60
         assert colourful.sum() > 200
@@ -176,7 +176,7 @@ def test_fid_column_and_panel_appear_when_measured(tmp_path):
     md = md_path.read_text()
     assert "| FID |" in md
     assert "33.3" in table_line(md, "dpwave", "1")
-    assert Image.open(png_path).size == (2500, 400)  # FID and the four PLOTTED panels
+    assert Image.open(png_path).size == (2500, 500)  # FID and the four PLOTTED panels
 
 
 @pytest.mark.integration
